@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make demo` (the main job) and `make test`.
+# Both create .venv when missing and install what they need.
+#
+# torch is installed first, pinned, so that pip takes the CPU wheel this machine keeps on disk
+# instead of resolving an unpinned `torch` to a multi-GB CUDA build. Elsewhere, override it:
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,experiments,kernels
+STAMP := $(VENV)/.sparseforge-installed
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sparseforge demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

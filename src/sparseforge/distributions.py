@@ -1,0 +1,180 @@
+"""Layer-wise sparsity budgets: how a global sparsity is split over layers.
+
+Pure functions of layer shapes (``uniform``, ``er``, ``erk``) or of scores (``global``).
+
+Budget convention: the global ``sparsity`` counts only the layers passed in (the prunable ones);
+excluded layers, biases and norms are outside the budget. ``sparsity_report`` shows both totals.
+The results are *exact*: per-layer kept counts are integers (largest-remainder rounding) whose
+sum equals ``round((1 - sparsity) * total)``, and the returned per-layer sparsities are
+``1 - kept / numel`` so an ``Unstructured`` mask reproduces the counts exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .errors import SparseforgeError, check_sparsity
+from .structures import topk_mask
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "layer_sparsities",
+    "uniform",
+    "er",
+    "erk",
+    "global_sparsities",
+    "kept_counts_from_densities",
+]
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _target_kept(shapes: Shapes, sparsity: float) -> int:
+    total = sum(_numel(s) for s in shapes.values())
+    return int(math.floor((1.0 - sparsity) * total + 0.5))
+
+
+def kept_counts_from_densities(shapes: Shapes, densities: Mapping[str, float], total_kept: int) -> dict[str, int]:
+    """Round real kept counts ``density * numel`` to integers summing to ``total_kept``.
+
+    Largest-remainder rounding, ties broken by layer order; no layer exceeds its size.
+    """
+    real = {n: min(1.0, max(0.0, densities[n])) * _numel(s) for n, s in shapes.items()}
+    counts = {n: min(int(math.floor(v)), _numel(shapes[n])) for n, v in real.items()}
+    remaining = total_kept - sum(counts.values())
+    order = sorted(shapes, key=lambda n: -(real[n] - math.floor(real[n])))
+    while remaining > 0:
+        progressed = False
+        for name in order:
+            if remaining > 0 and counts[name] < _numel(shapes[name]):
+                counts[name] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # every layer is full: the budget cannot be met
+            break
+    while remaining < 0:
+        name = max(counts, key=lambda n: counts[n])
+        counts[name] -= 1
+        remaining += 1
+    return counts
+
+
+def _counts_to_sparsities(shapes: Shapes, counts: Mapping[str, int]) -> dict[str, float]:
+    return {n: 1.0 - counts[n] / _numel(s) for n, s in shapes.items()}
+
+
+def _check_shapes(shapes: Shapes) -> None:
+    if not shapes:
+        raise SparseforgeError("no layers were given to distribute the sparsity over; allowed: at least one layer")
+    for name, shape in shapes.items():
+        if _numel(shape) == 0:
+            raise SparseforgeError(f"layer {name!r} has shape {tuple(shape)} with no weights")
+
+
+def uniform(shapes: Shapes, sparsity: float) -> dict[str, float]:
+    """Every layer gets ``sparsity`` (rounded to whole weights per layer)."""
+    sparsity = check_sparsity(sparsity)
+    _check_shapes(shapes)
+    return {n: 1.0 - math.floor((1.0 - sparsity) * _numel(s) + 0.5) / _numel(s) for n, s in shapes.items()}
+
+
+def _erdos_renyi(shapes: Shapes, sparsity: float, raw: Mapping[str, float]) -> dict[str, float]:
+    """Solve ``sum_l eps * raw_l * N_l = kept`` with layers whose density would exceed 1 made dense."""
+    sparsity = check_sparsity(sparsity)
+    _check_shapes(shapes)
+    total_kept = _target_kept(shapes, sparsity)
+    dense: set[str] = set()
+    while True:
+        budget = total_kept - sum(_numel(shapes[n]) for n in dense)
+        denom = sum(raw[n] * _numel(shapes[n]) for n in shapes if n not in dense)
+        if denom <= 0:
+            break
+        eps = budget / denom
+        over = {n for n in shapes if n not in dense and eps * raw[n] > 1.0}
+        if not over:
+            break
+        dense |= over  # eps only grows when dense layers leave the solve, so all can go at once
+    densities = {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+    return _counts_to_sparsities(shapes, kept_counts_from_densities(shapes, densities, total_kept))
+
+
+def er(shapes: Shapes, sparsity: float) -> dict[str, float]:
+    """Erdos-Renyi (SET): density proportional to ``(n_in + n_out) / (n_in * n_out)``.
+
+    For convolutions ``n_in``/``n_out`` are channel counts (kernel size ignored).
+    """
+    raw = {}
+    for n, s in shapes.items():
+        n_out, n_in = (int(s[0]), int(s[1])) if len(s) >= 2 else (1, int(s[0]))
+        raw[n] = (n_in + n_out) / (n_in * n_out)
+    return _erdos_renyi(shapes, sparsity, raw)
+
+
+def erk(shapes: Shapes, sparsity: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel (RigL): density proportional to ``sum(shape) / prod(shape)``."""
+    raw = {n: sum(int(d) for d in s) / _numel(s) for n, s in shapes.items()}
+    return _erdos_renyi(shapes, sparsity, raw)
+
+
+def global_sparsities(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, min_density: float = 0.0
+) -> dict[str, float]:
+    """One threshold over all layers' scores; each layer keeps at least ``min_density`` of its weights.
+
+    The floor prevents layer collapse (a layer pruned to nothing disconnects the network). Layers
+    held at their floor are taken out and the threshold is recomputed over the rest. Ties across
+    layers are broken by layer order, then index order.
+    """
+    sparsity = check_sparsity(sparsity)
+    if not (0.0 <= min_density <= 1.0):
+        raise SparseforgeError(f"min_density={min_density!r} is outside the allowed range [0, 1]")
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    _check_shapes(shapes)
+    total_kept = _target_kept(shapes, sparsity)
+    floors = {n: min(_numel(s), math.ceil(min_density * _numel(s))) for n, s in shapes.items()}
+    if sum(floors.values()) > total_kept:
+        raise SparseforgeError(
+            f"min_density={min_density} keeps more weights than sparsity={sparsity} allows; "
+            f"allowed: min_density <= {1 - sparsity:.4g}"
+        )
+    pinned: dict[str, int] = {}
+    while True:
+        free = [n for n in shapes if n not in pinned]
+        budget = total_kept - sum(pinned.values())
+        flat = torch.cat([scores[n].detach().reshape(-1).float() for n in free]).reshape(1, -1)
+        keep = topk_mask(flat, budget).reshape(-1)
+        counts, start = {}, 0
+        for n in free:
+            size = _numel(shapes[n])
+            counts[n] = int(keep[start:start + size].sum())
+            start += size
+        low = [n for n in free if counts[n] < floors[n]]
+        if not low:
+            counts.update(pinned)
+            return _counts_to_sparsities(shapes, counts)
+        for n in low:
+            pinned[n] = floors[n]
+
+
+DISTRIBUTIONS = ("uniform", "er", "erk", "global")
+
+
+def layer_sparsities(shapes: Shapes, sparsity: float, distribution: str = "uniform") -> dict[str, float]:
+    """Per-layer sparsity for a shape-only distribution: ``uniform``, ``er`` or ``erk``.
+
+    ``global`` needs scores: use :func:`global_sparsities`.
+    """
+    fns = {"uniform": uniform, "er": er, "erk": erk}
+    if distribution not in fns:
+        raise SparseforgeError(
+            f"distribution={distribution!r} is not a shape-only distribution; allowed: {sorted(fns)} "
+            "(use global_sparsities for 'global')"
+        )
+    return fns[distribution](shapes, sparsity)
