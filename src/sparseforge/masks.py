@@ -65,6 +65,8 @@ class MaskState:
         self._masks: dict[str, torch.Tensor] = {}
         self.step = int(step)
         self.targets: dict[str, float] = dict(targets or {})
+        #: Prunable layers left dense because the structure could not tile them (informational).
+        self.skipped: list[str] = []
         for name, mask in (masks or {}).items():
             self[name] = mask
 

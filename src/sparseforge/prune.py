@@ -20,7 +20,7 @@ from .masks import MaskState
 from .structures import Structure, Unstructured, parse_structure
 from .targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 
-__all__ = ["prune", "METHODS", "masks_for_scores"]
+__all__ = ["prune", "METHODS", "masks_for_scores", "validate_options"]
 
 METHODS = ("magnitude", "random", "snip", "grasp", "synflow", "movement")
 _NEEDS_DATA = ("snip", "grasp", "movement")
@@ -86,6 +86,18 @@ def _input_shape(data: Any, input_shape: Sequence[int] | None) -> tuple[int, ...
     return tuple(x.shape[1:])
 
 
+def validate_options(
+    sparsity: float | None, method: str, structure: str | Structure, distribution: str
+) -> tuple[float, Structure]:
+    """Check pruning options before any work is done; return (sparsity, structure)."""
+    if method not in METHODS:
+        raise SparseforgeError(f"method={method!r} is not recognised; allowed: {list(METHODS)}")
+    if distribution not in DISTRIBUTIONS:
+        raise SparseforgeError(f"distribution={distribution!r} is not recognised; allowed: {list(DISTRIBUTIONS)}")
+    structure = parse_structure(structure)
+    return _resolve_sparsity(sparsity, structure), structure
+
+
 def prune(
     model: nn.Module,
     sparsity: float | None = None,
@@ -102,6 +114,7 @@ def prune(
     seed: int = 0,
     min_density: float | None = None,
     synflow_rounds: int = 100,
+    skip_incompatible: bool = False,
 ) -> MaskState:
     """Prune ``model`` in place in one shot and return its :class:`MaskState`.
 
@@ -118,16 +131,22 @@ def prune(
             is an error); ``first_last_dense`` keeps the first and last prunable layers dense.
         data: one ``(inputs, targets)`` batch or an iterable of them, for data-driven scores.
         min_density: for ``global``, the least fraction each layer keeps.
+        skip_incompatible: leave layers the structure cannot tile (e.g. fan-in 4 under 1:8)
+            dense instead of raising; their names are in the returned state's ``skipped``.
     """
-    if method not in METHODS:
-        raise SparseforgeError(f"method={method!r} is not recognised; allowed: {list(METHODS)}")
-    if distribution not in DISTRIBUTIONS:
-        raise SparseforgeError(f"distribution={distribution!r} is not recognised; allowed: {list(DISTRIBUTIONS)}")
-    structure = parse_structure(structure)
-    sparsity = _resolve_sparsity(sparsity, structure)
+    sparsity, structure = validate_options(sparsity, method, structure, distribution)
     params = select_prunable(model, exclude=exclude, include_types=include_types, first_last_dense=first_last_dense)
-    for name, param in params.items():
-        structure.check_shape(tuple(param.shape), name)
+    skipped: list[str] = []
+    for name, param in list(params.items()):
+        try:
+            structure.check_shape(tuple(param.shape), name)
+        except SparseforgeError:
+            if not skip_incompatible:
+                raise
+            skipped.append(name)
+            del params[name]
+    if not params:
+        raise SparseforgeError(f"no prunable layer fits structure {structure!r}; skipped {skipped[:5]}")
     if method in _NEEDS_DATA and data is None:
         raise SparseforgeError(f"method={method!r} needs data: an (inputs, targets) batch or an iterable of batches")
 
@@ -157,5 +176,6 @@ def prune(
             scores, sparsity, structure=structure, distribution=distribution, min_density=min_density
         )
     state = MaskState(masks, targets=targets)
+    state.skipped = skipped
     state.apply(model)
     return state

@@ -1,0 +1,171 @@
+"""A plain training loop that works with any model, optimizer and data.
+
+Sparsity needs nothing from this loop: a :class:`~sparseforge.sparsifier.Sparsifier` attached to
+the optimizer keeps the model sparse in *any* loop. ``train`` is a convenience with progress and
+per-epoch metrics::
+
+    history = sparseforge.train(model, (x_train, y_train), epochs=10, optimizer=opt,
+                                eval_data=(x_test, y_test))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SparseforgeError
+
+__all__ = ["EpochMetrics", "TrainHistory", "batches", "evaluate", "train"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Data = tuple[torch.Tensor, torch.Tensor] | Iterable[Batch]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    eval_accuracy: float | None
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochMetrics] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.epochs[-1].eval_accuracy if self.epochs else None
+
+
+def _is_tensor_pair(data: object) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def batches(
+    data: Data, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+) -> Iterable[Batch]:
+    """Yield batches from a ``(x, y)`` tensor pair (optionally shuffled) or pass an iterable through."""
+    if not _is_tensor_pair(data):
+        yield from data  # type: ignore[misc]
+        return
+    x, y = data  # type: ignore[misc]
+    if len(x) != len(y):
+        raise SparseforgeError(f"inputs have {len(x)} rows but targets have {len(y)}; allowed: equal lengths")
+    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    for start in range(0, len(x), batch_size):
+        idx = order[start:start + batch_size]
+        yield x[idx], y[idx]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    *,
+    batch_size: int = 1024,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> tuple[float, float]:
+    """Mean loss and top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    try:
+        for x, y in batches(data, batch_size):
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(dim=-1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise SparseforgeError("evaluation data is empty; allowed: at least one sample")
+    return loss_sum / total, correct / total
+
+
+def train(
+    model: nn.Module,
+    train_data: Data,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int = 128,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    eval_data: Data | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "training",
+) -> TrainHistory:
+    """Train for ``epochs`` epochs (one epoch = one pass over ``train_data``).
+
+    ``train_data`` is a ``(x, y)`` tensor pair (shuffled each epoch with a generator seeded by
+    ``seed``) or any iterable of batches (a ``DataLoader``). ``scheduler`` steps once per epoch.
+    Shows a progress bar (rich) unless ``progress=False``; returns per-epoch metrics.
+    """
+    if epochs < 1:
+        raise SparseforgeError(f"epochs={epochs} is not allowed; allowed: an integer >= 1")
+    if batch_size < 1:
+        raise SparseforgeError(f"batch_size={batch_size} is not allowed; allowed: an integer >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    history = TrainHistory()
+    steps = 0
+    bar = _Progress(progress, description, epochs)
+    with bar:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            loss_sum, seen = 0.0, 0
+            for x, y in batches(train_data, batch_size, shuffle=True, generator=generator):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+            if scheduler is not None:
+                scheduler.step()
+            eval_loss = eval_acc = None
+            if eval_data is not None:
+                eval_loss, eval_acc = evaluate(model, eval_data, loss_fn=loss_fn)
+            metrics = EpochMetrics(epoch, steps, loss_sum / max(seen, 1), eval_loss, eval_acc)
+            history.epochs.append(metrics)
+            bar.advance(metrics)
+    return history
+
+
+class _Progress:
+    """A rich progress bar over epochs that is silent when disabled."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled = enabled
+        self.description = description
+        self.total = total
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[metrics]}"), transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total, metrics="")
+        return self
+
+    def advance(self, m: EpochMetrics) -> None:
+        if self._progress is not None:
+            acc = f" acc {m.eval_accuracy:.3f}" if m.eval_accuracy is not None else ""
+            self._progress.update(self._task, advance=1, metrics=f"loss {m.train_loss:.3f}{acc}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
