@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import SparseforgeError
-from .masks import MaskState, canonical_name, unwrap
+from .masks import MaskState, canonical_name
 
 __all__ = ["save", "load", "atomic_write"]
 
@@ -149,7 +149,9 @@ def load(
             masks.resolve(model)
         except SparseforgeError as exc:
             raise SparseforgeError(f"checkpoint {str(path)!r}: {exc}") from None
-    unwrap(model).load_state_dict({k: weights[k] for k in own}, strict=True)
+    # Load under the model's own keys (a wrapper's ``module.`` prefix kept), matched canonically.
+    own_keys = {canonical_name(k): k for k in model.state_dict()}
+    model.load_state_dict({own_keys[k]: weights[k] for k in own}, strict=True)
     if masks is not None:
         masks.apply(model)
     return masks

@@ -79,10 +79,13 @@ def _check_shapes(shapes: Shapes) -> None:
 
 
 def uniform(shapes: Shapes, sparsity: float) -> dict[str, float]:
-    """Every layer gets ``sparsity`` (rounded to whole weights per layer)."""
+    """Every layer gets ``sparsity``, rounded to whole weights per layer (floor or ceil of
+    ``(1 - sparsity) * numel``, largest remainder) so the layers sum to the global target."""
     sparsity = check_sparsity(sparsity)
     _check_shapes(shapes)
-    return {n: 1.0 - math.floor((1.0 - sparsity) * _numel(s) + 0.5) / _numel(s) for n, s in shapes.items()}
+    densities = {n: 1.0 - sparsity for n in shapes}
+    counts = kept_counts_from_densities(shapes, densities, _target_kept(shapes, sparsity))
+    return _counts_to_sparsities(shapes, counts)
 
 
 def _erdos_renyi(shapes: Shapes, sparsity: float, raw: Mapping[str, float]) -> dict[str, float]:
@@ -133,6 +136,10 @@ def global_sparsities(
     layers are broken by layer order, then index order.
     """
     sparsity = check_sparsity(sparsity)
+    try:
+        min_density = float(min_density)
+    except (TypeError, ValueError):
+        raise SparseforgeError(f"min_density={min_density!r} is not a number; allowed: a float in [0, 1]") from None
     if not (0.0 <= min_density <= 1.0):
         raise SparseforgeError(f"min_density={min_density!r} is outside the allowed range [0, 1]")
     shapes = {n: tuple(s.shape) for n, s in scores.items()}

@@ -61,7 +61,10 @@ def _as_2d_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_density(density: float) -> float:
-    d = float(density)
+    try:
+        d = float(density)
+    except (TypeError, ValueError):
+        raise SparseforgeError(f"density={density!r} is not a number; allowed: a float in [0, 1]") from None
     if not (0.0 <= d <= 1.0) or math.isnan(d):
         raise SparseforgeError(f"density={density!r} is outside the allowed range [0, 1]")
     return d

@@ -1,0 +1,95 @@
+"""sparsity_report: nnz, sparsity and FLOPs per layer against hand-computed numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparseforge import MaskState, sparsity_report
+
+
+def tiny_model() -> nn.Module:
+    """Conv1d(2 -> 4, k=3): 24 weights + 4 bias; input length 10 -> 8 outputs -> flatten 32 ->
+    Linear(32 -> 5): 160 weights + 5 bias. 193 parameters in all, 184 of them prunable weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(32, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)  # strictly nonzero
+        model[0].weight.view(-1)[:10] = 0.0  # conv nnz 24 - 10 = 14
+        model[2].weight.view(-1)[:100] = 0.0  # linear nnz 160 - 100 = 60
+        model[0].bias[1] = 0.0  # conv bias nnz 3
+    return model
+
+
+def test_report_with_example_input_by_hand():
+    model = tiny_model()
+    x = torch.randn(3, 2, 10)  # batch 3: FLOPs are per sample
+    r = sparsity_report(model, x, show=False)
+    conv, lin = r.layers
+    assert conv.name == "0.weight" and conv.shape == (4, 2, 3) and conv.numel == 24
+    assert conv.nnz == 14 and conv.sparsity == pytest.approx(10 / 24)
+    # conv FLOPs = 2 * nnz * output positions (8 per sample)
+    assert conv.dense_flops == 2 * 24 * 8 == 384
+    assert conv.sparse_flops == 2 * 14 * 8 == 224
+    assert lin.name == "2.weight" and lin.numel == 160 and lin.nnz == 60
+    assert lin.sparsity == pytest.approx(100 / 160)
+    assert lin.dense_flops == 2 * 160 == 320 and lin.sparse_flops == 2 * 60 == 120
+    # totals: prunable weights vs all parameters
+    assert r.prunable_params == 184 and r.prunable_nnz == 74
+    assert r.prunable_sparsity == pytest.approx(1 - 74 / 184)
+    assert r.total_params == 24 + 4 + 160 + 5 == 193
+    assert r.total_nnz == 14 + 3 + 60 + 5 == 82
+    assert r.total_sparsity == pytest.approx(1 - 82 / 193)
+    assert r.dense_flops == 384 + 320 and r.sparse_flops == 224 + 120
+    d = r.to_dict()
+    assert d["prunable_nnz"] == 74 and d["total_sparsity"] == pytest.approx(1 - 82 / 193)
+    assert d["layers"][0]["sparse_flops"] == 224
+
+
+def test_report_without_example_input_counts_one_position():
+    r = sparsity_report(tiny_model(), show=False)
+    conv, lin = r.layers
+    assert conv.dense_flops == 48 and conv.sparse_flops == 28
+    assert lin.dense_flops == 320 and lin.sparse_flops == 120
+
+
+def test_report_nnz_from_masks():
+    model = tiny_model()
+    m = torch.zeros(5, 32, dtype=torch.bool)
+    m[0, :7] = True
+    masks = MaskState({"2.weight": m})
+    r = sparsity_report(model, torch.randn(1, 2, 10), masks=masks, show=False)
+    assert r.layers[1].nnz == 7 and r.layers[1].sparse_flops == 14
+    assert r.layers[0].nnz == 14  # no mask: counted from the weights
+
+
+def test_linear_on_sequences_counts_positions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    r = sparsity_report(model, torch.randn(2, 6, 4), show=False)  # 6 tokens per sample
+    assert r.layers[0].dense_flops == 2 * 12 * 6
+
+
+def test_report_table_and_printing(capsys):
+    r = sparsity_report(tiny_model(), torch.randn(2, 2, 10), show=True)
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "2.weight" in out
+    assert r.to_table().row_count == 4  # two layers + two total rows
+
+
+def test_report_tied_weights_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    r = sparsity_report(Tied(), show=False)
+    assert [layer.name for layer in r.layers] == ["a.weight"]
+    assert r.total_params == 16 and r.prunable_params == 16
