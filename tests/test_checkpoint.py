@@ -238,3 +238,21 @@ def test_load_into_module_prefixed_wrapper(tmp_path, suffix):
     loaded = load(path, wrapped)
     assert_same_state(snapshot(inner), snapshot(model))
     assert loaded.resolve(wrapped)["0.weight"] is inner[0].weight
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_empty_mask_state_round_trips_the_same_in_both_formats(tmp_path, suffix: str) -> None:
+    model = nn.Linear(3, 2)
+    sparseforge.save(tmp_path / f"m{suffix}", model, sparseforge.MaskState())
+    loaded = sparseforge.load(tmp_path / f"m{suffix}", nn.Linear(3, 2))
+    assert loaded is not None and len(loaded) == 0
+
+
+def test_saved_file_is_readable_by_group_and_others(tmp_path) -> None:
+    import os
+    import stat
+
+    path = sparseforge.save(tmp_path / "m.safetensors", nn.Linear(3, 2))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask

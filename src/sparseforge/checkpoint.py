@@ -34,6 +34,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the usual umask-derived mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -77,6 +80,7 @@ def save(
         if masks is not None:
             for name, mask in masks.items():
                 tensors[_MASK_PREFIX + name] = mask.cpu().contiguous().clone()
+            meta["masks"] = "1"
             meta["step"] = str(masks.step)
             meta["targets"] = json.dumps(masks.targets)
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -103,7 +107,7 @@ def _read(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
                     else:
                         weights[key] = f.get_tensor(key)
             mask_state = None
-            if masks:
+            if masks or meta.get("masks") == "1":
                 mask_state = {"masks": masks, "step": int(meta.get("step", 0)), "targets": json.loads(meta.get("targets", "{}"))}
             return weights, mask_state
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
