@@ -25,6 +25,7 @@ __all__ = [
     "uniform",
     "er",
     "erk",
+    "global_masks",
     "global_sparsities",
     "kept_counts_from_densities",
 ]
@@ -126,14 +127,15 @@ def erk(shapes: Shapes, sparsity: float) -> dict[str, float]:
     return _erdos_renyi(shapes, sparsity, raw)
 
 
-def global_sparsities(
+def global_masks(
     scores: Mapping[str, torch.Tensor], sparsity: float, *, min_density: float = 0.0
-) -> dict[str, float]:
-    """One threshold over all layers' scores; each layer keeps at least ``min_density`` of its weights.
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Unstructured masks and per-layer sparsities from one threshold over all layers' scores.
 
-    The floor prevents layer collapse (a layer pruned to nothing disconnects the network). Layers
-    held at their floor are taken out and the threshold is recomputed over the rest. Ties across
-    layers are broken by layer order, then index order.
+    Each layer keeps at least ``min_density`` of its weights: the floor prevents layer collapse
+    (a layer pruned to nothing disconnects the network). Layers held at their floor are taken out
+    and the threshold is recomputed over the rest. Ties across layers are broken by layer order,
+    then index order.
     """
     sparsity = check_sparsity(sparsity)
     try:
@@ -157,17 +159,28 @@ def global_sparsities(
         budget = total_kept - sum(pinned.values())
         flat = torch.cat([scores[n].detach().reshape(-1).float() for n in free]).reshape(1, -1)
         keep = topk_mask(flat, budget).reshape(-1)
-        counts, start = {}, 0
+        masks, start = {}, 0
         for n in free:
             size = _numel(shapes[n])
-            counts[n] = int(keep[start:start + size].sum())
+            masks[n] = keep[start:start + size].reshape(shapes[n])
             start += size
-        low = [n for n in free if counts[n] < floors[n]]
+        low = [n for n in free if int(masks[n].sum()) < floors[n]]
         if not low:
-            counts.update(pinned)
-            return _counts_to_sparsities(shapes, counts)
+            break
         for n in low:
             pinned[n] = floors[n]
+    for n, count in pinned.items():
+        masks[n] = topk_mask(scores[n].detach().reshape(1, -1).float(), count).reshape(shapes[n])
+    masks = {n: masks[n] for n in shapes}
+    counts = {n: int(m.sum()) for n, m in masks.items()}
+    return masks, _counts_to_sparsities(shapes, counts)
+
+
+def global_sparsities(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, min_density: float = 0.0
+) -> dict[str, float]:
+    """Per-layer sparsities of :func:`global_masks` (one threshold, per-layer floors)."""
+    return global_masks(scores, sparsity, min_density=min_density)[1]
 
 
 DISTRIBUTIONS = ("uniform", "er", "erk", "global")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import scores as score_fns
-from .distributions import DISTRIBUTIONS, global_sparsities, layer_sparsities
+from .distributions import DISTRIBUTIONS, global_masks, layer_sparsities
 from .errors import SparseforgeError, check_sparsity
 from .masks import MaskState
 from .structures import Structure, Unstructured, parse_structure
@@ -68,7 +68,7 @@ def masks_for_scores(
                 "allowed for this structure: uniform, er, erk"
             )
         floor = 0.1 * (1.0 - sparsity) if min_density is None else min_density
-        targets = global_sparsities(scores, sparsity, min_density=floor)
+        return global_masks(scores, sparsity, min_density=floor)
     elif distribution in DISTRIBUTIONS:
         targets = layer_sparsities(shapes, sparsity, distribution)
     else:

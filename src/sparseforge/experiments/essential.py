@@ -22,6 +22,7 @@ from ..checkpoint import atomic_write
 from ..errors import SparseforgeError
 from ..prune import METHODS, prune
 from ..structures import NM
+from ..targets import select_prunable
 from ..training import evaluate, train
 from .datasets import load_dataset
 from .models import build_model
@@ -64,6 +65,19 @@ class EssentialConfig:
             NM(n, m)
 
 
+def _untileable_layers(model: torch.nn.Module, structures: Sequence[NM]) -> list[str]:
+    """Module names of prunable layers that at least one of ``structures`` cannot tile."""
+    names = []
+    for pname, param in select_prunable(model).items():
+        for structure in structures:
+            try:
+                structure.check_shape(tuple(param.shape), pname)
+            except SparseforgeError:
+                names.append(pname.removesuffix(".weight"))
+                break
+    return names
+
+
 def dropping_point(curve: Sequence[tuple[float, float]], dense_accuracy: float, tolerance: float) -> float:
     """Highest sparsity in ``curve`` (pairs of sparsity, accuracy) up to which accuracy stays within
     ``tolerance`` of ``dense_accuracy`` at every tested sparsity."""
@@ -92,6 +106,10 @@ def run_essential_sparsity(config: EssentialConfig | None = None, *, progress: b
     _, dense_acc = evaluate(model, test)
     calib = (data.x_train[: cfg.calibration_samples], data.y_train[: cfg.calibration_samples])
 
+    # Layers that some N:M pattern cannot tile (fan-in not divisible by M) stay dense in *every*
+    # N:M row, so the patterns are compared on the same set of layers.
+    nm_dense = _untileable_layers(model, [NM(n, m) for n, m in cfg.nm_patterns])
+
     jobs: list[tuple[str, str, float | None, Any]] = []
     for method in cfg.methods:
         for s in cfg.sparsities:
@@ -107,12 +125,13 @@ def run_essential_sparsity(config: EssentialConfig | None = None, *, progress: b
             masks = prune(
                 pruned, sparsity, method=method, structure=structure,
                 distribution="global" if kind == "unstructured" else "uniform",
-                data=calib, input_shape=(data.num_features,), seed=cfg.seed, skip_incompatible=True,
+                exclude=[] if kind == "unstructured" else nm_dense,
+                data=calib, input_shape=(data.num_features,), seed=cfg.seed,
             )
             _, acc = evaluate(pruned, test)
             rows.append({
                 "structure": kind, "method": method, "sparsity": round(masks.sparsity(), 6),
-                "accuracy": acc, "dense_layers": masks.skipped,
+                "accuracy": acc, "dense_layers": [] if kind == "unstructured" else nm_dense,
             })
             advance()
 
@@ -158,10 +177,13 @@ def format_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
+    nm_dense = next((r["dense_layers"] for r in result["results"] if r["structure"] != "unstructured"), [])
+    caption = "one-shot pruning without retraining; unstructured rows use a global budget"
+    if nm_dense:
+        caption += f"; N:M rows keep {', '.join(nm_dense)} dense (some pattern's M does not divide its fan-in)"
     table = Table(
         title=f"essential sparsity: {result['model']} on {result['dataset']}, dense accuracy {result['dense_accuracy']:.3f}",
-        caption="one-shot pruning without retraining; unstructured rows use a global budget; "
-        "N:M rows leave layers whose fan-in M does not divide dense (1:8: the first conv)",
+        caption=caption,
     )
     table.add_column("structure")
     table.add_column("sparsity", justify="right")
