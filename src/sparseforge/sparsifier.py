@@ -14,7 +14,8 @@ Per optimizer step:
 * **pre-step hook**: if an algorithm update follows this step and the algorithm needs dense
   gradients, copy them (only then); then zero the gradients of pruned weights, so momentum and
   adaptive moments never accumulate there.
-* **post-step hook**: multiply weights by their masks (so no optimizer, known or not, can revive a
+* **post-step hook**: multiply weights by their masks (skipped with ``zero_state="grads"``, where it is
+  provably a no-op for SGD/Adam/AdamW) (so no optimizer, known or not, can revive a
   pruned weight, e.g. through decoupled weight decay or noise), zero every optimizer-state tensor
   shaped like a masked parameter at its pruned positions, count the step (here and nowhere
   else), and run the algorithm's mask update when one is due.
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Sparsifier"]
 
-_STATE_MODES = ("step", "update")
+_STATE_MODES = ("step", "update", "grads")
+# Optimizers for which masked gradients alone keep pruned weights and their state exactly at 0.
+_GRADS_EXACT = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class Sparsifier:
@@ -52,6 +55,11 @@ class Sparsifier:
         zero_state: ``"step"`` (default) masks optimizer state after every step, which holds for
             optimizers that write state independent of the gradient; ``"update"`` masks it only
             when masks change (cheaper; exact for SGD/Adam/AdamW since gradients are masked).
+            ``"grads"`` (fastest: one elementwise pass per step) masks only the gradients each
+            step; weights and state are masked when masks change. Pruned weights then provably
+            stay exactly 0 (zero gradient, zero state, zero weight give a zero update, weight
+            decay included), so it is allowed only for SGD, Adam and AdamW, and assumes nothing
+            but the optimizer writes the weights between steps.
     """
 
     def __init__(
@@ -67,6 +75,11 @@ class Sparsifier:
             raise SparseforgeError(f"zero_state={zero_state!r} is not allowed; allowed: {list(_STATE_MODES)}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SparseforgeError(f"optimizer is a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+        if zero_state == "grads" and not isinstance(optimizer, _GRADS_EXACT):
+            raise SparseforgeError(
+                f"zero_state='grads' is not exact for {type(optimizer).__name__}; allowed: SGD, Adam, AdamW "
+                "(use zero_state='step' for other optimizers)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.masks = masks
@@ -130,7 +143,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._apply_weights()
+        if self.zero_state != "grads":
+            self._apply_weights()
         if self.zero_state == "step":
             self._mask_optimizer_state(self._value_masks)
         self.masks.step += 1
@@ -167,14 +181,15 @@ class Sparsifier:
             old = self.masks[name].to(param.device)
             dropped = old & ~new
             grown = new & ~old
-            param.data.masked_fill_(~new, 0.0)
             if grown_values is not None and name in grown_values:
+                param.data.masked_fill_(~new, 0.0)
                 param.data[grown] = grown_values[name].to(param.device, param.dtype)[grown]
-            else:
-                param.data.masked_fill_(grown, 0.0)
+            else:  # one pass: zero everything outside the new mask and the grown positions
+                param.data.masked_fill_(~new | grown, 0.0)
             touched[name] = (~(dropped | grown)).to(param.dtype)
             self.masks[name] = new
-            changed[name] = (int(dropped.sum()), int(grown.sum()))
+            # count_nonzero: a bool .sum() widens to int64 first and is ~10x slower on big layers
+            changed[name] = (int(torch.count_nonzero(dropped)), int(torch.count_nonzero(grown)))
         self._mask_optimizer_state(touched)
         self._refresh_value_masks(list(new_masks))
         return changed

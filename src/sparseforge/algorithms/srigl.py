@@ -1,0 +1,98 @@
+"""SRigL (Lasby et al. 2023): RigL with constant fan-in and neuron ablation.
+
+Masks must start with constant fan-in (``init_sparse(model, s, structure="fanin")``): every
+output row (neuron) keeps the same number ``k`` of weights. Each update, per layer:
+
+1. **Saliency**: run RigL's choice unstructured over the whole layer: the surviving
+   largest-magnitude active weights plus the largest-``|dense gradient|`` inactive positions of
+   live rows. A row's *salient count* is how many of these fall in it.
+2. **Neuron ablation**: a live row with fewer than ``gamma_sal * k`` salient weights is removed
+   entirely (all its weights pruned; it stays removed). Rows are never ablated below
+   ``ceil(budget / fan_in)`` live rows (the least salient go first) nor below one.
+3. **Redistribution**: the layer's budget (its weight count when attached) is spread over the
+   live rows: new fan-in ``k' = min(fan_in, budget // live_rows)``. Without ablation ``k' = k``
+   and the count is exact; after an ablation the count is ``live_rows * k'``, at most
+   ``live_rows - 1`` below the budget (constant fan-in takes precedence over the exact total).
+4. **Per-row RigL**: each live row keeps its ``k - d`` largest-magnitude weights (``d`` = the
+   cosine drop fraction of ``k``) and grows ``k' - (k - d)`` where ``|dense gradient|`` is
+   largest among its previously inactive positions. Grown weights start at 0.
+
+The ablated neuron's bias is left alone (it becomes a constant input to the next layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import SparseforgeError
+from ..structures import ConstantFanIn, Structure
+from .dst import RigL, keep_top, round_half_up
+
+if TYPE_CHECKING:
+    from ..sparsifier import Sparsifier
+
+__all__ = ["SRigL"]
+
+
+class SRigL(RigL):
+    """Constant fan-in RigL with neuron ablation (``gamma_sal`` in [0, 1]; 0 disables ablation)."""
+
+    supported_structures = (ConstantFanIn,)
+
+    def __init__(self, *, gamma_sal: float = 0.3, structure: Structure = ConstantFanIn(), **dst: Any) -> None:
+        super().__init__(structure=structure, **dst)
+        if not (0.0 <= float(gamma_sal) <= 1.0):
+            raise SparseforgeError(f"gamma_sal={gamma_sal!r} is outside the allowed range [0, 1]")
+        self.gamma_sal = float(gamma_sal)
+        self.budget: dict[str, int] = {}
+
+    def attach(self, sparsifier: Sparsifier) -> None:
+        for name, mask in sparsifier.masks.items():
+            counts = mask.reshape(mask.shape[0], -1).sum(1)
+            if counts[counts > 0].unique().numel() > 1:
+                raise SparseforgeError(f"SRigL needs constant fan-in masks, but {name!r} rows keep {sorted(set(counts.tolist()))[:5]} "
+                                       "weights; allowed: init_sparse(model, sparsity, structure='fanin')")
+            self.budget.setdefault(name, int(mask.sum()))
+
+    def _live_rows(self, alive: torch.Tensor, salient: torch.Tensor, k: int, fan_in: int, budget: int) -> torch.Tensor:
+        candidates = torch.nonzero(alive & (salient < self.gamma_sal * k)).flatten()
+        most = int(alive.sum()) - max(1, math.ceil(budget / fan_in))
+        if candidates.numel() > most:
+            candidates = candidates[torch.sort(salient[candidates], stable=True).indices[:max(most, 0)]]
+        live = alive.clone()
+        live[candidates] = False
+        return live
+
+    @torch.no_grad()
+    def update(self, sparsifier: Sparsifier, step: int) -> None:
+        fraction = self.drop_fraction(step)
+        new: dict[str, torch.Tensor] = {}
+        for index, (name, mask) in enumerate(sparsifier.masks.items()):
+            param = sparsifier.params[name]
+            rows = mask.shape[0]
+            m = mask.to(param.device).reshape(rows, -1)
+            fan_in, alive = m.shape[1], m.any(1)
+            n_alive = int(alive.sum())
+            k = int(m.sum()) // max(n_alive, 1)
+            d = min(round_half_up(fraction * k), fan_in - k)
+            w = param.detach().abs().reshape(rows, -1)
+            g = self.grow_scores(sparsifier, name, index, step).to(param.device).reshape(rows, -1)
+            salient = keep_top(w, m, n_alive * (k - d)) | keep_top(g, ~m & alive[:, None], n_alive * d)
+            live = self._live_rows(alive, salient.sum(1), k, fan_in, self.budget[name])
+            k_new = min(fan_in, self.budget[name] // max(int(live.sum()), 1))
+            n_grow = min(k_new - (k - d), fan_in - k)
+            if n_grow == 0 and k_new == k and bool((live == alive).all()):
+                continue
+            keep = keep_top(w, m, k_new - n_grow, rows) | keep_top(g, ~m, n_grow, rows)
+            new[name] = (keep & live[:, None]).reshape(mask.shape)
+        self.history.append((step, sparsifier.change_masks(new) if new else {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "budget": dict(self.budget)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.budget = {k: int(v) for k, v in state.get("budget", {}).items()}
