@@ -1,0 +1,35 @@
+"""Sparse inference benchmark: torch dense vs torch CSR vs sparseforge (prints a table, saves JSON).
+
+    python benchmarks/bench_inference.py                 # full: 4x 4096x4096 MLP, 0.5/0.7/0.9/0.95/2:4, batch 1/16/128
+    python benchmarks/bench_inference.py --quick         # < 1 minute
+    python benchmarks/bench_inference.py --model m.safetensors --sparsities 0.9 --batches 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sparseforge.inference.bench import format_table, run_inference_bench
+
+
+def _pattern(text: str) -> float | str:
+    return text if ":" in text else float(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros or n:m")
+    p.add_argument("--batches", nargs="+", type=int, default=None)
+    p.add_argument("--model", default=None, help="safetensors state dict of Linear layers")
+    p.add_argument("--json", default="bench_inference.json")
+    a = p.parse_args()
+    sparsities = tuple(a.sparsities) if a.sparsities else ((0.9,) if a.quick else (0.5, 0.7, 0.9, 0.95, "2:4"))
+    batches = tuple(a.batches) if a.batches else ((1, 16) if a.quick else (1, 16, 128))
+    rows = run_inference_bench(sparsities, batches, model_path=a.model, json_out=a.json, quick=a.quick)
+    print(format_table(rows))
+    print(f"saved {a.json}")
+
+
+if __name__ == "__main__":
+    main()

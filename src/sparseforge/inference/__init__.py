@@ -1,0 +1,26 @@
+"""Fast sparse inference on CPU: packed formats, Numba kernels, ``convert`` and save/load.
+
+Typical use::
+
+    from sparseforge.inference import convert, save_converted, load_converted
+    fast, report = convert(pruned_model, batch_sizes=(1, 16))
+    print(report)                      # per layer: format, path per batch size, and why
+    with torch.inference_mode():
+        y = fast(x)
+    save_converted("model.sf.safetensors", fast)
+    again = load_converted("model.sf.safetensors", make_dense_model())
+"""
+
+from .convert import ConversionReport, LayerDecision, convert
+from .formats import FORMATS, Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
+from .kernels import kernels_available, sparse_matmul, unavailable_reason
+from .modules import BatchPlan, SparseLinear
+from .serialization import load_converted, save_converted
+
+__all__ = [
+    "convert", "ConversionReport", "LayerDecision",
+    "PackedFormat", "CompactCSR", "Bitmask", "PackedNM", "BlockSparse", "FORMATS",
+    "SparseLinear", "BatchPlan",
+    "kernels_available", "unavailable_reason", "sparse_matmul",
+    "save_converted", "load_converted",
+]

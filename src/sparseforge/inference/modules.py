@@ -1,0 +1,151 @@
+"""Inference-only modules that run a packed sparse weight (or, per batch size, the dense one).
+
+:class:`SparseLinear` replaces ``nn.Linear`` and 1x1 ``nn.Conv1d`` / ``nn.Conv2d`` (stride 1,
+no padding, no groups). It has no parameters, only buffers: it cannot be trained, and calling
+it with grad enabled on an input that requires grad raises :class:`SparseforgeError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SparseforgeError
+from .formats import PackedFormat
+from .kernels import kernels_available, sparse_matmul
+
+__all__ = ["BatchPlan", "SparseLinear"]
+
+LAYOUTS = ("linear", "conv1d", "conv2d")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which path runs for which number of input rows (batch x leading dims).
+
+    ``steps`` is a tuple of ``(max_rows, path)`` sorted by ``max_rows``; ``path`` is ``"sparse"`` or
+    ``"dense"``; rows above the last bound use the last path.
+    """
+
+    steps: tuple[tuple[int, str], ...]
+
+    def path_for(self, rows: int) -> str:
+        for bound, path in self.steps:
+            if rows <= bound:
+                return path
+        return self.steps[-1][1]
+
+    @property
+    def paths(self) -> set[str]:
+        return {p for _, p in self.steps}
+
+    def describe(self) -> str:
+        parts, lo = [], 1
+        for bound, path in self.steps:
+            parts.append(f"rows {lo}-{bound}: {path}")
+            lo = bound + 1
+        parts[-1] = parts[-1].split(":")[0].rsplit("-", 1)[0] + "+:" + parts[-1].split(":")[1]
+        return "; ".join(parts)
+
+    @staticmethod
+    def from_choices(choices: dict[int, str]) -> BatchPlan:
+        """Plan from measured winners ``{batch_rows: path}``: each bucket ends at a measured size."""
+        if not choices:
+            raise SparseforgeError("a batch plan needs at least one measured batch size; allowed: a non-empty dict")
+        steps = tuple(sorted((int(b), p) for b, p in choices.items()))
+        merged: list[tuple[int, str]] = []
+        for bound, path in steps:
+            if merged and merged[-1][1] == path:
+                merged[-1] = (bound, path)
+            else:
+                merged.append((bound, path))
+        return BatchPlan(tuple(merged))
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` packed; accepts ``(..., in_features)`` like ``nn.Linear``.
+
+    Args:
+        packed: the packed weight, or ``None`` when only the dense path is kept.
+        dense_weight: the float32 dense weight, kept only when the plan uses the dense path.
+        bias: float32 ``(out_features,)`` or ``None``.
+        plan: which path runs for how many input rows.
+        layout: ``"linear"``, ``"conv1d"`` (input ``(N, C, L)``) or ``"conv2d"`` (``(N, C, H, W)``).
+    """
+
+    def __init__(
+        self,
+        packed: PackedFormat | None,
+        dense_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        plan: BatchPlan,
+        layout: str = "linear",
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise SparseforgeError(f"layout={layout!r} is not allowed; allowed: {LAYOUTS}")
+        if packed is None and dense_weight is None:
+            raise SparseforgeError("SparseLinear needs a packed or a dense weight; got neither")
+        if "sparse" in plan.paths and packed is None:
+            raise SparseforgeError("plan uses the sparse path but no packed weight was given")
+        if "dense" in plan.paths and dense_weight is None:
+            raise SparseforgeError("plan uses the dense path but no dense weight was given")
+        self.packed = packed
+        self.plan = plan
+        self.layout = layout
+        self.out_features, self.in_features = shape or (packed.shape if packed is not None else tuple(dense_weight.shape))
+        self.register_buffer("dense_weight", None if dense_weight is None else dense_weight.detach().to(torch.float32).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
+
+    def extra_repr(self) -> str:
+        fmt = self.packed.name if self.packed is not None else "none"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={fmt}, layout={self.layout}, plan=[{self.plan.describe()}]"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise SparseforgeError(
+                "SparseLinear is inference-only: got an input that requires grad with grad enabled; "
+                "allowed: torch.inference_mode() / torch.no_grad() or a detached input"
+            )
+        if x.dtype != torch.float32:
+            raise SparseforgeError(f"input dtype {x.dtype} is not supported; allowed: torch.float32")
+        if x.device.type != "cpu":
+            raise SparseforgeError(f"input device {x.device} is not supported; allowed: cpu")
+
+    def _matmul_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2`` is ``(rows, in_features)``; returns ``(rows, out_features)``."""
+        rows = x2.shape[0]
+        path = self.plan.path_for(rows)
+        if path == "sparse" and kernels_available():
+            y = torch.from_numpy(sparse_matmul(self.packed, x2.contiguous().numpy()))
+            if self.bias is not None:
+                y += self.bias
+            return y
+        if self.dense_weight is None:
+            # Kernels vanished after conversion (not expected): rebuild the dense weight once.
+            self.dense_weight = self.packed.to_dense()
+        return torch.nn.functional.linear(x2, self.dense_weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.layout == "linear":
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise SparseforgeError(
+                    f"input shape {tuple(x.shape)} does not fit: expected (..., {self.in_features}), given {tuple(x.shape)}"
+                )
+            lead = x.shape[:-1]
+            y = self._matmul_rows(x.reshape(-1, self.in_features))
+            return y.reshape(*lead, self.out_features)
+        spatial = 1 if self.layout == "conv1d" else 2
+        if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != self.in_features:
+            want = "(N, C, L)" if spatial == 1 else "(N, C, H, W)"
+            raise SparseforgeError(
+                f"input shape {tuple(x.shape)} does not fit: expected {want} with C={self.in_features}, given {tuple(x.shape)}"
+            )
+        moved = x.movedim(-spatial - 1, -1)
+        lead = moved.shape[:-1]
+        y = self._matmul_rows(moved.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
+        return y.movedim(-1, -spatial - 1)

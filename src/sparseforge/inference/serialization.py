@@ -1,0 +1,165 @@
+"""Saving and loading converted models as safetensors (no pickle anywhere).
+
+File layout: every ``SparseLinear`` named ``L`` stores its packed arrays under ``L.<array>`` and
+its bias under ``L.bias``; every other entry of the model's ``state_dict`` is stored as is. The
+safetensors metadata holds ``sparseforge.layers`` (JSON: format, shape, params, plan, layout per
+layer) and ``sparseforge.crc32`` (JSON: CRC-32 of every tensor's bytes), checked on load.
+
+Unstructured packings are *stored* as :class:`~.formats.Bitmask` (``4 d + 1/8`` bytes per
+weight: 13.1 % of dense at 90 % sparsity, below CSR's ``6 d``) and re-packed on load into the
+format the layer runs. The file is written to a temporary file in the same folder, then moved
+into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import SparseforgeError
+from .formats import FORMATS, Bitmask, CompactCSR
+from .modules import BatchPlan, SparseLinear
+
+__all__ = ["save_converted", "load_converted"]
+
+_FORMAT_VERSION = "1"
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+
+
+def _storage_format(module: SparseLinear):
+    if module.packed is None:
+        return Bitmask.from_dense(module.dense_weight)
+    if isinstance(module.packed, CompactCSR):
+        return Bitmask.from_dense(module.packed.to_dense())
+    return module.packed
+
+
+def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
+    """Write ``model`` (output of :func:`.convert.convert`) to ``path`` as safetensors; returns the path."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    sparse_names = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not sparse_names:
+        raise SparseforgeError(f"{type(model).__name__} has no SparseLinear layer; allowed: a model returned by convert()")
+    for name, m in model.named_modules():
+        if name not in sparse_names:
+            continue
+        stored = _storage_format(m)
+        for key, arr in stored.arrays().items():
+            tensors[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(arr))
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().contiguous()
+        layers[name] = {
+            "stored": stored.name,
+            "runs": m.packed.name if m.packed is not None else None,
+            "params": stored.params(),
+            "shape": [m.out_features, m.in_features],
+            "plan": [list(s) for s in m.plan.steps],
+            "layout": m.layout,
+            "bias": m.bias is not None,
+        }
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in sparse_names:
+            continue
+        tensors[key] = value.detach().contiguous().clone()
+    meta = {
+        "sparseforge.version": _FORMAT_VERSION,
+        "sparseforge.layers": json.dumps(layers, sort_keys=True),
+        "sparseforge.crc32": json.dumps({k: _crc(v) for k, v in tensors.items()}, sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise SparseforgeError(f"converted model file {str(path)!r} does not exist") from None
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SparseforgeError(f"converted model file {str(path)!r} is corrupted or not safetensors ({first})") from None
+    return tensors, meta
+
+
+def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
+    """Load a file written by :func:`save_converted` into ``skeleton`` (the dense architecture).
+
+    ``skeleton`` is modified in place and returned: its converted layers are replaced by
+    :class:`SparseLinear` modules rebuilt from the file and all other state is loaded strictly.
+    Raises :class:`SparseforgeError` (one line) on a missing, truncated or corrupted file, or one
+    that does not match the skeleton.
+    """
+    path = Path(path)
+    tensors, meta = _read(path)
+    if meta.get("sparseforge.version") != _FORMAT_VERSION:
+        raise SparseforgeError(f"file {str(path)!r} is not a sparseforge converted model (version {meta.get('sparseforge.version')!r}); allowed: version {_FORMAT_VERSION}")
+    try:
+        layers = json.loads(meta["sparseforge.layers"])
+        crcs = json.loads(meta["sparseforge.crc32"])
+    except (KeyError, ValueError):
+        raise SparseforgeError(f"file {str(path)!r} has corrupted sparseforge metadata") from None
+    if set(crcs) != set(tensors):
+        raise SparseforgeError(f"file {str(path)!r} is corrupted: tensor names differ from its checksum table")
+    bad = [k for k, t in tensors.items() if _crc(t) != crcs[k]]
+    if bad:
+        raise SparseforgeError(f"file {str(path)!r} is corrupted: checksum mismatch in {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    for name, spec in layers.items():
+        try:
+            target = skeleton.get_submodule(name) if name else skeleton
+        except AttributeError:
+            raise SparseforgeError(f"file layer {name!r} is not in the skeleton {type(skeleton).__name__}") from None
+        shape = (int(spec["shape"][0]), int(spec["shape"][1]))
+        tw = getattr(target, "weight", None)
+        if tw is None or (tw.shape[0], tw[0].numel()) != shape:
+            raise SparseforgeError(f"skeleton layer {name!r} has weight shape {None if tw is None else tuple(tw.shape)}; the file expects {shape}")
+        cls = FORMATS.get(spec["stored"])
+        if cls is None:
+            raise SparseforgeError(f"file layer {name!r} has unknown format {spec['stored']!r}; allowed: {sorted(FORMATS)}")
+        prefix = f"{name}."
+        arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix) and k[len(prefix):] != "bias"}
+        stored = cls.from_arrays(shape, arrays, {k: int(v) for k, v in spec["params"].items()})
+        plan = BatchPlan(tuple((int(b), str(p)) for b, p in spec["plan"]))
+        runs = spec["runs"]
+        packed = None
+        if runs is not None:
+            packed = stored if runs == stored.name else FORMATS[runs].from_dense(stored.to_dense())
+        dense = stored.to_dense() if "dense" in plan.paths else None
+        bias = tensors.get(f"{name}.bias") if spec["bias"] else None
+        module = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape)
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module)
+        else:
+            skeleton = module
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    own = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
+    if set(rest) != own:
+        raise SparseforgeError(f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ own)[:3]}")
+    if rest:
+        skeleton.load_state_dict(rest, strict=False)
+    return skeleton

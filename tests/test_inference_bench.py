@@ -1,0 +1,34 @@
+"""The inference benchmark runs end to end on a tiny model file and writes JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.inference.bench import format_table, load_mlp, run_inference_bench
+
+
+def test_bench_on_tiny_model_file(tmp_path):
+    torch.manual_seed(0)
+    save_file({"a.weight": torch.randn(32, 16), "a.bias": torch.randn(32), "b.weight": torch.randn(8, 32)}, tmp_path / "m.safetensors")
+    rows = run_inference_bench((0.9, "2:4"), (1, 3), model_path=tmp_path / "m.safetensors", json_out=tmp_path / "r.json", quick=True, rounds=2)
+    assert [(r["pattern"], r["batch"]) for r in rows] == [("0.9", 1), ("0.9", 3), ("2:4", 1), ("2:4", 3)]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["sparseforge_ms"] > 0 and r["copy_gbps"] > 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["rows"]) == 4
+    table = format_table(rows)
+    assert "vs dense" in table and "copy bandwidth" in table
+
+
+def test_bench_rejects_bad_inputs(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(SparseforgeError, match="not a readable"):
+        load_mlp(tmp_path / "bad.safetensors")
+    save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "m.safetensors")
+    with pytest.raises(SparseforgeError, match="sparsity"):
+        run_inference_bench((1.5,), (1,), model_path=tmp_path / "m.safetensors", quick=True, rounds=1)

@@ -1,0 +1,222 @@
+"""convert(): outputs, plans, errors, inference-only behaviour and save/load."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.inference import (
+    BatchPlan,
+    CompactCSR,
+    SparseLinear,
+    convert,
+    kernels_available,
+    load_converted,
+    save_converted,
+)
+
+needs_kernels = pytest.mark.skipif(not kernels_available(), reason="numba kernels unavailable")
+
+
+def pruned(layer: nn.Module, sparsity: float) -> nn.Module:
+    with torch.no_grad():
+        w = layer.weight
+        k = int(sparsity * w.numel())
+        thr = w.abs().flatten().kthvalue(k).values if k else -1.0
+        w[w.abs() <= thr] = 0.0
+    return layer
+
+
+def mlp(sparsity: float = 0.9, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(pruned(nn.Linear(48, 64), sparsity), nn.ReLU(), pruned(nn.Linear(64, 24), sparsity))
+
+
+def all_sparse(model: nn.Module) -> nn.Module:
+    """Force the sparse path everywhere (timing-independent) via autotune=False and a low-density model."""
+    out, report = convert(model, autotune=False, batch_sizes=(1, 64))
+    assert report.sparse_layers, str(report)
+    return out
+
+
+@needs_kernels
+def test_converted_outputs_match_dense_any_leading_dims():
+    model = mlp()
+    fast = all_sparse(model)
+    assert all(isinstance(fast[i], SparseLinear) for i in (0, 2))
+    with torch.inference_mode():
+        for x in (torch.randn(48), torch.randn(1, 48), torch.randn(300, 48), torch.randn(2, 3, 5, 48)):
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        wide = torch.randn(48, 10).t()  # non-contiguous
+        assert not wide.is_contiguous()
+        torch.testing.assert_close(fast(wide), model(wide), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_autotuned_model_matches_dense_and_reports_every_layer():
+    model = mlp(0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast, report = convert(model, batch_sizes=(1, 8), reps=1)
+    assert [d.name for d in report.layers] == ["0", "2"]
+    text = str(report)
+    assert "layers run sparse" in text and "0 [Linear" in text
+    for d in report.layers:
+        assert d.action in ("sparse", "dense") and d.reason and "dense" in d.timings_ms
+    with torch.no_grad():
+        x = torch.randn(8, 48)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_input_model_is_not_modified_unless_inplace():
+    model = mlp()
+    before = [p.clone() for p in model.parameters()]
+    fast = all_sparse(model)
+    assert isinstance(model[0], nn.Linear) and fast is not model
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    same, _ = convert(model, autotune=False, inplace=True)
+    assert same is model and isinstance(model[0], SparseLinear)
+
+
+@needs_kernels
+def test_plan_switches_between_sparse_and_dense_paths():
+    model = mlp()
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    layer = SparseLinear(CompactCSR.from_dense(w), w.clone(), b, BatchPlan.from_choices({1: "sparse", 16: "dense"}))
+    assert layer.plan.path_for(1) == "sparse" and layer.plan.path_for(2) == "dense" and layer.plan.path_for(500) == "dense"
+    with torch.inference_mode():
+        for rows in (1, 4, 100):
+            x = torch.randn(rows, 48)
+            torch.testing.assert_close(layer(x), model[0](x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_pointwise_convs_are_converted_and_others_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(pruned(nn.Conv2d(16, 8, 1), 0.9), nn.ReLU(), nn.Identity(),
+                          pruned(nn.Conv2d(8, 4, 3), 0.9))
+    fast, report = convert(model, autotune=False)
+    actions = {d.name: d.action for d in report.layers}
+    assert actions == {"0": "sparse", "3": "skipped"}
+    assert "1x1" in report.layers[1].reason
+    with torch.inference_mode():
+        x = torch.randn(2, 16, 5, 6)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    conv1 = nn.Sequential(pruned(nn.Conv1d(8, 6, 1), 0.9))
+    fast1, _ = convert(conv1, autotune=False)
+    with torch.inference_mode():
+        x = torch.randn(3, 8, 7)
+        torch.testing.assert_close(fast1(x), conv1(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_dtypes_stay_dense_and_are_listed():
+    model = nn.Sequential(pruned(nn.Linear(8, 8), 0.9).double(), nn.Linear(8, 8).to(torch.bfloat16))
+    with pytest.warns(UserWarning, match="nothing converted"):
+        fast, report = convert(model, autotune=False)
+    assert [d.action for d in report.layers] == ["skipped", "skipped"]
+    assert "float64" in report.layers[0].reason and "bfloat16" in report.layers[1].reason
+    assert isinstance(fast[0], nn.Linear)
+
+
+def test_model_without_layers_raises():
+    with pytest.raises(SparseforgeError, match="nothing to convert"):
+        convert(nn.Sequential(nn.ReLU()))
+    with pytest.raises(SparseforgeError, match="batch_sizes"):
+        convert(mlp(), batch_sizes=(0,))
+
+
+def test_dense_layers_are_reported_loudly():
+    model = mlp(0.0)
+    with pytest.warns(UserWarning, match="nothing converted"):
+        _, report = convert(model, autotune=False)
+    assert report.sparse_layers == [] and all("dense" in d.reason or "no zeros" in d.reason for d in report.layers)
+
+
+@needs_kernels
+def test_grad_requests_raise_and_module_has_no_parameters():
+    fast = all_sparse(mlp())
+    assert list(fast.parameters()) == []
+    x = torch.randn(2, 48, requires_grad=True)
+    with pytest.raises(SparseforgeError, match="inference-only"):
+        fast(x)
+    with torch.no_grad():
+        fast(x)  # fine without grad
+    with torch.inference_mode():
+        assert fast(torch.randn(2, 48)).shape == (2, 24)
+
+
+@needs_kernels
+def test_wrong_shape_and_dtype_raise_one_line_errors():
+    fast = all_sparse(mlp())
+    with pytest.raises(SparseforgeError, match=r"expected \(\.\.\., 48\), given \(3, 47\)") as info:
+        fast(torch.randn(3, 47))
+    assert "\n" not in str(info.value)
+    with pytest.raises(SparseforgeError, match="float64"):
+        fast(torch.randn(3, 48, dtype=torch.float64))
+
+
+@needs_kernels
+def test_root_linear_is_converted():
+    layer = pruned(nn.Linear(32, 16), 0.9)
+    fast, report = convert(layer, autotune=False)
+    assert isinstance(fast, SparseLinear) and report.sparse_layers == [""]
+
+
+# ------------------------------------------------------------------ save / load
+@needs_kernels
+def test_save_load_round_trip_with_extra_state(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(pruned(nn.Linear(48, 64), 0.9), nn.LayerNorm(64), pruned(nn.Linear(64, 24), 0.1))
+    fast, report = convert(model, autotune=False, batch_sizes=(1,))
+    path = save_converted(tmp_path / "m.safetensors", fast)
+    skeleton = nn.Sequential(nn.Linear(48, 64), nn.LayerNorm(64), nn.Linear(64, 24))
+    again = load_converted(path, skeleton)
+    assert isinstance(again[0], SparseLinear) and isinstance(again[2], nn.Linear)
+    with torch.inference_mode():
+        x = torch.randn(5, 48)
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@needs_kernels
+def test_saved_size_at_90_percent_is_at_most_15_percent_of_dense(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(pruned(nn.Linear(512, 512, bias=False), 0.9))
+    from safetensors.torch import save_file
+
+    save_file({"0.weight": model[0].weight.detach().contiguous()}, tmp_path / "dense.safetensors")
+    fast, _ = convert(model, autotune=False)
+    save_converted(tmp_path / "sparse.safetensors", fast)
+    ratio = os.path.getsize(tmp_path / "sparse.safetensors") / os.path.getsize(tmp_path / "dense.safetensors")
+    assert ratio <= 0.15, ratio
+
+
+@needs_kernels
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_corrupted_file_is_refused(tmp_path, damage):
+    fast = all_sparse(mlp())
+    path = save_converted(tmp_path / "m.safetensors", fast)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF  # inside the last tensor's bytes
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[:16] = b"not a safetensor"
+    path.write_bytes(bytes(data))
+    with pytest.raises(SparseforgeError, match="corrupted") as info:
+        load_converted(path, nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 24)))
+    assert "\n" not in str(info.value)
+
+
+@needs_kernels
+def test_load_refuses_a_mismatched_skeleton(tmp_path):
+    path = save_converted(tmp_path / "m.safetensors", all_sparse(mlp()))
+    with pytest.raises(SparseforgeError, match="expects"):
+        load_converted(path, nn.Sequential(nn.Linear(48, 65), nn.ReLU(), nn.Linear(65, 24)))
