@@ -12,7 +12,7 @@ EXTRAS ?= dev,experiments,kernels
 STAMP := $(VENV)/.sparseforge-installed
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench validate clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
+	$(PY) benchmarks/bench_overhead.py
+
+validate: $(STAMP)
+	$(PY) benchmarks/validate_training.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

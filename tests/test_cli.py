@@ -22,7 +22,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command(capsys) -> None:
     main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "prune", "report"):
+    for command in ("demo", "prune", "report", "bench"):
         assert command in text
 
 
@@ -37,6 +37,9 @@ def test_help_lists_every_command(capsys) -> None:
         (["prune", "x.txt", "--sparsity", "0.5"], "'.txt'"),
         (["demo", "--sparsities", "0.1,abc"], "sparsities='0.1,abc'"),
         (["demo", "--methods", "magnitude,psychic"], "method='psychic'"),
+        (["bench", "--batches", "0,1"], "batches='0,1'"),
+        (["bench", "--sparsities", "0.9,3:2"], "n_keep=3"),
+        (["bench", "--sparsities", "1.2"], "1.2"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, capsys) -> None:

@@ -120,6 +120,38 @@ def report(
     sparsity_report(net, torch.zeros(1, 40), masks=masks)
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Option(help="A safetensors state dict of Linear layers; default: the built-in 4-layer 4096x4096 MLP.")] = None,
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros and/or N:M patterns (kept:group).")] = "0.5,0.7,0.9,0.95,2:4",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (input rows per forward).")] = "1,16,128",
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path("bench_inference.json"),
+    quick: Annotated[bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")] = False,
+) -> None:
+    """Time dense torch vs torch CSR vs sparseforge's packed kernels, with the machine's bandwidth."""
+    from .inference.bench import format_table, run_inference_bench
+
+    patterns: list[float | str] = []
+    for item in (v.strip() for v in sparsities.split(",") if v.strip()):
+        if ":" in item:
+            from .structures import parse_structure
+
+            parse_structure(item)
+            patterns.append(item)
+        else:
+            patterns.extend(_parse_floats(item, "sparsities"))
+    sizes = []
+    for item in (v.strip() for v in batches.split(",") if v.strip()):
+        if not item.isdigit() or int(item) < 1:
+            raise SparseforgeError(f"batches={batches!r} must be comma-separated positive integers")
+        sizes.append(int(item))
+    if quick and sparsities == "0.5,0.7,0.9,0.95,2:4":
+        patterns, sizes = [0.9], [1, 16]
+    rows = run_inference_bench(tuple(patterns), tuple(sizes), model_path=model, json_out=json_out, quick=quick)
+    console.print(format_table(rows), markup=False, highlight=False)
+    console.print(f"wrote {json_out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; bad input becomes one line on stderr and exit status 2."""
     try:
