@@ -363,6 +363,8 @@ def test_srigl_and_granet_structure_checks() -> None:
         (lambda: RigL(end=100, alpha=1.2), "alpha=1.2"),
         (lambda: SET(end=100, every=0), "every=0"),
         (lambda: RigL(), "give exactly one"),
+        (lambda: RigL(end=0), "end=0"),
+        (lambda: GMP(0.5, start=0, end=0), "end=0"),
         (lambda: RigL(end=10, total_steps=20), "give exactly one"),
         (lambda: GMP(0.9, start=50, end=10), "end=10 is before start=50"),
         (lambda: GMP(1.0, start=0, end=10), "final_sparsity=1.0"),

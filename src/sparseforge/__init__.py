@@ -14,11 +14,12 @@ from .report import SparsityReport, sparsity_report
 from .sparsifier import Sparsifier
 from .structures import NM, Block, Channel, ConstantFanIn, Structure, Unstructured, parse_structure
 from .targets import select_prunable
+from .training import evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block", "Channel", "ConstantFanIn", "METHODS", "MaskState", "NM", "SparseforgeError", "Sparsifier",
     "SparsityReport", "Structure", "Unstructured", "er", "erk", "global_sparsities", "layer_sparsities",
-    "load", "parse_structure", "prune", "save", "select_prunable", "sparsity_report", "uniform",
+    "evaluate", "load", "parse_structure", "prune", "save", "select_prunable", "sparsity_report", "train", "uniform",
 ]

@@ -95,7 +95,9 @@ def resolve_end(end: int | None, total_steps: int | None) -> int:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
             raise SparseforgeError(f"total_steps={total_steps!r} is not allowed; allowed: an integer >= 2")
         return max(1, int(0.75 * total_steps))
-    return end  # type: ignore[return-value]
+    if isinstance(end, bool) or not isinstance(end, int) or end < 1:
+        raise SparseforgeError(f"end={end!r} is not allowed; allowed: an integer >= 1 (a step)")
+    return end
 
 
 def round_half_up(x: float) -> int:

@@ -123,6 +123,8 @@ class GMP(Algorithm):
         distribution: str = "uniform",
         min_density: float | None = None,
     ) -> None:
+        if isinstance(end, int) and end < 1:
+            raise SparseforgeError(f"end={end!r} is not allowed; allowed: an integer >= 1 (a step)")
         self.schedule = UpdateSchedule(start=start, end=end, every=every)
         self.targets = CubicTargets(final_sparsity, start=start, end=end, distribution=distribution, min_density=min_density)
         self.history: list[tuple[int, dict[str, tuple[int, int]]]] = []
