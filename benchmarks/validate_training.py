@@ -207,10 +207,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     s = summarise(rows)
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
-    for m in METHODS:
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(METHODS):
         means = [s[(m, str(sp))][0] for sp in SPARSITIES]
         stds = [s[(m, str(sp))][1] for sp in SPARSITIES]
-        ax.errorbar(SPARSITIES, means, yerr=stds, marker="o", ms=3, capsize=2, label=m)
+        ax.errorbar(SPARSITIES, means, yerr=stds, marker="os^D"[i % 4], ms=3, capsize=2, label=m,
+                    color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1], ls="-" if i < 8 else "--")
     dense = s[("dense", "dense")][0]
     ax.axhline(dense, color="black", ls=":", lw=1, label="dense")
     ax.set_xlabel("sparsity")
@@ -229,7 +231,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="run only these methods (plus dense)")
+    parser.add_argument("--from-json", type=Path, help="re-make the table and plot from a saved JSON, training nothing")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())["rows"]
+        plot(rows, ROOT / "docs" / "training_validation.png")
+        print(markdown(rows))
+        return
     todo = jobs(args.seeds)
     if args.only:
         todo = [j for j in todo if j[0] in args.only or j[0] == "dense"]
