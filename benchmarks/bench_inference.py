@@ -26,7 +26,12 @@ def main() -> None:
     a = p.parse_args()
     sparsities = tuple(a.sparsities) if a.sparsities else ((0.9,) if a.quick else (0.5, 0.7, 0.9, 0.95, "2:4"))
     batches = tuple(a.batches) if a.batches else ((1, 16) if a.quick else (1, 16, 128))
-    rows = run_inference_bench(sparsities, batches, model_path=a.model, json_out=a.json, quick=a.quick)
+    import os
+    import sys
+
+    print(f"load average before: {os.getloadavg()}", file=sys.stderr, flush=True)
+    rows = run_inference_bench(sparsities, batches, model_path=a.model, json_out=a.json, quick=a.quick,
+                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(rows))
     print(f"saved {a.json}")
 

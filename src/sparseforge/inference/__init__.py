@@ -1,4 +1,4 @@
-"""Fast sparse inference on CPU: packed formats, Numba kernels, ``convert`` and save/load.
+"""Fast sparse inference on CPU: packed formats, C and Numba kernels, ``convert`` and save/load.
 
 Typical use::
 

@@ -2,7 +2,8 @@
 
 :func:`candidate_formats` packs a weight in every format that fits its zero pattern;
 :func:`measure_layer` times each candidate and ``F.linear`` on random inputs of the requested
-batch sizes (median wall-clock milliseconds over a few calls) and returns a :class:`LayerChoice`.
+batch sizes (median wall-clock milliseconds, all variants interleaved call by call) and returns a
+:class:`LayerChoice`; sparse must beat dense by :data:`SPARSE_MARGIN` to be chosen.
 :func:`rule_layer` is the no-measurement fallback (``autotune=False``): a cost rule calibrated
 on a 2-core AMD EPYC (see docs/inference.md), CSR when density <= 0.25, else dense.
 """
@@ -10,15 +11,26 @@ on a 2-core AMD EPYC (see docs/inference.md), CSR when density <= 0.25, else den
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
-from .kernels import sparse_matmul
+from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul
 
-__all__ = ["LayerChoice", "candidate_formats", "measure_layer", "rule_layer", "RULE_MAX_DENSITY"]
+__all__ = ["LayerChoice", "candidate_formats", "measure_layer", "rule_layer", "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
+
+#: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
+SPARSE_MARGIN = 0.10
+
+#: Candidates within this fraction of the fastest total count as tied; the smaller format wins.
+TIE_FRACTION = 0.05
+
+#: Calls shorter than this (seconds) are timed over at least SHORT_CALL_REPS rounds.
+SHORT_CALL_S = 0.005
+SHORT_CALL_REPS = 15
 
 #: With ``autotune=False`` a layer runs sparse (CSR) only at or below this density (kept fraction).
 RULE_MAX_DENSITY = 0.25
@@ -53,14 +65,28 @@ def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
     return out
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up (JIT, caches)
-    times = []
-    for _ in range(reps):
+def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall-clock ms per call of each function, timed round-robin (one call each per round).
+
+    Interleaving makes every variant see the same machine load; two untimed warm-up calls each.
+    When every call is shorter than :data:`SHORT_CALL_S`, at least :data:`SHORT_CALL_REPS` rounds.
+    """
+    warm = []
+    for fn in fns.values():
+        fn()
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        warm.append(time.perf_counter() - t0)
+    if max(warm) < SHORT_CALL_S:
+        reps = max(reps, SHORT_CALL_REPS)  # short calls: more rounds cost little and cut noise
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    for i in range(reps):  # rotate the starting variant: no variant always follows the slowest one
+        for k, fn in items[i % len(items):] + items[: i % len(items)]:
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _describe(fmt: PackedFormat) -> str:
@@ -68,37 +94,81 @@ def _describe(fmt: PackedFormat) -> str:
     return f"{fmt.name}{'(' + extra[1:] + ')' if extra else ''}"
 
 
-def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: tuple[int, ...], reps: int = 5, seed: int = 0) -> LayerChoice:
+def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: tuple[int, ...], reps: int = 5, seed: int = 0,
+                  margin: float = SPARSE_MARGIN) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
 
-    Keeps the single sparse format with the lowest summed time over the batch sizes it wins; a
-    batch size runs dense where dense was faster. Timings are median milliseconds per call.
+    Dense and all candidates are timed interleaved, ``reps`` rounds (median ms per call, bias
+    included on both sides). A format *wins* a batch size only when ``dense_ms >= (1 + margin) *
+    sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense.
+    Keeps the single sparse format with the lowest mean time relative to dense over the batch
+    sizes (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes.
+    The other batch sizes run dense.
     """
     gen = torch.Generator().manual_seed(seed)
     w = weight.detach().contiguous()
-    cands = candidate_formats(w)
-    timings: dict[str, dict[int, float]] = {"dense": {}}
-    for fmt in cands:
-        timings[_describe(fmt)] = {}
+    cands: list[PackedFormat] = []
+    variants: list[int | None] = []
+    for f in candidate_formats(w):
+        if not kernel_available_for(f):
+            continue
+        cands.append(f)
+        variants.append(None)
+        if isinstance(f, CompactCSR) and has_native_kernel(f) and 1 in batch_sizes:
+            cands.append(f)  # the same weight with the AVX2-gather SpMV (batch 1 only differs)
+            variants.append(1)
+    names = [_describe(f) + ("[gather]" if v == 1 else "") for f, v in zip(cands, variants)]
+    timings: dict[str, dict[int, float]] = {"dense": {}, **{n: {} for n in names}}
     for b in batch_sizes:
         x = torch.randn(b, w.shape[1], generator=gen)
         xn = x.numpy()
-        timings["dense"][b] = _median_ms(lambda: torch.nn.functional.linear(x, w, bias), reps)
-        for fmt in cands:
-            timings[_describe(fmt)][b] = _median_ms(lambda: sparse_matmul(fmt, xn), reps)
-    best_fmt, best_total = None, float("inf")
-    for fmt in cands:
-        t = timings[_describe(fmt)]
-        total = sum(min(t[b], timings["dense"][b]) for b in batch_sizes)
-        if any(t[b] < timings["dense"][b] for b in batch_sizes) and total < best_total:
-            best_fmt, best_total = fmt, total
-    if best_fmt is None:
-        speeds = ", ".join(f"batch {b}: best sparse {min(timings[_describe(f)][b] for f in cands):.3g} ms vs dense {timings['dense'][b]:.3g} ms" for b in batch_sizes)
-        return LayerChoice(None, {b: "dense" for b in batch_sizes}, f"dense: no sparse kernel beat dense ({speeds})", timings)
-    t = timings[_describe(best_fmt)]
-    choices = {b: ("sparse" if t[b] < timings["dense"][b] else "dense") for b in batch_sizes}
-    why = ", ".join(f"batch {b}: {choices[b]} ({t[b]:.3g} ms sparse vs {timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / t[b]:.2f}x)" for b in batch_sizes)
-    return LayerChoice(best_fmt, choices, f"{_describe(best_fmt)} measured: {why}", timings)
+        fns: dict[str, Callable[[], object]] = {"dense": lambda: torch.nn.functional.linear(x, w, bias)}
+        for name, fmt, var in zip(names, cands, variants):
+            if var is not None and b != 1:
+                continue  # identical to the default kernel above batch 1
+            fns[name] = (lambda f=fmt, v=var: _sparse_call(f, xn, bias, v))
+        for k, v in _interleaved_medians(fns, reps).items():
+            timings[k][b] = v
+        for name, fmt, var in zip(names, cands, variants):
+            if b not in timings[name]:
+                timings[name][b] = timings[_describe(fmt)][b]
+
+    def wins(name: str, b: int) -> bool:
+        return timings["dense"][b] >= (1.0 + margin) * timings[name][b]
+
+    # Score = mean over batch sizes of (time of the path taken / dense time), so every batch size
+    # counts equally (a raw sum would let batch 128 drown batch 1). Lowest score wins; within
+    # TIE_FRACTION of it, the smaller format (fewer bytes streamed per call: in a model, layers
+    # run back to back and compete for memory bandwidth).
+    scored = []
+    for name, fmt, var in zip(names, cands, variants):
+        if any(wins(name, b) for b in batch_sizes):
+            total = sum((timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes) / len(batch_sizes)
+            scored.append((total, fmt.nbytes, name, fmt, var))
+    best = None
+    if scored:
+        fastest = min(t for t, *_ in scored)
+        near = [c for c in scored if c[0] <= fastest * (1.0 + TIE_FRACTION)]
+        _, _, *rest = min(near, key=lambda c: (c[1], c[0]))
+        best = tuple(rest)
+    if best is None:
+        speeds = ", ".join(f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
+                           for b in batch_sizes)
+        return LayerChoice(None, {b: "dense" for b in batch_sizes},
+                           f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds})", timings)
+    name, fmt, var = best
+    set_spmv_variant(fmt, var)
+    choices = {b: ("sparse" if wins(name, b) else "dense") for b in batch_sizes}
+    why = ", ".join(f"batch {b}: {choices[b]} ({timings[name][b]:.3g} ms sparse vs {timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[name][b]:.2f}x)"
+                    for b in batch_sizes)
+    return LayerChoice(fmt, choices, f"{name} measured (sparse needs >= {margin:.0%} over dense): {why}", timings)
+
+
+def _sparse_call(fmt: PackedFormat, xn: np.ndarray, bias: torch.Tensor | None, variant: int | None = None) -> None:
+    set_spmv_variant(fmt, variant)
+    y = torch.from_numpy(sparse_matmul(fmt, xn))
+    if bias is not None:
+        y += bias
 
 
 def rule_layer(weight: torch.Tensor, batch_sizes: tuple[int, ...]) -> LayerChoice:

@@ -12,6 +12,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,15 @@ def _weight_bytes(model: nn.Module, rows: int) -> int:
     return total
 
 
-def _interleaved_ms(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms per call; one call of each variant per round, the starting variant rotating each
+    round (on a busy machine the call right after a long one gets preempted more often)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
         f()
-    for _ in range(rounds):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for i in range(rounds):
+        for k, f in items[i % len(items):] + items[: i % len(items)]:
             t0 = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -141,13 +145,17 @@ def run_inference_bench(
     json_out: str | os.PathLike | None = None,
     quick: bool = False,
     rounds: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark dense vs torch CSR vs sparseforge; returns one dict per (pattern, batch).
 
     ``sparsities`` holds fractions of zeros (unstructured magnitude pruning) or ``"n:m"`` strings
     (``NM(n, m)``, n kept per m inputs). ``quick`` uses a 2-layer 2048-wide MLP, sparsity 0.9 and
     batch 1 unless given otherwise, and fewer rounds (< 1 minute). Times are median ms per forward.
+    ``progress`` (optional) receives one line per finished step. The load average is recorded
+    before and after every (pattern, batch) measurement.
     """
+    say = progress or (lambda _msg: None)
     if quick and model_path is None:
         base = build_mlp(width=2048, layers=2)
     else:
@@ -161,13 +169,16 @@ def run_inference_bench(
             if not (0.0 <= pattern < 1.0):
                 raise SparseforgeError(f"sparsity={pattern!r} is outside the allowed range [0, 1)")
         pruned = _prune(base, pattern)
+        t_conv = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fast, report = convert(pruned, batch_sizes=tuple(batches), reps=3 if quick else 5)
+        say(f"pattern {pattern}: converted in {time.perf_counter() - t_conv:.0f} s: {len(report.sparse_layers)}/{len(report.layers)} layers sparse")
         tcsr = _torch_csr_model(pruned)
         formats = sorted({d.format or "dense" for d in report.layers})
         for b in batches:
             x = torch.randn(b, pruned[0].in_features)
+            load_before = os.getloadavg()[0]
             with torch.inference_mode():
                 ms = _interleaved_ms({"dense": lambda: pruned(x), "torch_csr": lambda: tcsr(x), "sparseforge": lambda: fast(x)}, rounds)
             dense_bytes = _weight_bytes(pruned, b)
@@ -187,7 +198,11 @@ def run_inference_bench(
                 "paths": ", ".join(sorted({(d.format or 'dense') + ':' + (m.plan.path_for(b) if isinstance(m := (fast.get_submodule(d.name)), SparseLinear) else 'dense') for d in report.layers})),
                 "formats": formats,
                 "warnings": [str(w.message) for w in caught],
+                "load_avg_1min": (load_before, os.getloadavg()[0]),
             })
+            r = rows_out[-1]
+            say(f"  {r['pattern']} batch {b}: dense {r['dense_ms']:.2f} ms, sparseforge {r['sparseforge_ms']:.2f} ms "
+                f"({r['speedup_vs_dense']:.2f}x), load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "torch_threads": torch.get_num_threads(),
@@ -197,11 +212,12 @@ def run_inference_bench(
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`run_inference_bench` rows (ms = median ms per forward)."""
-    head = f"{'pattern':>8} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} {'dense GB/s':>10} {'sf GB/s':>8}  paths"
+    head = f"{'pattern':>8} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['pattern']:>8} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
-                     f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x {r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f}  {r['paths']}")
+                     f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x {r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
+                     f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}")
     if rows:
         lines.append(f"machine copy bandwidth (read+write): {rows[0]['copy_gbps']:.1f} GB/s; torch threads: {torch.get_num_threads()}")
     return "\n".join(lines)

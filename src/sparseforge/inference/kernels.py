@@ -1,9 +1,18 @@
-"""Multi-threaded CPU kernels (Numba) for the packed formats of :mod:`.formats`.
+"""CPU kernels for the packed formats of :mod:`.formats`: compiled C (CSR, bitmask) and Numba (all).
 
-Two shapes of work per format:
+CSR and bitmask run on the C kernels of :mod:`.native` (``csrc/spmm.c``, built on first use)
+when a C compiler is available; otherwise, and for N:M and block formats, on the Numba kernels
+below. If neither is available, :func:`kernels_available` is ``False`` and callers run dense.
 
-Kernels are serial over a row range ``[r0, r1)`` and release the GIL; :class:`KernelRunner`
-splits rows over threads (balanced by nonzeros where a row pointer exists).
+C kernels (see ``csrc/spmm.c``): batch 1 = SpMV (CSR: 8 scalar accumulators per row; bitmask:
+each mask byte expands 8 values into place with a permutation table, AVX2); batch > 1 = SpMM on
+the transposed, zero-padded input ``xt`` ``(in_features, ceil8(batch))``: each kept weight does
+an AVX2 axpy on a 8-64 column tile held in registers. Rows are split into
+``CHUNKS_PER_THREAD * threads`` chunks balanced by work; a row's sum is never split and its
+order of additions is fixed, so results do not depend on the thread count (tested bitwise).
+
+Numba kernels: serial over a row range ``[r0, r1)``, releasing the GIL; :class:`KernelRunner`
+splits rows over Python threads (balanced by nonzeros where a row pointer exists).
 
 * ``*_spmv``: batch 1, ``out[r] = sum_k values[k] * x[col[k]]``; four independent fp32
   accumulators per row hide the add latency (no ``fastmath``: results are deterministic and do
@@ -11,22 +20,23 @@ splits rows over threads (balanced by nonzeros where a row pointer exists).
 * ``*_spmm_t``: batch > 1 on the *transposed* input ``xt`` of shape ``(in_features, batch)``: for
   each kept weight ``out_t[r, :] += v * xt[c, :]``, a contiguous axpy that LLVM vectorises.
 
-All kernels are compiled lazily with ``cache=True`` (on-disk cache next to this file), so a
-process pays the JIT cost once per signature. If Numba is missing, :func:`kernels_available`
-returns ``False`` and :func:`unavailable_reason` says why; callers then run the dense path.
+All Numba kernels are compiled lazily with ``cache=True`` (on-disk cache next to this file).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
+from .native import get_library, native_reason
 
-__all__ = ["kernels_available", "unavailable_reason", "sparse_matmul", "KernelRunner", "DEFAULT_RUNNER"]
+__all__ = ["kernels_available", "kernel_available_for", "numba_available", "unavailable_reason", "sparse_matmul", "sparse_matmul_tensor", "has_native_kernel",
+           "KernelRunner", "DEFAULT_RUNNER"]
 
 try:  # pragma: no cover - exercised only where numba is absent
     import numba
@@ -39,14 +49,26 @@ except Exception as exc:  # pragma: no cover
     _IMPORT_ERROR = f"numba is not importable ({type(exc).__name__}: {exc}); install sparseforge[kernels]"
 
 
-def kernels_available() -> bool:
+def numba_available() -> bool:
     """Whether the Numba kernels can be used in this process."""
     return _IMPORT_ERROR is None
 
 
+def kernels_available() -> bool:
+    """Whether any sparse kernel (C or Numba) can run in this process (builds the C kernels on first call)."""
+    return _IMPORT_ERROR is None or get_library() is not None
+
+
+def kernel_available_for(fmt: PackedFormat) -> bool:
+    """Whether :func:`sparse_matmul` can run ``fmt`` here (C kernels: CSR, bitmask; Numba: all)."""
+    return _IMPORT_ERROR is None or has_native_kernel(fmt)
+
+
 def unavailable_reason() -> str | None:
-    """One line saying why kernels are unavailable, or ``None`` when they are available."""
-    return _IMPORT_ERROR
+    """One line saying why no kernel is available, or ``None`` when some kernel is."""
+    if kernels_available():
+        return None
+    return f"{_IMPORT_ERROR}; C kernels: {native_reason()}"
 
 
 if _IMPORT_ERROR is None:
@@ -229,12 +251,166 @@ class KernelRunner:
 DEFAULT_RUNNER = KernelRunner()
 
 
+# ------------------------------------------------------------------------------------------
+# C kernels (native.py / csrc/spmm.c): CSR and bitmask. Other formats use the Numba kernels.
+
+#: Row chunks per thread: the calling thread claims chunks too, so a worker that starts late
+#: (busy machine) only delays the chunks it claimed.
+CHUNKS_PER_THREAD = 4
+#: Below this many multiply-adds (kept weights x batch) a call runs on one thread: waking a
+#: worker costs ~10-60 us, more than such a call computes.
+MIN_PARALLEL_WORK = 1 << 16
+#: SpMV variant for CSR: 0 = scalar, 8 accumulators; 1 = AVX2 gather (see docs/inference.md).
+#: Neither wins reliably on the reference CPU, so ``convert`` times both per layer.
+CSR_SPMV_VARIANT = 0
+#: SpMV variant for bitmask: 0 = bit iteration (tzcnt); 1 = byte -> 8-lane expand (AVX2).
+BITMASK_SPMV_VARIANT = 1
+
+
+class _NativePlan:
+    """Per-format cache: contiguous arrays in the C kernels' dtypes, their addresses, row splits."""
+
+    __slots__ = ("kind", "keep", "ptrs", "work", "cuts", "cuts_ptr", "words", "nnz", "suffix", "spmv", "spmm", "spmv_variant")
+
+    def __init__(self, fmt: PackedFormat) -> None:
+        rows, cols = fmt.shape
+        self.cuts: dict[int, np.ndarray] = {}
+        if isinstance(fmt, CompactCSR):
+            self.kind = "csr"
+            indptr = np.ascontiguousarray(fmt.indptr, dtype=np.int64)
+            indices = np.ascontiguousarray(fmt.indices)
+            if indices.dtype == np.uint16:
+                self.suffix = "u16"
+            else:
+                indices = np.ascontiguousarray(indices, dtype=np.int32)
+                self.suffix = "i32"
+            values = np.ascontiguousarray(fmt.values, dtype=np.float32)
+            self.keep = (indptr, indices, values)
+            self.work = indptr + 8 * np.arange(rows + 1, dtype=np.int64)  # per-row overhead ~ 8 weights
+            self.words, self.nnz = 0, int(values.shape[0])
+        else:
+            self.kind = "bitmask"
+            mask = np.ascontiguousarray(fmt.mask, dtype=np.uint64)
+            rowptr = np.ascontiguousarray(fmt.rowptr, dtype=np.int64)
+            values = np.ascontiguousarray(fmt.values, dtype=np.float32)
+            self.keep = (mask, rowptr, values)
+            self.words = int(mask.shape[1])
+            self.nnz = int(values.shape[0])
+            self.suffix = ""
+            self.work = rowptr + (self.words * 8) * np.arange(rows + 1, dtype=np.int64)  # one step per mask byte
+        self.ptrs = tuple(a.ctypes.data for a in self.keep)
+        self.cuts_ptr: dict[int, tuple[int, int]] = {}
+        #: SpMV variant this weight runs (CSR: 0 scalar / 1 gather; bitmask: 0 tzcnt / 1 expand);
+        #: ``None`` = the module default. ``convert`` sets it from its measurement.
+        self.spmv_variant: int | None = getattr(fmt, "_sf_spmv_variant", None)
+        lib = get_library()
+        self.spmv = getattr(lib, "sf_csr_spmv_" + self.suffix) if self.kind == "csr" else None
+        self.spmm = getattr(lib, "sf_csr_spmm_" + self.suffix) if self.kind == "csr" else None
+
+    def cuts_for(self, threads: int) -> tuple[int, int]:
+        """``(address of cuts, nchunks)``: ``CHUNKS_PER_THREAD * threads`` contiguous row ranges of about equal work."""
+        got = self.cuts_ptr.get(threads)
+        if got is None:
+            rows = self.work.shape[0] - 1
+            n = max(1, min(threads * CHUNKS_PER_THREAD if threads > 1 else 1, rows))
+            targets = np.linspace(0, float(self.work[-1]), n + 1)[1:-1]
+            cuts = np.array([0, *np.searchsorted(self.work, targets).tolist(), rows], dtype=np.int64)
+            self.cuts[threads] = cuts  # keeps the array (and so the address) alive
+            got = (cuts.ctypes.data, n)
+            self.cuts_ptr[threads] = got
+        return got
+
+
+#: Plans per format object. Kept outside the object (weakly keyed) so that copy.deepcopy / pickle
+#: of a converted model never carries raw addresses of the original's arrays.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLANS_LOCK = threading.Lock()
+
+
+def _native_plan(fmt: PackedFormat) -> _NativePlan:
+    plan = _PLANS.get(fmt)
+    if plan is None:
+        with _PLANS_LOCK:
+            plan = _PLANS.get(fmt)
+            if plan is None:
+                plan = _NativePlan(fmt)
+                _PLANS[fmt] = plan
+    return plan
+
+
+def set_spmv_variant(fmt: PackedFormat, variant: int | None) -> None:
+    """Pin the batch-1 kernel variant of a CSR weight on the C kernels (0 scalar, 1 AVX2 gather; None = default)."""
+    fmt._sf_spmv_variant = variant  # type: ignore[attr-defined]  # plain int: survives deepcopy
+    if has_native_kernel(fmt):
+        _native_plan(fmt).spmv_variant = variant
+
+
+def has_native_kernel(fmt: PackedFormat) -> bool:
+    """Whether ``fmt`` runs on the C kernels in this process (CSR and bitmask, library loaded)."""
+    return isinstance(fmt, (CompactCSR, Bitmask)) and get_library() is not None
+
+
+def _native_matmul(lib, fmt: PackedFormat, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``x`` is a C-contiguous float32 CPU tensor ``(batch >= 1, in_features)``."""
+    plan = _native_plan(fmt)
+    rows, cols = fmt.shape
+    batch = x.shape[0]
+    cp, nchunks = plan.cuts_for(threads)
+    if batch == 1:
+        out = torch.empty(1, rows, dtype=torch.float32)
+        if plan.kind == "csr":
+            variant = CSR_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
+            plan.spmv(*plan.ptrs, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant)
+        else:
+            width = plan.words * 64
+            xv = x if width == cols else torch.nn.functional.pad(x, (0, width - cols))
+            mask_p, rowptr_p, val_p = plan.ptrs
+            variant = BITMASK_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
+            lib.sf_bitmask_spmv(mask_p, plan.words, rowptr_p, val_p, plan.nnz, xv.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant)
+        return out
+    ldx = (batch + 7) // 8 * 8
+    xt = torch.empty(cols, ldx, dtype=torch.float32)
+    xt[:, :batch] = x.t()
+    if ldx != batch:
+        xt[:, batch:] = 0.0
+    out_t = torch.empty(rows, ldx, dtype=torch.float32)
+    if plan.kind == "csr":
+        plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
+    else:
+        mask_p, rowptr_p, val_p = plan.ptrs
+        if lib.sf_bitmask_spmm(mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads) != 0:
+            raise MemoryError("sparseforge bitmask kernel could not allocate its row buffer")
+    return out_t[:, :batch].t().contiguous()
+
+
+def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None) -> torch.Tensor:
+    """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
+    if x.shape[0] and isinstance(fmt, (CompactCSR, Bitmask)):
+        lib = get_library()
+        if lib is not None:
+            threads = runner._threads if runner is not None and runner._threads is not None else torch.get_num_threads()  # noqa: SLF001
+            if _native_plan(fmt).nnz * x.shape[0] < MIN_PARALLEL_WORK:
+                threads = 1
+            return _native_matmul(lib, fmt, x.contiguous(), max(1, int(threads)))
+    return torch.from_numpy(sparse_matmul(fmt, x.contiguous().numpy(), runner))
+
+
 def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None = None) -> np.ndarray:
     """``x @ W.T`` for a packed weight ``W``: ``x`` is C-contiguous float32 ``(batch, in_features)``.
 
-    Returns a new float32 array ``(batch, out_features)``. Batch 1 uses the SpMV kernel, larger
-    batches the transposed SpMM kernel. Raises ``RuntimeError`` if kernels are unavailable.
+    Returns a new float32 array ``(batch, out_features)``. CSR and bitmask run on the C kernels
+    when they are built (:mod:`.native`), on ``runner``'s thread count or ``torch.get_num_threads()``
+    threads (the C library's own pool); other formats, or all when the C kernels are unavailable, on the Numba
+    kernels. Batch 1 uses the SpMV kernels, larger batches the transposed SpMM kernels. Raises
+    ``RuntimeError`` if no kernel is available for ``fmt``.
     """
+    if x.shape[0] == 0:
+        return np.zeros((0, fmt.shape[0]), dtype=np.float32)
+    if isinstance(fmt, (CompactCSR, Bitmask)) and get_library() is not None:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return sparse_matmul_tensor(fmt, xt, runner).numpy()
     if _IMPORT_ERROR is not None:
         raise RuntimeError(_IMPORT_ERROR)
     run = (runner or DEFAULT_RUNNER).run

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import SparseforgeError
 from .formats import PackedFormat
-from .kernels import kernels_available, sparse_matmul
+from .kernels import kernel_available_for, sparse_matmul_tensor
 
 __all__ = ["BatchPlan", "SparseLinear"]
 
@@ -119,8 +119,8 @@ class SparseLinear(nn.Module):
         """``x2`` is ``(rows, in_features)``; returns ``(rows, out_features)``."""
         rows = x2.shape[0]
         path = self.plan.path_for(rows)
-        if path == "sparse" and kernels_available():
-            y = torch.from_numpy(sparse_matmul(self.packed, x2.contiguous().numpy()))
+        if path == "sparse" and kernel_available_for(self.packed):
+            y = sparse_matmul_tensor(self.packed, x2)
             if self.bias is not None:
                 y += self.bias
             return y

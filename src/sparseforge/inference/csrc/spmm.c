@@ -20,9 +20,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SF_AVX2 1
@@ -35,19 +32,109 @@
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
 
-#ifdef _OPENMP
-#define SF_PARALLEL_BEGIN(nthreads, nchunks)                                   \
-    _Pragma("omp parallel num_threads(nthreads)") {                           \
-        const int sf_tid = omp_get_thread_num();                              \
-        const int sf_nt = omp_get_num_threads();                              \
-        for (int sf_c = sf_tid; sf_c < (nchunks); sf_c += sf_nt) {
-#define SF_PARALLEL_END }}
-#else
-#define SF_PARALLEL_BEGIN(nthreads, nchunks)                                   \
-    {                                                                          \
-        for (int sf_c = 0; sf_c < (nchunks); ++sf_c) {
-#define SF_PARALLEL_END }}
+/* ------------------------------------------------------------------ thread pool
+ * A small persistent pthread pool with chunk claiming. The caller's thread works too and claims
+ * chunks from the same atomic counter; it only waits for chunks a worker has actually claimed.
+ * So a worker that is not scheduled yet (busy machine) costs nothing: the caller does its share.
+ * (An OpenMP fork-join region waits at its barrier for every thread of the team instead; see
+ * docs/inference.md for the measurement.) Workers spin briefly for the next job, then sleep on
+ * a condition variable. The claim word packs (generation << 32 | next chunk) so a worker that
+ * wakes up late can never claim a chunk of a finished job. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sched.h>
+
+typedef void (*sf_chunk_fn)(const void *ctx, int chunk);
+
+#define SF_MAX_WORKERS 63
+#define SF_SPIN_ITERS 2000
+
+static pthread_mutex_t sf_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t sf_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t sf_submit = PTHREAD_MUTEX_INITIALIZER;
+static int sf_nworkers = 0;
+static _Atomic uint64_t sf_claim = 0;       /* gen << 32 | next chunk */
+static _Atomic uint32_t sf_gen = 0;         /* job generation, bumped under sf_mu */
+static _Atomic int sf_done = 0;             /* chunks finished in the current job */
+static struct { sf_chunk_fn fn; const void *ctx; int nchunks; int nworkers; uint32_t gen; } sf_job;
+
+static inline void sf_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
 #endif
+}
+
+/* Claim and run chunks of job `gen`; returns how many this thread ran. */
+static int sf_work(uint32_t gen, sf_chunk_fn fn, const void *ctx, int nchunks) {
+    int ran = 0;
+    for (;;) {
+        uint64_t cur = atomic_load_explicit(&sf_claim, memory_order_acquire);
+        for (;;) {
+            if ((uint32_t)(cur >> 32) != gen || (int)(uint32_t)cur >= nchunks) return ran;
+            if (atomic_compare_exchange_weak_explicit(&sf_claim, &cur, cur + 1, memory_order_acq_rel, memory_order_acquire)) break;
+        }
+        fn(ctx, (int)(uint32_t)cur);
+        ++ran;
+        atomic_fetch_add_explicit(&sf_done, 1, memory_order_release);
+    }
+}
+
+static void *sf_worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&sf_gen);
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&sf_gen, memory_order_acquire) == seen && spins < SF_SPIN_ITERS) { sf_pause(); ++spins; }
+        pthread_mutex_lock(&sf_mu);
+        while (atomic_load(&sf_gen) == seen) pthread_cond_wait(&sf_cv, &sf_mu);
+        seen = atomic_load(&sf_gen);
+        sf_chunk_fn fn = sf_job.fn; const void *ctx = sf_job.ctx;
+        int nchunks = sf_job.nchunks, nw = sf_job.nworkers; uint32_t gen = sf_job.gen;
+        pthread_mutex_unlock(&sf_mu);
+        if (id < nw && gen == seen) sf_work(gen, fn, ctx, nchunks);
+    }
+    return NULL;
+}
+
+static void sf_atfork_child(void) {
+    /* threads do not survive fork: start over with no workers */
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER, s = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    sf_mu = m; sf_submit = s; sf_cv = c; sf_nworkers = 0;
+}
+
+static void sf_run(sf_chunk_fn fn, const void *ctx, int nchunks, int nthreads) {
+    if (nthreads > nchunks) nthreads = nchunks;
+    if (nthreads > SF_MAX_WORKERS + 1) nthreads = SF_MAX_WORKERS + 1;
+    if (nthreads <= 1 || pthread_mutex_trylock(&sf_submit) != 0) {
+        /* single thread, or another caller holds the pool: run everything here */
+        for (int c = 0; c < nchunks; ++c) fn(ctx, c);
+        return;
+    }
+    while (sf_nworkers < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &attr, sf_worker, (void *)(intptr_t)sf_nworkers);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        ++sf_nworkers;
+    }
+    const int nw = nthreads - 1 < sf_nworkers ? nthreads - 1 : sf_nworkers;
+    pthread_mutex_lock(&sf_mu);
+    const uint32_t gen = atomic_load(&sf_gen) + 1;
+    sf_job.fn = fn; sf_job.ctx = ctx; sf_job.nchunks = nchunks; sf_job.nworkers = nw; sf_job.gen = gen;
+    atomic_store(&sf_done, 0);
+    atomic_store_explicit(&sf_claim, (uint64_t)gen << 32, memory_order_release);
+    atomic_store_explicit(&sf_gen, gen, memory_order_release);
+    pthread_cond_broadcast(&sf_cv);
+    pthread_mutex_unlock(&sf_mu);
+    sf_work(gen, fn, ctx, nchunks);
+    /* every chunk is claimed now; wait only for the ones workers are still running */
+    while (atomic_load_explicit(&sf_done, memory_order_acquire) < nchunks) sf_pause();
+    pthread_mutex_unlock(&sf_submit);
+}
 
 #if SF_AVX2
 static inline float hsum256(__m256 v) {
@@ -61,6 +148,8 @@ static inline float hsum256(__m256 v) {
 /* Byte -> "expand" permutation: lane i takes value number popcount(b & ((1<<i)-1)) if bit i
  * is set; bit 31 of the entry marks a set lane (used as the blendv selector). 8 KiB. */
 static int32_t sf_expand[256][8] __attribute__((aligned(32)));
+/* Byte -> "compress": lane j holds the position of the j-th set bit (decodes 8 columns at once). */
+static int32_t sf_compress[256][8] __attribute__((aligned(32)));
 #endif
 static int sf_ready = 0;
 
@@ -71,17 +160,25 @@ void sf_init(void) {
         for (int i = 0; i < 8; ++i) {
             if (b >> i & 1) {
                 sf_expand[b][i] = (int32_t)(0x80000000u | (uint32_t)n);
+                sf_compress[b][n] = i;
                 ++n;
             } else {
                 sf_expand[b][i] = 0;
             }
         }
+        for (int j = n; j < 8; ++j) sf_compress[b][j] = 0;
     }
 #endif
+    if (!sf_ready) pthread_atfork(NULL, NULL, sf_atfork_child);
     sf_ready = 1;
 }
 
 /* ------------------------------------------------------------------ CSR SpMV (batch 1) */
+/* Software prefetch distance in elements (values and indices are streamed once per call). */
+#ifndef SF_PF_DIST
+#define SF_PF_DIST 256
+#endif
+#define SF_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
 #define DEF_CSR_SPMV(SUFFIX, IDXT, LOAD8)                                                   \
 static void csr_spmv_rows_scalar_##SUFFIX(const int64_t *indptr, const IDXT *idx,         \
         const float *val, const float *x, float *y, int64_t r0, int64_t r1) {             \
@@ -90,6 +187,7 @@ static void csr_spmv_rows_scalar_##SUFFIX(const int64_t *indptr, const IDXT *idx
         int64_t k = indptr[r];                                                            \
         const int64_t e = indptr[r + 1];                                                  \
         for (; k + 8 <= e; k += 8) {                                                      \
+            SF_PREFETCH(val + k + SF_PF_DIST); SF_PREFETCH(idx + k + SF_PF_DIST);         \
             a0 += val[k] * x[idx[k]];         a1 += val[k + 1] * x[idx[k + 1]];           \
             a2 += val[k + 2] * x[idx[k + 2]]; a3 += val[k + 3] * x[idx[k + 3]];           \
             a4 += val[k + 4] * x[idx[k + 4]]; a5 += val[k + 5] * x[idx[k + 5]];           \
@@ -100,15 +198,20 @@ static void csr_spmv_rows_scalar_##SUFFIX(const int64_t *indptr, const IDXT *idx
     }                                                                                     \
 }                                                                                         \
 SF_CSR_GATHER(SUFFIX, IDXT, LOAD8)                                                        \
+typedef struct { const int64_t *indptr; const IDXT *idx; const float *val; const float *x; \
+        float *y; const int64_t *cuts; int variant; } csr_spmv_ctx_##SUFFIX;               \
+static void csr_spmv_chunk_##SUFFIX(const void *p, int c) {                               \
+    const csr_spmv_ctx_##SUFFIX *a = (const csr_spmv_ctx_##SUFFIX *)p;                    \
+    if (a->variant == 1 && SF_AVX2)                                                       \
+        csr_spmv_rows_gather_##SUFFIX(a->indptr, a->idx, a->val, a->x, a->y, a->cuts[c], a->cuts[c + 1]); \
+    else                                                                                  \
+        csr_spmv_rows_scalar_##SUFFIX(a->indptr, a->idx, a->val, a->x, a->y, a->cuts[c], a->cuts[c + 1]); \
+}                                                                                         \
 void sf_csr_spmv_##SUFFIX(const int64_t *indptr, const IDXT *idx, const float *val,       \
         const float *x, float *y, const int64_t *cuts, int nchunks, int nthreads,          \
         int variant) {                                                                    \
-    SF_PARALLEL_BEGIN(nthreads, nchunks)                                                  \
-        if (variant == 1 && SF_AVX2)                                                      \
-            csr_spmv_rows_gather_##SUFFIX(indptr, idx, val, x, y, cuts[sf_c], cuts[sf_c + 1]); \
-        else                                                                              \
-            csr_spmv_rows_scalar_##SUFFIX(indptr, idx, val, x, y, cuts[sf_c], cuts[sf_c + 1]); \
-    SF_PARALLEL_END                                                                       \
+    csr_spmv_ctx_##SUFFIX a = {indptr, idx, val, x, y, cuts, variant};                    \
+    sf_run(csr_spmv_chunk_##SUFFIX, &a, nchunks, nthreads);                               \
 }
 
 #if SF_AVX2
@@ -120,6 +223,7 @@ static void csr_spmv_rows_gather_##SUFFIX(const int64_t *indptr, const IDXT *idx
         int64_t k = indptr[r];                                                            \
         const int64_t e = indptr[r + 1];                                                  \
         for (; k + 16 <= e; k += 16) {                                                    \
+            SF_PREFETCH(val + k + SF_PF_DIST); SF_PREFETCH(idx + k + SF_PF_DIST);         \
             __m256i i0 = LOAD8(idx + k), i1 = LOAD8(idx + k + 8);                         \
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), acc0); \
             acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(x, i1, 4), acc1); \
@@ -214,13 +318,18 @@ DEF_TILES(u16, uint16_t)
 DEF_TILES(i32, int32_t)
 
 #define DEF_CSR_SPMM(SUFFIX, IDXT)                                                          \
+typedef struct { const int64_t *indptr; const IDXT *idx; const float *val; const float *xt; \
+        int64_t ldx; float *out_t; const int64_t *cuts; } csr_spmm_ctx_##SUFFIX;           \
+static void csr_spmm_chunk_##SUFFIX(const void *p, int c) {                               \
+    const csr_spmm_ctx_##SUFFIX *a = (const csr_spmm_ctx_##SUFFIX *)p;                    \
+    for (int64_t r = a->cuts[c]; r < a->cuts[c + 1]; ++r)                                 \
+        row_tiles_##SUFFIX(a->idx, a->val, a->indptr[r], a->indptr[r + 1], a->xt, a->ldx, a->out_t + r * a->ldx); \
+}                                                                                         \
 void sf_csr_spmm_##SUFFIX(const int64_t *indptr, const IDXT *idx, const float *val,       \
         const float *xt, int64_t ldx, float *out_t, const int64_t *cuts, int nchunks,      \
         int nthreads) {                                                                   \
-    SF_PARALLEL_BEGIN(nthreads, nchunks)                                                  \
-        for (int64_t r = cuts[sf_c]; r < cuts[sf_c + 1]; ++r)                             \
-            row_tiles_##SUFFIX(idx, val, indptr[r], indptr[r + 1], xt, ldx, out_t + r * ldx); \
-    SF_PARALLEL_END                                                                       \
+    csr_spmm_ctx_##SUFFIX a = {indptr, idx, val, xt, ldx, out_t, cuts};                   \
+    sf_run(csr_spmm_chunk_##SUFFIX, &a, nchunks, nthreads);                               \
 }
 
 DEF_CSR_SPMM(u16, uint16_t)
@@ -279,55 +388,70 @@ static inline float bitmask_row_expand(const uint64_t *m, int64_t words, const f
 }
 #endif
 
+typedef struct { const uint64_t *mask; int64_t words; const int64_t *rowptr; const float *val;
+                 int64_t nnz; const float *x; float *y; const int64_t *cuts; int variant;
+                 const float *xt; int64_t ldx; float *out_t; _Atomic int failed; } bitmask_ctx;
+
+static void bitmask_spmv_chunk(const void *p, int c) {
+    const bitmask_ctx *a = (const bitmask_ctx *)p;
+    for (int64_t r = a->cuts[c]; r < a->cuts[c + 1]; ++r) {
+        const uint64_t *m = a->mask + r * a->words;
+        const float *v = a->val + a->rowptr[r];
+#if SF_AVX2
+        if (a->variant == 1 && a->rowptr[r + 1] + 8 <= a->nnz) {
+            a->y[r] = bitmask_row_expand(m, a->words, v, a->x);
+            continue;
+        }
+#endif
+        a->y[r] = bitmask_row_scalar(m, a->words, v, a->x);
+    }
+}
+
 /* variant 0: bit iteration (tzcnt), 1: byte expand (AVX2 only; falls back to 0). */
 void sf_bitmask_spmv(const uint64_t *mask, int64_t words, const int64_t *rowptr,
                      const float *val, int64_t nnz, const float *x, float *y,
                      const int64_t *cuts, int nchunks, int nthreads, int variant) {
-    SF_PARALLEL_BEGIN(nthreads, nchunks)
-        for (int64_t r = cuts[sf_c]; r < cuts[sf_c + 1]; ++r) {
-            const uint64_t *m = mask + r * words;
-            const float *v = val + rowptr[r];
-#if SF_AVX2
-            if (variant == 1 && rowptr[r + 1] + 8 <= nnz) {
-                y[r] = bitmask_row_expand(m, words, v, x);
-                continue;
-            }
-#endif
-            (void)variant; (void)nnz;
-            y[r] = bitmask_row_scalar(m, words, v, x);
-        }
-    SF_PARALLEL_END
+    bitmask_ctx a = {mask, words, rowptr, val, nnz, x, y, cuts, variant, NULL, 0, NULL, 0};
+    sf_run(bitmask_spmv_chunk, &a, nchunks, nthreads);
 }
 
-/* Batch > 1: decode the row's set bits into column indices (per-thread buffer), then run the
+/* Batch > 1: decode the row's set bits into column indices (a buffer per chunk), then run the
  * same tiles as CSR. */
-void sf_bitmask_spmm(const uint64_t *mask, int64_t words, const int64_t *rowptr,
-                     const float *val, const float *xt, int64_t ldx, float *out_t,
-                     const int64_t *cuts, int nchunks, int nthreads) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-#endif
-    {
-        int32_t *cols = (int32_t *)malloc(sizeof(int32_t) * (size_t)(words * 64 + 1));
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int tid = 0, nt = 1;
-#endif
-        for (int c = tid; cols && c < nchunks; c += nt) {
-            for (int64_t r = cuts[c]; r < cuts[c + 1]; ++r) {
-                const uint64_t *m = mask + r * words;
-                int64_t n = 0;
-                for (int64_t w = 0; w < words; ++w) {
-                    uint64_t bits = m[w];
-                    while (bits) {
-                        cols[n++] = (int32_t)(64 * w + __builtin_ctzll(bits));
-                        bits &= bits - 1;
-                    }
-                }
-                row_tiles_i32(cols, val + rowptr[r], 0, n, xt, ldx, out_t + r * ldx);
+static void bitmask_spmm_chunk(const void *p, int c) {
+    bitmask_ctx *a = (bitmask_ctx *)p;
+    int32_t *cols = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->words * 64 + 8));
+    if (!cols) { atomic_store(&a->failed, 1); return; }
+    for (int64_t r = a->cuts[c]; r < a->cuts[c + 1]; ++r) {
+        const uint64_t *m = a->mask + r * a->words;
+        int64_t n = 0;
+        for (int64_t w = 0; w < a->words; ++w) {
+            uint64_t bits = m[w];
+#if SF_AVX2
+            /* 8 columns per byte, branch-free: cols has 8 spare slots for the overhanging store */
+            for (int j = 0; j < 8; ++j, bits >>= 8) {
+                const unsigned b = (unsigned)(bits & 0xff);
+                const __m256i pos = _mm256_add_epi32(_mm256_load_si256((const __m256i *)sf_compress[b]),
+                                                     _mm256_set1_epi32((int)(64 * w + 8 * j)));
+                _mm256_storeu_si256((__m256i *)(cols + n), pos);
+                n += __builtin_popcount(b);
             }
+#else
+            while (bits) {
+                cols[n++] = (int32_t)(64 * w + __builtin_ctzll(bits));
+                bits &= bits - 1;
+            }
+#endif
         }
-        free(cols);
+        row_tiles_i32(cols, a->val + a->rowptr[r], 0, n, a->xt, a->ldx, a->out_t + r * a->ldx);
     }
+    free(cols);
+}
+
+/* Returns 0, or -1 if a buffer could not be allocated. */
+int sf_bitmask_spmm(const uint64_t *mask, int64_t words, const int64_t *rowptr,
+                    const float *val, const float *xt, int64_t ldx, float *out_t,
+                    const int64_t *cuts, int nchunks, int nthreads) {
+    bitmask_ctx a = {mask, words, rowptr, val, 0, NULL, NULL, cuts, 0, xt, ldx, out_t, 0};
+    sf_run(bitmask_spmm_chunk, &a, nchunks, nthreads);
+    return atomic_load(&a.failed) ? -1 : 0;
 }

@@ -1,0 +1,222 @@
+"""The compiled C kernels (native.py, csrc/spmm.c): correctness vs dense, threading, build cache, fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sparseforge.inference import SparseLinear, convert, kernels, native
+from sparseforge.inference.formats import Bitmask, CompactCSR
+from sparseforge.inference.kernels import KernelRunner, sparse_matmul
+from sparseforge.inference.modules import BatchPlan
+
+needs_native = pytest.mark.skipif(not native.native_available(), reason=f"C kernels unavailable: {native.native_reason()}")
+
+
+def _weight(rows: int, cols: int, density: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[rng.random((rows, cols)) >= density] = 0.0
+    return w
+
+
+def _check(fmt, x: np.ndarray, w: np.ndarray, **kw) -> np.ndarray:
+    got = sparse_matmul(fmt, x, **kw)
+    ref = (torch.from_numpy(x).double() @ torch.from_numpy(w).double().T).float().numpy()
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(x).max()) * np.sqrt(w.shape[1])), err_msg=fmt.name)
+    return got
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(7, 13), (1, 1), (33, 64), (70, 200), (64, 129)])
+@pytest.mark.parametrize("batch", [1, 2, 9, 16, 40, 300])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.3, 0.5, 0.9, 1.0])
+def test_native_matches_dense(shape, batch, density):
+    w = _weight(*shape, density, seed=shape[0] * 1000 + batch)
+    w[shape[0] // 2, :] = 0.0  # an empty row in the middle
+    x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32)
+    for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
+        assert kernels.has_native_kernel(fmt)
+        _check(fmt, x, w)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", [0, 1])
+def test_both_spmv_variants_match_dense(monkeypatch, variant):
+    w = _weight(300, 520, 0.4, seed=3)
+    x = np.random.default_rng(0).standard_normal((1, 520)).astype(np.float32)
+    monkeypatch.setattr(kernels, "CSR_SPMV_VARIANT", variant)
+    monkeypatch.setattr(kernels, "BITMASK_SPMV_VARIANT", variant)
+    for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
+        _check(fmt, x, w)
+
+
+@needs_native
+def test_all_zero_layer_and_dense_last_row():
+    x = np.ones((3, 100), dtype=np.float32)
+    zero = np.zeros((5, 100), dtype=np.float32)
+    assert sparse_matmul(CompactCSR.from_dense(zero), x[:0]).shape == (0, 5)  # empty batch
+    for fmt in (CompactCSR.from_dense(zero), Bitmask.from_dense(zero)):
+        assert np.array_equal(sparse_matmul(fmt, x), np.zeros((3, 5), np.float32))
+        assert np.array_equal(sparse_matmul(fmt, x[:1]), np.zeros((1, 5), np.float32))
+    # all values in the last rows: the expand kernel must not read past the values array
+    w = np.zeros((4, 256), dtype=np.float32)
+    w[-1] = np.arange(1, 257, dtype=np.float32) / 256
+    w[-2, :3] = 1.0
+    for b in (1, 7):
+        _check(Bitmask.from_dense(w), np.random.default_rng(b).standard_normal((b, 256)).astype(np.float32), w)
+
+
+@needs_native
+def test_int32_indices_for_wide_layers():
+    w = np.zeros((3, 70000), dtype=np.float32)
+    w[0, 69999], w[2, 5], w[2, 65536] = 3.0, -1.0, 2.0
+    fmt = CompactCSR.from_dense(w)
+    assert fmt.indices.dtype == np.int32
+    x = np.random.default_rng(0).standard_normal((2, 70000)).astype(np.float32)
+    for b in (1, 2):
+        _check(fmt, x[:b], w)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 24])
+def test_results_do_not_depend_on_thread_count(monkeypatch, batch):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)  # use the pool even for this small layer
+    w = _weight(1003, 300, 0.2, seed=5)
+    w[100:300] = 0.0  # unbalanced rows
+    x = np.random.default_rng(1).standard_normal((batch, 300)).astype(np.float32)
+    for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
+        one = sparse_matmul(fmt, x, KernelRunner(threads=1))
+        for t in (2, 3, 7):
+            np.testing.assert_array_equal(one, sparse_matmul(fmt, x, KernelRunner(threads=t)))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt_cls", [CompactCSR, Bitmask])
+def test_sparse_linear_on_native_kernels_any_input_layout(fmt_cls):
+    torch.manual_seed(0)
+    w = torch.from_numpy(_weight(24, 40, 0.3, seed=9))
+    b = torch.randn(24)
+    layer = SparseLinear(fmt_cls.from_dense(w), None, b, BatchPlan.from_choices({1: "sparse"}))
+    with torch.inference_mode():
+        for x in (torch.randn(40), torch.randn(2, 3, 40), torch.randn(40, 300).t(), torch.randn(300, 40)):
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_concurrent_python_threads_share_the_pool(monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = _weight(500, 256, 0.2, seed=2)
+    fmt = CompactCSR.from_dense(w)
+    xs = [np.random.default_rng(i).standard_normal((i % 3 * 8 + 1, 256)).astype(np.float32) for i in range(24)]
+    refs = [sparse_matmul(fmt, x, KernelRunner(threads=1)) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda x: sparse_matmul(fmt, x, KernelRunner(threads=2)), xs))
+    for ref, out in zip(refs, outs):
+        np.testing.assert_array_equal(ref, out)
+
+
+# ---------------------------------------------------------------- build, cache, fallback
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEFORGE_CC", "sparseforge-no-such-compiler")
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))
+    native._reset_for_tests()
+    try:
+        with pytest.warns(RuntimeWarning, match="C kernels unavailable.*no-such-compiler") as rec:
+            assert native.get_library() is None
+        assert len(rec) == 1 and "\n" not in str(rec[0].message)
+        assert "not found" in native.native_reason()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            assert native.get_library() is None
+        w = _weight(20, 30, 0.3)
+        x = np.random.default_rng(0).standard_normal((3, 30)).astype(np.float32)
+        fmt = CompactCSR.from_dense(w)
+        if kernels.numba_available():
+            _check(fmt, x, w)  # Numba kernels take over
+        # neither C nor Numba: convert keeps everything dense and says why
+        monkeypatch.setattr(kernels, "_IMPORT_ERROR", "numba is not importable (simulated)")
+        assert not kernels.kernels_available() and "simulated" in kernels.unavailable_reason()
+        model = torch.nn.Sequential(torch.nn.Linear(30, 20))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.from_numpy(w))
+        with pytest.warns(UserWarning, match="kernels unavailable"):
+            fast, report = convert(model, autotune=False)
+        assert report.sparse_layers == []
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(torch.from_numpy(x)), model(torch.from_numpy(x)))
+    finally:
+        monkeypatch.undo()
+        native._reset_for_tests()
+    assert not list(tmp_path.iterdir())
+
+
+def test_failing_compile_is_reported_in_one_line(tmp_path):
+    with pytest.raises(native.NativeBuildError, match="failed|does not run") as info:
+        native.build_library(compiler=["false"], directory=tmp_path)
+    assert "\n" not in str(info.value)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+@needs_native
+def test_concurrent_first_compile_is_safe(tmp_path):
+    code = ("import sys; from pathlib import Path; from sparseforge.inference import native; "
+            "p = native.build_library(directory=Path(sys.argv[1])); lib = native.load_library(p); "
+            "print(p.name, lib.sf_has_avx2())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    names = {o[0].split()[0] for o in outs}
+    assert len(names) == 1
+    files = sorted(os.listdir(tmp_path))
+    assert files == [names.pop()], files  # one library, no temporary files left behind
+    # a second build is a cache hit (no compiler call needed)
+    assert native.build_library(directory=tmp_path).name in files
+
+
+@needs_native
+def test_autotune_times_both_csr_spmv_variants_and_pins_the_winner():
+    from sparseforge.inference.autotune import measure_layer
+
+    w = torch.from_numpy(_weight(256, 512, 0.05, seed=4))
+    choice = measure_layer(w, None, (1, 8), reps=2, margin=-1.0)  # margin -1: sparse always "wins"
+    assert {"dense", "csr", "csr[gather]", "bitmask"} <= set(choice.timings_ms)
+    assert choice.timings_ms["csr[gather]"][8] == choice.timings_ms["csr"][8]  # same kernel above batch 1
+    assert choice.packed is not None and set(choice.choices.values()) == {"sparse"}
+    x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
+    _check(choice.packed, x, w.numpy())
+
+
+def test_autotune_margin_keeps_dense_when_sparse_is_not_clearly_faster():
+    from sparseforge.inference.autotune import measure_layer
+
+    w = torch.from_numpy(_weight(64, 64, 0.9, seed=1))
+    choice = measure_layer(w, None, (1,), reps=2, margin=1e9)  # no kernel can be 1e9x faster
+    assert choice.packed is None and choice.choices == {1: "dense"} and "by >=" in choice.reason
+
+
+@needs_native
+def test_deepcopy_of_a_used_layer_does_not_share_array_addresses():
+    import copy
+    import gc
+
+    w = torch.from_numpy(_weight(64, 96, 0.2, seed=7))
+    layer = SparseLinear(CompactCSR.from_dense(w), None, None, BatchPlan.from_choices({1: "sparse"}))
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        layer(x)  # builds the native plan (raw addresses) for this weight
+        clone = copy.deepcopy(layer)
+        del layer
+        gc.collect()
+        _ = [np.ones(10_000, np.float32) for _ in range(50)]  # reuse the freed memory
+        torch.testing.assert_close(clone(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
