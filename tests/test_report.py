@@ -93,3 +93,18 @@ def test_report_tied_weights_once():
     r = sparsity_report(Tied(), show=False)
     assert [layer.name for layer in r.layers] == ["a.weight"]
     assert r.total_params == 16 and r.prunable_params == 16
+
+
+def test_prunable_totals_follow_the_masks_when_given():
+    """With masks, the prunable totals are the pruning budget: excluded layers stay out of them."""
+    import sparseforge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
+    masks = sparseforge.prune(model, 0.9, exclude=["2"])  # only layer 0 (200 weights) is pruned
+    r = sparsity_report(model, torch.randn(1, 10), masks=masks, show=False)
+    assert r.prunable_params == 200 and r.prunable_nnz == 20
+    assert r.prunable_sparsity == pytest.approx(0.9)
+    assert [layer.prunable for layer in r.layers] == [True, False]
+    assert r.dense_flops == 2 * (200 + 80)  # FLOPs still count the excluded layer
+    assert r.sparse_flops == 2 * (20 + 80)

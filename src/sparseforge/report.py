@@ -30,6 +30,8 @@ class LayerStats:
     sparsity: float
     dense_flops: int
     sparse_flops: int
+    #: In the pruning budget: masked (when masks are given) or of a prunable type (when not).
+    prunable: bool = True
 
 
 @dataclass
@@ -68,7 +70,7 @@ class SparsityReport:
             table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
         for layer in self.layers:
             table.add_row(
-                layer.name, "x".join(map(str, layer.shape)), f"{layer.nnz:,}", f"{layer.sparsity:.4f}",
+                layer.name if layer.prunable else f"{layer.name} (not masked)", "x".join(map(str, layer.shape)), f"{layer.nnz:,}", f"{layer.sparsity:.4f}",
                 f"{layer.dense_flops:,}", f"{layer.sparse_flops:,}",
             )
         table.add_row(
@@ -116,7 +118,9 @@ def sparsity_report(
 ) -> SparsityReport:
     """Report per-layer and total sparsity and FLOPs of ``model``; print it when ``show``.
 
-    nnz comes from ``masks`` when given, else from the weights' actual nonzeros. With
+    nnz comes from ``masks`` when given, else from the weights' actual nonzeros. With ``masks``,
+    the prunable totals count only the masked layers (the pruning budget); FLOP totals always
+    cover every Linear/Conv layer, masked or not. With
     ``example_input`` (a batch), FLOPs are per sample including spatial positions; without it,
     per input row (Linear) or per output position (convolutions).
     """
@@ -137,6 +141,7 @@ def sparsity_report(
             continue
         seen.add(id(weight))
         name = f"{canonical_name(module_name)}.weight"
+        in_budget = masks is None or name in masks
         if masks is not None and name in masks:
             nnz = masks.nnz(name)
         else:
@@ -145,10 +150,12 @@ def sparsity_report(
         stats = LayerStats(
             name=name, shape=tuple(weight.shape), numel=weight.numel(), nnz=nnz,
             sparsity=1.0 - nnz / weight.numel(), dense_flops=2 * weight.numel() * pos, sparse_flops=2 * nnz * pos,
+            prunable=in_budget,
         )
         report.layers.append(stats)
-        report.prunable_params += stats.numel
-        report.prunable_nnz += stats.nnz
+        if in_budget:
+            report.prunable_params += stats.numel
+            report.prunable_nnz += stats.nnz
         report.dense_flops += stats.dense_flops
         report.sparse_flops += stats.sparse_flops
     report.flops_note = (
