@@ -99,6 +99,33 @@ def test_results_do_not_depend_on_thread_count(monkeypatch, batch):
 
 
 @needs_native
+@pytest.mark.parametrize("batch", [2, 24, 70, 130])
+@pytest.mark.parametrize("block_bytes", [256, 1000, 4096])
+def test_column_blocked_csr_spmm(monkeypatch, batch, block_bytes):
+    """Small CSR_SPMM_BLOCK_BYTES forces the column-blocked SpMM (several blocks, row groups,
+    empty rows, blocks without a kept weight): matches dense and does not depend on threads."""
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(kernels, "CSR_SPMM_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(kernels, "CSR_SPMM_BLOCK_ROWS", 37)
+    w = _weight(301, 700, 0.05, seed=batch)
+    w[10:60] = 0.0
+    w[:, 128:400] = 0.0  # whole blocks with no kept weight
+    x = np.random.default_rng(batch).standard_normal((batch, 700)).astype(np.float32)
+    ldx = (batch + 7) // 8 * 8
+    assert 0 < kernels.spmm_block_cols(700, ldx) < 700
+    fmt = CompactCSR.from_dense(w)
+    one = _check(fmt, x, w, runner=KernelRunner(threads=1))
+    for t in (2, 3, 7):
+        np.testing.assert_array_equal(one, sparse_matmul(fmt, x, KernelRunner(threads=t)))
+
+
+def test_spmm_block_cols_rule():
+    assert kernels.spmm_block_cols(4096, 32) == 0  # xt 512 KB: fits L2, unblocked
+    assert kernels.spmm_block_cols(4096, 128) == kernels.CSR_SPMM_BLOCK_BYTES // 512
+    assert kernels.spmm_block_cols(60, 4096) == 0  # one block (>= 64 columns) would cover every column
+
+
+@needs_native
 @pytest.mark.parametrize("fmt_cls", [CompactCSR, Bitmask])
 def test_sparse_linear_on_native_kernels_any_input_layout(fmt_cls):
     torch.manual_seed(0)
@@ -220,3 +247,15 @@ def test_deepcopy_of_a_used_layer_does_not_share_array_addresses():
         gc.collect()
         _ = [np.ones(10_000, np.float32) for _ in range(50)]  # reuse the freed memory
         torch.testing.assert_close(clone(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,mpad", [(1, 1, 8), (9, 17, 16), (128, 4096, 128), (300, 70, 304), (8, 8, 8), (37, 3, 40)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_transpose_is_exact_and_zero_pads(m, n, mpad, threads):
+    lib = native.get_library()
+    src = torch.randn(m, n)
+    dst = torch.full((n, mpad), float("nan"))
+    lib.sf_transpose(src.data_ptr(), m, n, n, dst.data_ptr(), mpad, mpad, threads)
+    assert torch.equal(dst[:, :m], src.t())
+    assert torch.equal(dst[:, m:], torch.zeros(n, mpad - m))

@@ -260,6 +260,15 @@ CHUNKS_PER_THREAD = 4
 #: Below this many multiply-adds (kept weights x batch) a call runs on one thread: waking a
 #: worker costs ~10-60 us, more than such a call computes.
 MIN_PARALLEL_WORK = 1 << 16
+#: CSR SpMM (batch > 1) walks the input features in blocks whose slice of the transposed input
+#: ``xt`` (block columns x padded batch x 4 B) is about this many bytes, so that it stays in L2
+#: (512 KB per core on Zen 3) while a group of ``CSR_SPMM_BLOCK_ROWS`` rows uses it; only when
+#: the whole ``xt`` is larger than ``4 * CSR_SPMM_BLOCK_BYTES`` (L2). One 4096² layer timed
+#: alone: 0.8-1.0x at batch 32 (so unblocked there), 1.1x at 64, 1.4-1.7x at 128-256; inside
+#: the 4-layer model ~1.06x (docs/inference.md). The block width depends only on the layer's
+#: shape and the batch, never on the thread count (results stay thread-independent).
+CSR_SPMM_BLOCK_BYTES = 128 * 1024
+CSR_SPMM_BLOCK_ROWS = 256
 #: SpMV variant for CSR: 0 = scalar, 8 accumulators; 1 = AVX2 gather (see docs/inference.md).
 #: Neither wins reliably on the reference CPU, so ``convert`` times both per layer.
 CSR_SPMV_VARIANT = 0
@@ -270,7 +279,7 @@ BITMASK_SPMV_VARIANT = 1
 class _NativePlan:
     """Per-format cache: contiguous arrays in the C kernels' dtypes, their addresses, row splits."""
 
-    __slots__ = ("kind", "keep", "ptrs", "work", "cuts", "cuts_ptr", "words", "nnz", "suffix", "spmv", "spmm", "spmv_variant")
+    __slots__ = ("kind", "keep", "ptrs", "work", "cuts", "cuts_ptr", "words", "nnz", "suffix", "spmv", "spmm", "spmm_blk", "spmv_variant")
 
     def __init__(self, fmt: PackedFormat) -> None:
         rows, cols = fmt.shape
@@ -306,6 +315,7 @@ class _NativePlan:
         lib = get_library()
         self.spmv = getattr(lib, "sf_csr_spmv_" + self.suffix) if self.kind == "csr" else None
         self.spmm = getattr(lib, "sf_csr_spmm_" + self.suffix) if self.kind == "csr" else None
+        self.spmm_blk = getattr(lib, "sf_csr_spmm_blk_" + self.suffix) if self.kind == "csr" else None
 
     def cuts_for(self, threads: int) -> tuple[int, int]:
         """``(address of cuts, nchunks)``: ``CHUNKS_PER_THREAD * threads`` contiguous row ranges of about equal work."""
@@ -350,6 +360,14 @@ def has_native_kernel(fmt: PackedFormat) -> bool:
     return isinstance(fmt, (CompactCSR, Bitmask)) and get_library() is not None
 
 
+def spmm_block_cols(cols: int, ldx: int) -> int:
+    """Input-feature block width of the CSR SpMM for ``xt (cols, ldx)``; 0 = unblocked."""
+    if cols * ldx * 4 <= 4 * CSR_SPMM_BLOCK_BYTES:
+        return 0
+    cb = max(64, CSR_SPMM_BLOCK_BYTES // (4 * ldx))
+    return cb if cb < cols else 0
+
+
 def _native_matmul(lib, fmt: PackedFormat, x: torch.Tensor, threads: int) -> torch.Tensor:
     """``x`` is a C-contiguous float32 CPU tensor ``(batch >= 1, in_features)``."""
     plan = _native_plan(fmt)
@@ -370,17 +388,22 @@ def _native_matmul(lib, fmt: PackedFormat, x: torch.Tensor, threads: int) -> tor
         return out
     ldx = (batch + 7) // 8 * 8
     xt = torch.empty(cols, ldx, dtype=torch.float32)
-    xt[:, :batch] = x.t()
-    if ldx != batch:
-        xt[:, batch:] = 0.0
+    lib.sf_transpose(x.data_ptr(), batch, cols, cols, xt.data_ptr(), ldx, ldx, threads)  # zero-padded
     out_t = torch.empty(rows, ldx, dtype=torch.float32)
     if plan.kind == "csr":
-        plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
+        block_cols = spmm_block_cols(cols, ldx)
+        if block_cols:
+            plan.spmm_blk(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads,
+                          cols, block_cols, CSR_SPMM_BLOCK_ROWS)
+        else:
+            plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
     else:
         mask_p, rowptr_p, val_p = plan.ptrs
         if lib.sf_bitmask_spmm(mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads) != 0:
             raise MemoryError("sparseforge bitmask kernel could not allocate its row buffer")
-    return out_t[:, :batch].t().contiguous()
+    out = torch.empty(batch, rows, dtype=torch.float32)
+    lib.sf_transpose(out_t.data_ptr(), rows, batch, ldx, out.data_ptr(), rows, rows, threads)
+    return out
 
 
 def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None) -> torch.Tensor:

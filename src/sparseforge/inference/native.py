@@ -43,7 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 #: Compiler flags (a list, appended after the compiler command).
 CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fno-strict-aliasing"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 3
+ABI = 4
 #: Seconds a compile may take before it is abandoned.
 COMPILE_TIMEOUT_S = 180.0
 
@@ -138,10 +138,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("u16", "i32"):
         getattr(lib, f"sf_csr_spmv_{suffix}").argtypes = [_P, _P, _P, _P, _P, _P, _INT, _INT, _INT]
         getattr(lib, f"sf_csr_spmm_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT]
+        getattr(lib, f"sf_csr_spmm_blk_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _I64, _I64]
     lib.sf_bitmask_spmv.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _INT, _INT, _INT]
     lib.sf_bitmask_spmm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_bitmask_spmm.restype = _INT
-    for name in ("sf_csr_spmv_u16", "sf_csr_spmv_i32", "sf_csr_spmm_u16", "sf_csr_spmm_i32", "sf_bitmask_spmv"):
+    lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
+    lib.sf_transpose.restype = None
+    for name in ("sf_csr_spmv_u16", "sf_csr_spmv_i32", "sf_csr_spmm_u16", "sf_csr_spmm_i32",
+                 "sf_csr_spmm_blk_u16", "sf_csr_spmm_blk_i32", "sf_bitmask_spmv"):
         getattr(lib, name).restype = None
 
 
