@@ -113,3 +113,13 @@ def test_essential_sweep_small(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(js.read_text())["results"] == json.loads(json.dumps(rows))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_demo_keeps_layers_dense_that_some_nm_pattern_cannot_tile() -> None:
+    from sparseforge.experiments.essential import _untileable_layers
+    from sparseforge.experiments.models import build_model
+    from sparseforge.structures import NM
+
+    cnn = build_model("cnn", 40, 10, width=8)  # first conv: fan-in 1 * 4 = 4
+    assert _untileable_layers(cnn, [NM(2, 4), NM(1, 4)]) == []
+    assert _untileable_layers(cnn, [NM(2, 4), NM(1, 8)]) == ["features.0"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -217,3 +218,22 @@ def test_no_prunable_layer():
 def test_select_prunable_defaults():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Embedding(3, 4), nn.Conv1d(4, 4, 1), nn.LayerNorm(4))
     assert list(sparseforge.select_prunable(model)) == ["0.weight", "3.weight"]
+
+
+def test_skip_incompatible_leaves_untileable_layers_dense():
+    """fan-in 6 cannot hold groups of 4: with skip_incompatible that layer stays dense and is listed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(SparseforgeError, match="groups of m=4"):
+        sparseforge.prune(copy.deepcopy(model), structure="2:4")
+    before = model[0].weight.detach().clone()
+    masks = sparseforge.prune(model, structure="2:4", skip_incompatible=True)
+    assert masks.skipped == ["0.weight"] and masks.names() == ["2.weight"]
+    assert torch.equal(model[0].weight, before)
+    assert masks.nnz("2.weight") == 16  # 32 weights, 2 of every 4 kept
+
+
+def test_skip_incompatible_with_nothing_left_is_an_error():
+    model = nn.Sequential(nn.Linear(6, 3))
+    with pytest.raises(SparseforgeError, match="no prunable layer fits"):
+        sparseforge.prune(model, structure="2:4", skip_incompatible=True)
