@@ -85,17 +85,120 @@ def test_int32_indices_for_wide_layers():
         _check(fmt, x[:b], w)
 
 
+@pytest.fixture(params=["openmp", "pool"])
+def threading(request):
+    """Run the test under each threading runtime of the C library, then restore the default."""
+    before = native.threading_mode()
+    got = native.set_threading(request.param)
+    if request.param == "openmp" and not native.get_library().sf_openmp_available():
+        assert got == "pool"  # built without OpenMP: the pool stands in
+    else:
+        assert got == request.param
+    yield got
+    native.set_threading(before)
+
+
 @needs_native
 @pytest.mark.parametrize("batch", [1, 24])
-def test_results_do_not_depend_on_thread_count(monkeypatch, batch):
-    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)  # use the pool even for this small layer
+def test_results_do_not_depend_on_thread_count(monkeypatch, batch, threading):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)  # use the threads even for this small layer
     w = _weight(1003, 300, 0.2, seed=5)
     w[100:300] = 0.0  # unbalanced rows
     x = np.random.default_rng(1).standard_normal((batch, 300)).astype(np.float32)
     for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
         one = sparse_matmul(fmt, x, KernelRunner(threads=1))
+        _check(fmt, x, w)
         for t in (2, 3, 7):
             np.testing.assert_array_equal(one, sparse_matmul(fmt, x, KernelRunner(threads=t)))
+
+
+@needs_native
+def test_both_threading_runtimes_give_identical_results(monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)
+    w = _weight(700, 257, 0.1, seed=8)
+    before = native.threading_mode()
+    try:
+        outs = {}
+        for mode in ("pool", "openmp"):
+            native.set_threading(mode)
+            for batch in (1, 5, 40):
+                x = np.random.default_rng(batch).standard_normal((batch, 257)).astype(np.float32)
+                outs[mode, batch] = [sparse_matmul(f, x, KernelRunner(threads=2)) for f in (CompactCSR.from_dense(w), Bitmask.from_dense(w))]
+        for batch in (1, 5, 40):
+            for a, b in zip(outs["pool", batch], outs["openmp", batch]):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        native.set_threading(before)
+
+
+@needs_native
+def test_default_threading_is_openmp_where_the_compiler_has_it():
+    lib = native.get_library()
+    code = "from sparseforge.inference import native; print(native.threading_mode())"
+    env = {k: v for k, v in os.environ.items() if k != native.THREADING_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == ("openmp" if lib.sf_openmp_available() else "pool")
+    env[native.THREADING_ENV] = "pool"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "pool"
+
+
+def test_bad_threading_names_are_refused():
+    from sparseforge.errors import SparseforgeError
+
+    with pytest.raises(SparseforgeError, match="'tbb'.*allowed: \\['openmp', 'pool'\\]"):
+        native.set_threading("tbb")
+    code = "from sparseforge.inference import native; native.get_library()"
+    env = dict(os.environ, **{native.THREADING_ENV: "fibers"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "SPARSEFORGE_THREADING='fibers' is not allowed" in out.stderr
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_runs_on_the_pool_after_the_parent_used_openmp():
+    """libgomp's threads do not survive fork(): a child must not enter an OpenMP region (it would
+    wait forever for the parent's team), so the library switches the child to its pool."""
+    code = """
+import os, sys, torch
+from sparseforge.inference import native, kernels
+from sparseforge.inference.formats import CompactCSR
+from sparseforge.inference.kernels import sparse_matmul_tensor
+native.set_threading("openmp")
+w = torch.randn(512, 512) * (torch.rand(512, 512) < 0.5)
+x = torch.randn(3, 512)
+f = CompactCSR.from_dense(w)
+ref = sparse_matmul_tensor(f, x)  # parent: a parallel region (512 * 256 kept x 3 rows of work)
+pid = os.fork()
+if pid == 0:
+    y = sparse_matmul_tensor(f, x)
+    os._exit(0 if torch.equal(y, ref) and native.threading_mode() == "pool" else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), native.threading_mode())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    expected = "openmp" if native.get_library().sf_openmp_available() else "pool"
+    assert out.stdout.split() == ["0", expected]
+
+
+def test_build_without_openmp_when_the_compiler_lacks_it(tmp_path):
+    """A compiler that rejects -fopenmp still gets a library (pool only)."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    fake = tmp_path / "cc-no-openmp"
+    fake.write_text(f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "error: unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n')
+    fake.chmod(0o755)
+    out_dir = tmp_path / "cache"
+    path = native.build_library(compiler=[str(fake)], directory=out_dir)
+    lib = native.load_library(path)
+    assert lib.sf_openmp_available() == 0
+    assert lib.sf_set_threading(native.THREADING_MODES["openmp"]) == native.THREADING_MODES["pool"]
+    assert [p.name for p in out_dir.iterdir()] == [path.name]
 
 
 @needs_native

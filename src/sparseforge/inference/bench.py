@@ -23,6 +23,7 @@ from ..errors import SparseforgeError
 from ..structures import NM, Unstructured
 from .convert import convert
 from .modules import SparseLinear
+from .native import threading_mode
 
 __all__ = ["run_inference_bench", "format_table", "copy_bandwidth_gbps", "build_mlp", "load_mlp"]
 
@@ -205,7 +206,7 @@ def run_inference_bench(
                 f"({r['speedup_vs_dense']:.2f}x), load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "torch_threads": torch.get_num_threads(),
+        Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
                                               "load_avg": os.getloadavg(), "rows": rows_out}, indent=2))
     return rows_out
 
@@ -219,5 +220,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x {r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
                      f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}")
     if rows:
-        lines.append(f"machine copy bandwidth (read+write): {rows[0]['copy_gbps']:.1f} GB/s; torch threads: {torch.get_num_threads()}")
+        lines.append(f"machine copy bandwidth (read+write): {rows[0]['copy_gbps']:.1f} GB/s; torch threads: {torch.get_num_threads()}; "
+                     f"sparseforge C kernels' threads: {threading_mode() or 'unavailable'}")
     return "\n".join(lines)

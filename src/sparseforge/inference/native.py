@@ -13,12 +13,22 @@ If no compiler is found or the build fails, :func:`get_library` returns ``None``
 one-line warning, and :func:`native_reason` says why; :mod:`.kernels` then uses the Numba kernels
 (and without those, dense ``F.linear``). ``SPARSEFORGE_NATIVE=0`` disables the C kernels.
 
-Threads: the library runs its own small pthread pool (no OpenMP). The calling thread claims row
-chunks from the same atomic counter as the workers and waits only for chunks a worker actually
-took, so on a busy machine a worker that is not scheduled in time costs nothing. An OpenMP
-region in its place (even one sharing PyTorch's libgomp pool) waits at its barrier for every
-thread; measured on the loaded 2-core box (load ~4.5): 4 sparse layers took 48 ms with OpenMP
-vs 6.6 ms with this pool.
+Threads: two runtimes, chosen with :func:`set_threading` or ``$SPARSEFORGE_THREADING``
+(``openmp`` or ``pool``; default ``openmp`` where the compiler supports ``-fopenmp``):
+
+* ``openmp``: each call is an OpenMP parallel region. The library is linked against
+  ``libgomp.so.1``, and PyTorch has already loaded its own copy under that name, so the region runs
+  on PyTorch's intra-op threads. After each of its parallel ops PyTorch's idle threads keep
+  spinning for a while; a separate pool has to compete with them for the cores. Measured on the
+  idle 2-core box (4 sparse 4096² layers, 90 %, batch 1, right after a dense forward): 2.55 ms
+  with OpenMP vs 3.38 ms with the pool.
+* ``pool``: the library's own pthread pool. The calling thread claims row chunks from the same
+  atomic counter as the workers and waits only for chunks a worker actually took, so on a machine
+  busy with other jobs a worker that is not scheduled in time costs nothing, while an OpenMP
+  region waits at its closing barrier for every thread. On the same box at load ~4.5: 48 ms with
+  OpenMP vs 6.6 ms with the pool. Use it on oversubscribed machines.
+
+In a child of ``fork()`` the library always uses the pool (libgomp's threads do not survive a fork).
 """
 
 from __future__ import annotations
@@ -36,14 +46,20 @@ import warnings
 from pathlib import Path
 
 
-__all__ = ["CFLAGS", "SOURCE", "cache_dir", "compiler_command", "get_library", "native_available", "native_reason", "build_library", "NativeBuildError"]
+__all__ = ["CFLAGS", "OPENMP_FLAGS", "THREADING_MODES", "SOURCE", "cache_dir", "set_threading", "threading_mode", "compiler_command", "get_library", "native_available", "native_reason", "build_library", "NativeBuildError"]
 
 #: The kernel source shipped with the package.
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 #: Compiler flags (a list, appended after the compiler command).
 CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fno-strict-aliasing"]
+#: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
+OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 4
+ABI = 5
+#: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
+THREADING_MODES = {"pool": 0, "openmp": 1}
+#: Environment variable that picks the runtime when the library is loaded.
+THREADING_ENV = "SPARSEFORGE_THREADING"
 #: Seconds a compile may take before it is abandoned.
 COMPILE_TIMEOUT_S = 180.0
 
@@ -87,11 +103,22 @@ def _compiler_version(cmd: list[str]) -> str:
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
 
 
-def build_library(compiler: list[str] | None = None, directory: Path | None = None) -> Path:
+def build_library(compiler: list[str] | None = None, directory: Path | None = None, openmp: bool = True) -> Path:
     """Compile :data:`SOURCE` (if not cached yet) and return the path of the shared library.
 
+    With ``openmp`` the build first tries :data:`OPENMP_FLAGS` and, if that fails (a compiler
+    without OpenMP), builds without them (the library then only has its pthread pool).
     Raises :class:`NativeBuildError` (one-line message) when the compiler is missing or fails.
     """
+    if openmp:
+        try:
+            return _build(compiler, directory, OPENMP_FLAGS)
+        except NativeBuildError:
+            pass
+    return _build(compiler, directory, [])
+
+
+def _build(compiler: list[str] | None, directory: Path | None, extra: list[str]) -> Path:
     cmd = list(compiler) if compiler is not None else compiler_command()
     if not cmd or shutil.which(cmd[0]) is None:
         raise NativeBuildError(f"C compiler {cmd[0] if cmd else '<empty>'!r} not found (set SPARSEFORGE_CC or CC)")
@@ -100,7 +127,8 @@ def build_library(compiler: list[str] | None = None, directory: Path | None = No
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"C compiler {cmd[0]!r} does not run: {type(exc).__name__}") from None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(cmd + CFLAGS).encode(), version.encode(), _cpu_flags().encode(),
+    flags = CFLAGS + extra
+    key = hashlib.sha256(b"\0".join([src, " ".join(cmd + flags).encode(), version.encode(), _cpu_flags().encode(),
                                      platform.machine().encode(), str(ABI).encode()])).hexdigest()[:20]
     out_dir = Path(directory) if directory is not None else cache_dir()
     target = out_dir / f"spmm-{key}.so"
@@ -113,7 +141,7 @@ def build_library(compiler: list[str] | None = None, directory: Path | None = No
     fd, tmp = tempfile.mkstemp(prefix=f".spmm-{key}-", suffix=".so.tmp", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([*cmd, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        res = subprocess.run([*cmd, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if res.returncode != 0:
             first = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip().splitlines()[0] if res.stderr.strip() else "")
             raise NativeBuildError(f"compiling {SOURCE.name} failed (exit {res.returncode}): {first[:200]}")
@@ -144,6 +172,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_bitmask_spmm.restype = _INT
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
     lib.sf_transpose.restype = None
+    lib.sf_set_threading.argtypes = [_INT]
+    lib.sf_set_threading.restype = _INT
+    lib.sf_openmp_available.restype = _INT
+    lib.sf_get_threading.restype = _INT
     for name in ("sf_csr_spmv_u16", "sf_csr_spmv_i32", "sf_csr_spmm_u16", "sf_csr_spmm_i32",
                  "sf_csr_spmm_blk_u16", "sf_csr_spmm_blk_i32", "sf_bitmask_spmv"):
         getattr(lib, name).restype = None
@@ -163,6 +195,15 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _threading_from_env() -> str:
+    value = os.environ.get(THREADING_ENV, "openmp").strip().lower() or "openmp"
+    if value not in THREADING_MODES:
+        from ..errors import SparseforgeError
+
+        raise SparseforgeError(f"{THREADING_ENV}={value!r} is not allowed; allowed: {sorted(THREADING_MODES)}")
+    return value
+
+
 def get_library() -> ctypes.CDLL | None:
     """The loaded C kernels, building them on first use; ``None`` (after one warning) if impossible."""
     global _lib, _reason, _tried
@@ -174,8 +215,12 @@ def get_library() -> ctypes.CDLL | None:
         if os.environ.get("SPARSEFORGE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
             _reason = "disabled by SPARSEFORGE_NATIVE=0"
         else:
+            mode = _threading_from_env()  # a bad value raises here, before any build
+            import torch  # noqa: F401  # load PyTorch's libgomp first, so the library shares it
+
             try:
                 _lib = load_library(build_library())
+                _lib.sf_set_threading(THREADING_MODES[mode])
             except NativeBuildError as exc:
                 _reason = str(exc)
             except Exception as exc:  # never let a build problem crash inference
@@ -184,6 +229,33 @@ def get_library() -> ctypes.CDLL | None:
                 warnings.warn(f"sparseforge: C kernels unavailable, using the Numba kernels instead: {_reason}", RuntimeWarning, stacklevel=3)
         _tried = True
         return _lib
+
+
+def set_threading(mode: str) -> str:
+    """Pick the C kernels' threading runtime: ``"openmp"`` (PyTorch's threads) or ``"pool"``.
+
+    Returns the runtime in effect: ``"pool"`` when OpenMP was asked for but the library was built
+    without it, or in a child of ``fork()``. Raises :class:`~sparseforge.errors.SparseforgeError`
+    for another name, :class:`NativeBuildError` when the C kernels are unavailable.
+    """
+    if mode not in THREADING_MODES:
+        from ..errors import SparseforgeError
+
+        raise SparseforgeError(f"threading mode {mode!r} is not allowed; allowed: {sorted(THREADING_MODES)}")
+    lib = get_library()
+    if lib is None:
+        raise NativeBuildError(f"C kernels unavailable: {_reason}")
+    got = lib.sf_set_threading(THREADING_MODES[mode])
+    return next(k for k, v in THREADING_MODES.items() if v == got)
+
+
+def threading_mode() -> str | None:
+    """The C kernels' threading runtime in effect (``"openmp"`` or ``"pool"``); ``None`` without them."""
+    lib = get_library()
+    if lib is None:
+        return None
+    got = lib.sf_get_threading()
+    return next(k for k, v in THREADING_MODES.items() if v == got)
 
 
 def native_available() -> bool:

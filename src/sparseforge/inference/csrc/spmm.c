@@ -5,9 +5,12 @@
  * project; AVX2+FMA paths where the compiler targets them, portable scalar code otherwise.
  *
  * Threading: every entry point takes a row partition `cuts` (nchunks + 1 row offsets, balanced
- * by nonzeros on the Python side) and runs the chunks in an OpenMP parallel region of
- * `nthreads` threads. A row's sum is never split, and the order of additions inside a row is
- * fixed, so results do not depend on the thread count.
+ * by nonzeros on the Python side) and runs the chunks on `nthreads` threads, which claim chunks
+ * from one atomic counter. Two runtimes (sf_set_threading): OpenMP parallel regions, which in a
+ * PyTorch process run on PyTorch's own libgomp threads (the default where the compiler supports
+ * -fopenmp), or a small pthread pool of this library. A row's sum is never split, and the order
+ * of additions inside a row is fixed, so results depend neither on the thread count nor on the
+ * runtime.
  *
  * Layouts (all row-major, C-contiguous):
  *   CSR      indptr int64[rows+1], idx uint16 or int32 [nnz], val float[nnz]
@@ -27,7 +30,7 @@
 #define SF_AVX2 0
 #endif
 
-#define SF_ABI 4
+#define SF_ABI 5
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
@@ -96,15 +99,63 @@ static void *sf_worker(void *arg) {
     return NULL;
 }
 
+/* Threading runtime: SF_POOL (the pthread pool below) or SF_OPENMP (an OpenMP parallel region:
+ * in a PyTorch process, libgomp is PyTorch's, so the region runs on the intra-op threads PyTorch
+ * keeps spinning after each of its own parallel ops instead of competing with them for cores). */
+#define SF_POOL 0
+#define SF_OPENMP 1
+static _Atomic int sf_threading = SF_POOL;
+static int sf_fork_child = 0;          /* set in a child of fork(): OpenMP is never used there */
+
+int sf_openmp_available(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The runtime in effect (SF_POOL or SF_OPENMP). */
+int sf_get_threading(void) {
+    return sf_fork_child ? SF_POOL : atomic_load(&sf_threading);
+}
+
+/* Select the runtime; returns the one in effect (OpenMP only if compiled with it and not in a
+ * child of fork(): a libgomp team of the parent, PyTorch's or ours, does not survive fork(), and
+ * libgomp would wait for it forever). */
+int sf_set_threading(int mode) {
+    atomic_store(&sf_threading, mode == SF_OPENMP && sf_openmp_available() ? SF_OPENMP : SF_POOL);
+    return sf_get_threading();
+}
+
 static void sf_atfork_child(void) {
-    /* threads do not survive fork: start over with no workers */
+    /* threads do not survive fork: start over with no workers; libgomp's team is gone too, so
+     * the child uses the pool */
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER, s = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t c = PTHREAD_COND_INITIALIZER;
     sf_mu = m; sf_submit = s; sf_cv = c; sf_nworkers = 0;
+    sf_fork_child = 1;
 }
+
+#ifdef _OPENMP
+#include <omp.h>
+static void sf_run_openmp(sf_chunk_fn fn, const void *ctx, int nchunks, int nthreads) {
+    _Atomic int next = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        for (int c = atomic_fetch_add(&next, 1); c < nchunks; c = atomic_fetch_add(&next, 1)) fn(ctx, c);
+    }
+}
+#endif
 
 static void sf_run(sf_chunk_fn fn, const void *ctx, int nchunks, int nthreads) {
     if (nthreads > nchunks) nthreads = nchunks;
+#ifdef _OPENMP
+    if (nthreads > 1 && atomic_load_explicit(&sf_threading, memory_order_relaxed) == SF_OPENMP && !sf_fork_child) {
+        sf_run_openmp(fn, ctx, nchunks, nthreads);
+        return;
+    }
+#endif
     if (nthreads > SF_MAX_WORKERS + 1) nthreads = SF_MAX_WORKERS + 1;
     if (nthreads <= 1 || pthread_mutex_trylock(&sf_submit) != 0) {
         /* single thread, or another caller holds the pool: run everything here */
