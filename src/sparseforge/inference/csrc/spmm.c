@@ -532,6 +532,9 @@ static inline float bitmask_row_scalar(const uint64_t *m, int64_t words, const f
         v += __builtin_popcount(b_);                                                      \
     } while (0)
 
+#ifndef SF_BM_PF_DIST
+#define SF_BM_PF_DIST 512
+#endif
 static inline float bitmask_row_expand(const uint64_t *m, int64_t words, const float *v,
                                        const float *x) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -540,6 +543,11 @@ static inline float bitmask_row_expand(const uint64_t *m, int64_t words, const f
         const uint64_t bits = m[w];
         const float *xw = x + 64 * w;
         if (!bits) continue;
+        /* up to 64 values per word: keep the value stream SF_BM_PF_DIST floats ahead in cache
+         * (prefetching past the array end is harmless); measured 6.7 -> 5.3-6.0 ms for 4
+         * 4096² layers at 50 % density on 2 threads, caches flushed */
+        SF_PREFETCH(v + SF_BM_PF_DIST);
+        SF_PREFETCH(v + SF_BM_PF_DIST + 16);
         SF_EXPAND_STEP(a0, bits & 0xff, xw);
         SF_EXPAND_STEP(a1, bits >> 8 & 0xff, xw + 8);
         SF_EXPAND_STEP(a2, bits >> 16 & 0xff, xw + 16);
