@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import SparseforgeError
 from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
 from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul
 
@@ -42,12 +43,17 @@ _MIN_BLOCK_FILL = 0.6
 
 @dataclass
 class LayerChoice:
-    """Outcome for one layer: the kept packed format (or None) and the path per batch rows."""
+    """Outcome for one layer: the kept packed format(s) and the path per batch rows.
+
+    ``choices[b]`` is ``"sparse"`` (``packed``), ``"dense"``, or ``extra.name`` (a second format
+    kept for the batch sizes where it beats ``packed`` by the margin).
+    """
 
     packed: PackedFormat | None
     choices: dict[int, str]
     reason: str
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    extra: PackedFormat | None = None
 
 
 def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
@@ -95,16 +101,20 @@ def _describe(fmt: PackedFormat) -> str:
 
 
 def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: tuple[int, ...], reps: int = 5, seed: int = 0,
-                  margin: float = SPARSE_MARGIN) -> LayerChoice:
+                  margin: float = SPARSE_MARGIN, max_formats: int = 2) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
 
     Dense and all candidates are timed interleaved, ``reps`` rounds (median ms per call, bias
     included on both sides). A format *wins* a batch size only when ``dense_ms >= (1 + margin) *
     sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense.
-    Keeps the single sparse format with the lowest mean time relative to dense over the batch
-    sizes (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes.
-    The other batch sizes run dense.
+    Keeps the sparse format with the lowest mean time relative to dense over the batch sizes
+    (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes. With
+    ``max_formats=2`` (default) a second format is kept as well when it beats the first one's
+    path by the margin at some batch sizes (those then run it): the format that saves the most
+    time relative to the first's path. The other batch sizes run dense.
     """
+    if max_formats not in (1, 2):
+        raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
     gen = torch.Generator().manual_seed(seed)
     w = weight.detach().contiguous()
     cands: list[PackedFormat] = []
@@ -159,9 +169,30 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
     name, fmt, var = best
     set_spmv_variant(fmt, var)
     choices = {b: ("sparse" if wins(name, b) else "dense") for b in batch_sizes}
-    why = ", ".join(f"batch {b}: {choices[b]} ({timings[name][b]:.3g} ms sparse vs {timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[name][b]:.2f}x)"
-                    for b in batch_sizes)
-    return LayerChoice(fmt, choices, f"{name} measured (sparse needs >= {margin:.0%} over dense): {why}", timings)
+    path_ms = {b: timings[name][b] if choices[b] == "sparse" else timings["dense"][b] for b in batch_sizes}
+    extra = None
+    if max_formats == 2:
+        # second format: the one saving the most (relative) time where it beats the first's path
+        # by the margin; never a second packing of the same object (csr vs csr[gather])
+        gain_best = 0.0
+        for n2, f2, v2 in zip(names, cands, variants):
+            if f2 is fmt or f2.name == fmt.name:
+                continue
+            better = [b for b in batch_sizes if path_ms[b] >= (1.0 + margin) * timings[n2][b]]
+            gain = sum(1.0 - timings[n2][b] / path_ms[b] for b in better)
+            if better and gain > gain_best:
+                gain_best, extra = gain, (n2, f2, v2, better)
+    chosen = {b: name for b in batch_sizes}
+    if extra is not None:
+        n2, f2, v2, better = extra
+        set_spmv_variant(f2, v2)
+        for b in better:
+            choices[b], chosen[b] = f2.name, n2
+    why = ", ".join(f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
+                    f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)" for b in batch_sizes)
+    kept = name + (f" + {extra[0]}" if extra is not None else "")
+    return LayerChoice(fmt, choices, f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}", timings,
+                       extra=extra[1] if extra is not None else None)
 
 
 def _sparse_call(fmt: PackedFormat, xn: np.ndarray, bias: torch.Tensor | None, variant: int | None = None) -> None:

@@ -117,11 +117,15 @@ def _weight_bytes(model: nn.Module, rows: int) -> int:
         if isinstance(m, nn.Linear):
             total += m.weight.numel() * 4
         elif isinstance(m, SparseLinear):
-            if m.plan.path_for(rows) == "sparse":
-                total += m.packed.nbytes
-            else:
-                total += m.dense_weight.numel() * 4
+            fmt = m.format_for(rows)
+            total += fmt.nbytes if fmt is not None else m.dense_weight.numel() * 4
     return total
+
+
+def _runs(m: nn.Module, rows: int) -> str:
+    """What a layer runs at ``rows``: the format name, or ``dense``."""
+    fmt = m.format_for(rows) if isinstance(m, SparseLinear) else None
+    return fmt.name if fmt is not None else "dense"
 
 
 def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -196,7 +200,7 @@ def run_inference_bench(
                 "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,
                 "sparseforge_weight_mb": sf_bytes / 1e6,
                 "copy_gbps": copy_gbps,
-                "paths": ", ".join(sorted({(d.format or 'dense') + ':' + (m.plan.path_for(b) if isinstance(m := (fast.get_submodule(d.name)), SparseLinear) else 'dense') for d in report.layers})),
+                "paths": ", ".join(sorted({_runs(fast.get_submodule(d.name), b) for d in report.layers})),
                 "formats": formats,
                 "warnings": [str(w.message) for w in caught],
                 "load_avg_1min": (load_before, os.getloadavg()[0]),

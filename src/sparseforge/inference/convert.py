@@ -101,7 +101,7 @@ def build_module(m: nn.Module, choice: LayerChoice) -> SparseLinear:
     w = _weight_2d(m)
     layout = "linear" if isinstance(m, nn.Linear) else ("conv1d" if isinstance(m, nn.Conv1d) else "conv2d")
     dense = w.clone().contiguous() if "dense" in plan.paths else None
-    return SparseLinear(choice.packed, dense, m.bias, plan, layout, shape=tuple(w.shape))
+    return SparseLinear(choice.packed, dense, m.bias, plan, layout, shape=tuple(w.shape), extra=choice.extra)
 
 
 def convert(
@@ -112,6 +112,7 @@ def convert(
     inplace: bool = False,
     reps: int = 5,
     min_sparsity: float = 0.0,
+    max_formats: int = 2,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return ``(converted_model, report)`` with pruned layers packed for fast CPU inference.
 
@@ -123,6 +124,8 @@ def convert(
         inplace: modify ``model`` itself instead of a deep copy.
         reps: timed calls per candidate and batch size (median is used).
         min_sparsity: layers with a lower sparsity (fraction of zeros) stay dense without timing.
+        max_formats: packed formats a layer may keep (1 or 2): with 2, a second format is kept
+            for the batch sizes where it beats the first by the margin (more memory, faster).
 
     Raises:
         SparseforgeError: if the model has no Linear / Conv layer, or an argument is invalid.
@@ -132,6 +135,8 @@ def convert(
         raise SparseforgeError(f"batch_sizes={batch_sizes!r} is not allowed; allowed: a non-empty tuple of ints >= 1")
     if reps < 1:
         raise SparseforgeError(f"reps={reps!r} is not allowed; allowed: an int >= 1")
+    if max_formats not in (1, 2):
+        raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
     if not (0.0 <= float(min_sparsity) < 1.0):
         raise SparseforgeError(f"min_sparsity={min_sparsity!r} is outside the allowed range [0, 1)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
@@ -161,7 +166,7 @@ def convert(
                                                f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)"))
                 continue
             try:
-                choice = measure_layer(_weight_2d(m), m.bias, sizes, reps=reps) if autotune else rule_layer(_weight_2d(m), sizes)
+                choice = measure_layer(_weight_2d(m), m.bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(_weight_2d(m), sizes)
             except Exception as exc:  # a kernel that fails to compile must never crash convert
                 warnings.warn(f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=2)
                 decisions.append(LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}"))
@@ -174,7 +179,7 @@ def convert(
                 _set_submodule(out, name, new)
             else:
                 out = new
-            decisions.append(LayerDecision(name, kind, shape, sparsity, "sparse", choice.packed.name, new.plan.describe(), choice.reason, choice.timings_ms))
+            decisions.append(LayerDecision(name, kind, shape, sparsity, "sparse", new.format_names, new.describe_plan(), choice.reason, choice.timings_ms))
     report = ConversionReport(decisions, sizes, autotune)
     n_dense = len(report.dense_layers)
     if not report.sparse_layers:

@@ -68,11 +68,15 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` packed; accepts ``(..., in_features)`` like ``nn.Linear``.
 
     Args:
-        packed: the packed weight, or ``None`` when only the dense path is kept.
+        packed: the packed weight (plan path ``"sparse"``), or ``None`` when only the dense path is kept.
         dense_weight: the float32 dense weight, kept only when the plan uses the dense path.
         bias: float32 ``(out_features,)`` or ``None``.
-        plan: which path runs for how many input rows.
+        plan: which path runs for how many input rows: ``"sparse"`` (``packed``), ``"dense"``, or
+            the name of ``extra``.
         layout: ``"linear"``, ``"conv1d"`` (input ``(N, C, L)``) or ``"conv2d"`` (``(N, C, H, W)``).
+        shape: ``(out_features, in_features)`` when neither weight gives it.
+        extra: a second packing of the same weight in another format, for the batch sizes where
+            it is faster (say bitmask at batch 1 and CSR above); plan path ``extra.name``.
     """
 
     def __init__(
@@ -83,26 +87,53 @@ class SparseLinear(nn.Module):
         plan: BatchPlan,
         layout: str = "linear",
         shape: tuple[int, int] | None = None,
+        extra: PackedFormat | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise SparseforgeError(f"layout={layout!r} is not allowed; allowed: {LAYOUTS}")
         if packed is None and dense_weight is None:
             raise SparseforgeError("SparseLinear needs a packed or a dense weight; got neither")
+        if extra is not None and (packed is None or extra.name in ("sparse", "dense", packed.name) or extra.shape != packed.shape):
+            raise SparseforgeError(f"extra format {extra.name!r} is not allowed here; allowed: a packed weight of the same shape in a format other than the main one")
+        allowed = {"sparse", "dense"} | ({extra.name} if extra is not None else set())
+        if not plan.paths <= allowed:
+            raise SparseforgeError(f"plan paths {sorted(plan.paths - allowed)} are not allowed; allowed: {sorted(allowed)}")
         if "sparse" in plan.paths and packed is None:
             raise SparseforgeError("plan uses the sparse path but no packed weight was given")
         if "dense" in plan.paths and dense_weight is None:
             raise SparseforgeError("plan uses the dense path but no dense weight was given")
         self.packed = packed
+        self.extra = extra
         self.plan = plan
         self.layout = layout
         self.out_features, self.in_features = shape or (packed.shape if packed is not None else tuple(dense_weight.shape))
         self.register_buffer("dense_weight", None if dense_weight is None else dense_weight.detach().to(torch.float32).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
 
+    @property
+    def format_names(self) -> str:
+        """``"csr"``, ``"csr+bitmask"`` (main + extra), or ``"none"``."""
+        if self.packed is None:
+            return "none"
+        return self.packed.name + (f"+{self.extra.name}" if self.extra is not None else "")
+
+    def format_for(self, rows: int) -> PackedFormat | None:
+        """The packed weight that runs for ``rows`` input rows, ``None`` on the dense path."""
+        path = self.plan.path_for(rows)
+        if path == "dense":
+            return None
+        return self.packed if path == "sparse" else self.extra
+
+    def describe_plan(self) -> str:
+        """The plan with format names: ``"rows 1-1: bitmask; rows 2+: csr"``."""
+        text = self.plan.describe()
+        if self.packed is not None:
+            text = text.replace(": sparse", f": {self.packed.name}")
+        return text
+
     def extra_repr(self) -> str:
-        fmt = self.packed.name if self.packed is not None else "none"
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={fmt}, layout={self.layout}, plan=[{self.plan.describe()}]"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_names}, layout={self.layout}, plan=[{self.describe_plan()}]"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -117,10 +148,9 @@ class SparseLinear(nn.Module):
 
     def _matmul_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2`` is ``(rows, in_features)``; returns ``(rows, out_features)``."""
-        rows = x2.shape[0]
-        path = self.plan.path_for(rows)
-        if path == "sparse" and kernel_available_for(self.packed):
-            y = sparse_matmul_tensor(self.packed, x2)
+        fmt = self.format_for(x2.shape[0])
+        if fmt is not None and kernel_available_for(fmt):
+            y = sparse_matmul_tensor(fmt, x2)
             if self.bias is not None:
                 y += self.bias
             return y

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import SparseforgeError
 from .formats import FORMATS, Bitmask, CompactCSR
+from .kernels import set_spmv_variant
 from .modules import BatchPlan, SparseLinear
 
 __all__ = ["save_converted", "load_converted"]
@@ -65,6 +66,8 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
         layers[name] = {
             "stored": stored.name,
             "runs": m.packed.name if m.packed is not None else None,
+            "runs_extra": m.extra.name if m.extra is not None else None,
+            "spmv_variants": [getattr(f, "_sf_spmv_variant", None) for f in (m.packed, m.extra)],
             "params": stored.params(),
             "shape": [m.out_features, m.in_features],
             "plan": [list(s) for s in m.plan.steps],
@@ -106,6 +109,14 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def _repack(stored, runs: str, layer: str):
+    if runs == stored.name:
+        return stored
+    if runs not in FORMATS:
+        raise SparseforgeError(f"file layer {layer!r} runs unknown format {runs!r}; allowed: {sorted(FORMATS)}")
+    return FORMATS[runs].from_dense(stored.to_dense())
+
+
 def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     """Load a file written by :func:`save_converted` into ``skeleton`` (the dense architecture).
 
@@ -145,12 +156,17 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         stored = cls.from_arrays(shape, arrays, {k: int(v) for k, v in spec["params"].items()})
         plan = BatchPlan(tuple((int(b), str(p)) for b, p in spec["plan"]))
         runs = spec["runs"]
-        packed = None
+        packed = extra = None
         if runs is not None:
-            packed = stored if runs == stored.name else FORMATS[runs].from_dense(stored.to_dense())
+            packed = _repack(stored, runs, name)
+        if spec.get("runs_extra") is not None:
+            extra = _repack(stored, spec["runs_extra"], name)
+        for fmt, variant in zip((packed, extra), spec.get("spmv_variants", [None, None])):
+            if fmt is not None and variant is not None:
+                set_spmv_variant(fmt, int(variant))
         dense = stored.to_dense() if "dense" in plan.paths else None
         bias = tensors.get(f"{name}.bias") if spec["bias"] else None
-        module = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape)
+        module = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module)
