@@ -136,14 +136,14 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_names}, layout={self.layout}, plan=[{self.describe_plan()}]"
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
             raise SparseforgeError(
                 "SparseLinear is inference-only: got an input that requires grad with grad enabled; "
                 "allowed: torch.inference_mode() / torch.no_grad() or a detached input"
             )
         if x.dtype != torch.float32:
             raise SparseforgeError(f"input dtype {x.dtype} is not supported; allowed: torch.float32")
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise SparseforgeError(f"input device {x.device} is not supported; allowed: cpu")
 
     def _matmul_rows(self, x2: torch.Tensor) -> torch.Tensor:
@@ -151,8 +151,9 @@ class SparseLinear(nn.Module):
         fmt = self.format_for(x2.shape[0])
         if fmt is not None and kernel_available_for(fmt):
             y = sparse_matmul_tensor(fmt, x2)
-            if self.bias is not None:
-                y += self.bias
+            bias = self._buffers["bias"]  # direct lookup: nn.Module.__getattr__ costs ~1 us per call
+            if bias is not None:
+                y += bias
             return y
         if self.dense_weight is None:
             # Kernels vanished after conversion (not expected): rebuild the dense weight once.
@@ -166,6 +167,8 @@ class SparseLinear(nn.Module):
                 raise SparseforgeError(
                     f"input shape {tuple(x.shape)} does not fit: expected (..., {self.in_features}), given {tuple(x.shape)}"
                 )
+            if x.dim() == 2:  # the common case: no reshapes (each costs ~1 us at batch 1)
+                return self._matmul_rows(x)
             lead = x.shape[:-1]
             y = self._matmul_rows(x.reshape(-1, self.in_features))
             return y.reshape(*lead, self.out_features)
