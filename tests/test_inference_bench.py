@@ -19,10 +19,11 @@ def test_bench_on_tiny_model_file(tmp_path):
     assert [(r["pattern"], r["batch"]) for r in rows] == [("0.9", 1), ("0.9", 3), ("2:4", 1), ("2:4", 3)]
     for r in rows:
         assert r["dense_ms"] > 0 and r["sparseforge_ms"] > 0 and r["copy_gbps"] > 0
+        assert r["dense_cold_ms"] > 0 and r["speedup_cold"] == pytest.approx(r["dense_cold_ms"] / r["sparseforge_cold_ms"])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["rows"]) == 4
     table = format_table(rows)
-    assert "vs dense" in table and "copy bandwidth" in table
+    assert "vs dense" in table and "cold: dense" in table and "copy bandwidth" in table
 
 
 def test_bench_rejects_bad_inputs(tmp_path):
