@@ -278,6 +278,7 @@ def test_autotune_keeps_a_second_format_only_where_it_wins_by_the_margin(monkeyp
         return dict(fake[b])
 
     monkeypatch.setattr(autotune, "_interleaved_medians", stub)
+    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: medians)  # tested below
     w = pruned(nn.Linear(64, 32), 0.7).weight.detach()
     choice = autotune.measure_layer(w, None, (1, 8, 64))
     assert choice.packed.name == "bitmask" and choice.extra is not None and choice.extra.name == "csr"
@@ -306,3 +307,24 @@ def test_save_load_keeps_the_extra_format_and_the_spmv_variant(tmp_path):
         for rows in (1, 5, 100):
             x = torch.randn(rows, 40)
             torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_close_calls_are_timed_again_and_the_second_timing_decides(monkeypatch):
+    """csr measured 1.15x (within CLOSE_CALL of the 1.1x threshold) is timed again with dense and
+    now loses; bitmask at 3x is far from the threshold and keeps its first timing."""
+    from sparseforge.inference import autotune
+
+    calls = []
+
+    def second(fns, reps):
+        calls.append((sorted(fns), reps))
+        return {"dense": 10.0, "csr": 10.5}
+
+    monkeypatch.setattr(autotune, "_interleaved_medians", second)
+    fns = {k: (lambda: None) for k in ("dense", "csr", "bitmask")}
+    got = autotune._confirm_close_calls(fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1)
+    assert calls == [(["csr", "dense"], 5 * autotune.CLOSE_CALL_REPS)]
+    assert got == {"dense": 10.0, "csr": 10.5, "bitmask": 11.5 / 3}
+    calls.clear()
+    far = {"dense": 10.0, "csr": 2.0}
+    assert autotune._confirm_close_calls(fns, far, reps=5, margin=0.1) == far and calls == []

@@ -29,6 +29,11 @@ SPARSE_MARGIN = 0.10
 #: Candidates within this fraction of the fastest total count as tied; the smaller format wins.
 TIE_FRACTION = 0.05
 
+#: A candidate whose speedup over dense is within this factor of ``1 + margin`` is a close call:
+#: dense and it are timed again over CLOSE_CALL_REPS x reps rounds before deciding.
+CLOSE_CALL = 1.2
+CLOSE_CALL_REPS = 3
+
 #: Calls shorter than this (seconds) are timed over at least SHORT_CALL_REPS rounds.
 SHORT_CALL_S = 0.005
 SHORT_CALL_REPS = 15
@@ -95,6 +100,19 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dic
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int,
+                         margin: float) -> dict[str, float]:
+    """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
+    times longer, and use those medians: a kernel that won by noise must not replace dense."""
+    threshold = 1.0 + margin
+    close = [k for k, v in medians.items()
+             if k != "dense" and v > 0 and threshold / CLOSE_CALL <= medians["dense"] / v <= threshold * CLOSE_CALL]
+    if not close:
+        return medians
+    again = _interleaved_medians({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
+    return {**medians, **again}
+
+
 def _describe(fmt: PackedFormat) -> str:
     extra = "".join(f",{k}={v}" for k, v in fmt.params().items())
     return f"{fmt.name}{'(' + extra[1:] + ')' if extra else ''}"
@@ -106,7 +124,9 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
 
     Dense and all candidates are timed interleaved, ``reps`` rounds (median ms per call, bias
     included on both sides). A format *wins* a batch size only when ``dense_ms >= (1 + margin) *
-    sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense.
+    sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense;
+    candidates within a factor :data:`CLOSE_CALL` of that threshold are timed again, longer,
+    together with dense, and the second medians decide.
     Keeps the sparse format with the lowest mean time relative to dense over the batch sizes
     (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes. With
     ``max_formats=2`` (default) a second format is kept as well when it beats the first one's
@@ -137,7 +157,7 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
             fns[name] = (lambda f=fmt, v=var: _sparse_call(f, xn, bias, v))
-        for k, v in _interleaved_medians(fns, reps).items():
+        for k, v in _confirm_close_calls(fns, _interleaved_medians(fns, reps), reps, margin).items():
             timings[k][b] = v
         for name, fmt, var in zip(names, cands, variants):
             if b not in timings[name]:
