@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from sparseforge.inference.bench import format_table, run_inference_bench
+from pathlib import Path
+
+from sparseforge.inference.bench import format_markdown, format_table, run_inference_bench
 
 
 def _pattern(text: str) -> float | str:
@@ -33,7 +35,9 @@ def main() -> None:
     rows = run_inference_bench(sparsities, batches, model_path=a.model, json_out=a.json, quick=a.quick,
                                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(rows))
-    print(f"saved {a.json}")
+    md = Path(a.json).with_suffix(".md")
+    md.write_text(format_markdown(rows) + "\n")
+    print(f"saved {a.json} and {md}")
 
 
 if __name__ == "__main__":

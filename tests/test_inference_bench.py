@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.inference.bench import format_table, load_mlp, run_inference_bench
+from sparseforge.inference.bench import format_markdown, format_table, load_mlp, run_inference_bench
 
 
 def test_bench_on_tiny_model_file(tmp_path):
@@ -23,7 +23,10 @@ def test_bench_on_tiny_model_file(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["rows"]) == 4
     table = format_table(rows)
-    assert "vs dense" in table and "cold: dense" in table and "copy bandwidth" in table
+    assert "vs dense" in table and "cold: dense" in table and "copy (read+write)" in table and rows[0]["read_gbps"] > 0
+    md = format_markdown(rows).splitlines()
+    assert len(md) == 2 + len(rows) and all(line.count("|") == md[0].count("|") for line in md)
+    assert md[2].startswith("| 0.9 | 1 | ")
 
 
 def test_bench_rejects_bad_inputs(tmp_path):

@@ -25,7 +25,7 @@ from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
 
-__all__ = ["run_inference_bench", "format_table", "copy_bandwidth_gbps", "build_mlp", "load_mlp"]
+__all__ = ["run_inference_bench", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
 
 
 def copy_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
@@ -40,6 +40,18 @@ def copy_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / float(np.median(times)) / 1e9
+
+
+def read_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
+    """Measured read bandwidth: GB/s of ``Tensor.sum`` over a large tensor (all threads), median of ``reps``."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    src.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / float(np.median(times)) / 1e9
 
 
 def build_mlp(width: int = 4096, layers: int = 4, seed: int = 0) -> nn.Sequential:
@@ -203,6 +215,7 @@ def run_inference_bench(
         base = load_mlp(model_path) if model_path is not None else build_mlp()
     rounds = rounds or (7 if quick else 25)
     copy_gbps = copy_bandwidth_gbps(megabytes=64 if quick else 256)
+    read_gbps = read_bandwidth_gbps(megabytes=64 if quick else 256)
     rows_out: list[dict] = []
     for pattern in sparsities:
         if not isinstance(pattern, str):
@@ -242,6 +255,7 @@ def run_inference_bench(
                 "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,
                 "sparseforge_weight_mb": sf_bytes / 1e6,
                 "copy_gbps": copy_gbps,
+                "read_gbps": read_gbps,
                 "paths": ", ".join(sorted({_runs(fast.get_submodule(d.name), b) for d in report.layers})),
                 "formats": formats,
                 "warnings": [str(w.message) for w in caught],
@@ -253,7 +267,7 @@ def run_inference_bench(
                 f"load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
+        Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
                                               "load_avg": os.getloadavg(), "rows": rows_out}, indent=2))
     return rows_out
 
@@ -270,6 +284,18 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
                      f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}")
     if rows:
-        lines.append(f"machine copy bandwidth (read+write): {rows[0]['copy_gbps']:.1f} GB/s; torch threads: {torch.get_num_threads()}; "
+        lines.append(f"machine bandwidth: copy (read+write) {rows[0]['copy_gbps']:.1f} GB/s, read {rows[0].get('read_gbps', float('nan')):.1f} GB/s; torch threads: {torch.get_num_threads()}; "
                      f"sparseforge C kernels' threads: {threading_mode() or 'unavailable'}")
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The rows of :func:`run_inference_bench` as a Markdown table (for the README and docs)."""
+    lines = ["| pattern | batch | dense ms | torch CSR ms | sparseforge ms | vs dense | vs torch CSR | cold: dense ms | cold: sf ms "
+             "| cold: vs dense | dense GB/s | sf GB/s | sf MB | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['pattern']} | {r['batch']} | {r['dense_ms']:.2f} | {r['torch_csr_ms']:.2f} | {r['sparseforge_ms']:.2f} "
+                     f"| {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_torch_csr']:.2f}x | {r['dense_cold_ms']:.2f} | {r['sparseforge_cold_ms']:.2f} "
+                     f"| {r['speedup_cold']:.2f}x | {r['dense_gbps']:.1f} | {r['sparseforge_gbps']:.1f} | {r['sparseforge_weight_mb']:.0f} | {r['paths']} |")
     return "\n".join(lines)
