@@ -31,7 +31,7 @@ TIE_FRACTION = 0.05
 
 #: A candidate whose speedup over dense is within this factor of ``1 + margin`` is a close call:
 #: dense and it are timed again over CLOSE_CALL_REPS x reps rounds before deciding.
-CLOSE_CALL = 1.2
+CLOSE_CALL = 1.5
 CLOSE_CALL_REPS = 3
 
 #: Calls shorter than this (seconds) are timed over at least SHORT_CALL_REPS rounds.
