@@ -148,7 +148,7 @@ def bench(
     if quick and sparsities == "0.5,0.7,0.9,0.95,2:4":
         patterns, sizes = [0.9], [1, 16]
     rows = run_inference_bench(tuple(patterns), tuple(sizes), model_path=model, json_out=json_out, quick=quick)
-    console.print(format_table(rows), markup=False, highlight=False)
+    console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_out}")
 
 
