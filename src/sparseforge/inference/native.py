@@ -45,6 +45,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..errors import SparseforgeError
 
 __all__ = ["CFLAGS", "OPENMP_FLAGS", "THREADING_MODES", "SOURCE", "cache_dir", "set_threading", "threading_mode", "compiler_command", "get_library", "native_available", "native_reason", "build_library", "NativeBuildError"]
 
@@ -198,8 +199,6 @@ def load_library(path: Path) -> ctypes.CDLL:
 def _threading_from_env() -> str:
     value = os.environ.get(THREADING_ENV, "openmp").strip().lower() or "openmp"
     if value not in THREADING_MODES:
-        from ..errors import SparseforgeError
-
         raise SparseforgeError(f"{THREADING_ENV}={value!r} is not allowed; allowed: {sorted(THREADING_MODES)}")
     return value
 
@@ -239,8 +238,6 @@ def set_threading(mode: str) -> str:
     for another name, :class:`NativeBuildError` when the C kernels are unavailable.
     """
     if mode not in THREADING_MODES:
-        from ..errors import SparseforgeError
-
         raise SparseforgeError(f"threading mode {mode!r} is not allowed; allowed: {sorted(THREADING_MODES)}")
     lib = get_library()
     if lib is None:
