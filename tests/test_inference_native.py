@@ -362,3 +362,22 @@ def test_native_transpose_is_exact_and_zero_pads(m, n, mpad, threads):
     lib.sf_transpose(src.data_ptr(), m, n, n, dst.data_ptr(), mpad, mpad, threads)
     assert torch.equal(dst[:, :m], src.t())
     assert torch.equal(dst[:, m:], torch.zeros(n, mpad - m))
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bias_added_in_the_kernel_is_bitwise_the_bias_added_afterwards(monkeypatch, batch, threading):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)
+    w = _weight(301, 200, 0.3, seed=11)
+    w[7] = 0.0  # an empty row gets exactly its bias
+    bias = torch.from_numpy(np.random.default_rng(3).standard_normal(301).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((batch, 200)).astype(np.float32))
+    for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
+        for variant in (0, 1):
+            kernels.set_spmv_variant(fmt, variant)
+            for t in (1, 2):
+                runner = KernelRunner(threads=t)
+                plain = kernels.sparse_matmul_tensor(fmt, x, runner)
+                fused = kernels.sparse_matmul_tensor(fmt, x, runner, bias=bias)
+                assert torch.equal(fused, plain + bias), (fmt.name, variant, t)
+                assert torch.equal(fused[:, 7], bias[7].expand(batch))

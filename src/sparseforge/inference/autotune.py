@@ -19,7 +19,7 @@ import torch
 
 from ..errors import SparseforgeError
 from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
-from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul
+from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul_tensor
 
 __all__ = ["LayerChoice", "candidate_formats", "measure_layer", "rule_layer", "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
 
@@ -151,12 +151,11 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
     timings: dict[str, dict[int, float]] = {"dense": {}, **{n: {} for n in names}}
     for b in batch_sizes:
         x = torch.randn(b, w.shape[1], generator=gen)
-        xn = x.numpy()
         fns: dict[str, Callable[[], object]] = {"dense": lambda: torch.nn.functional.linear(x, w, bias)}
         for name, fmt, var in zip(names, cands, variants):
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
-            fns[name] = (lambda f=fmt, v=var: _sparse_call(f, xn, bias, v))
+            fns[name] = (lambda f=fmt, v=var: _sparse_call(f, x, bias, v))
         for k, v in _confirm_close_calls(fns, _interleaved_medians(fns, reps), reps, margin).items():
             timings[k][b] = v
         for name, fmt, var in zip(names, cands, variants):
@@ -215,11 +214,10 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
                        extra=extra[1] if extra is not None else None)
 
 
-def _sparse_call(fmt: PackedFormat, xn: np.ndarray, bias: torch.Tensor | None, variant: int | None = None) -> None:
+def _sparse_call(fmt: PackedFormat, x: torch.Tensor, bias: torch.Tensor | None, variant: int | None = None) -> None:
+    """One call as :class:`~.modules.SparseLinear` makes it (bias included)."""
     set_spmv_variant(fmt, variant)
-    y = torch.from_numpy(sparse_matmul(fmt, xn))
-    if bias is not None:
-        y += bias
+    sparse_matmul_tensor(fmt, x, bias=bias)
 
 
 def rule_layer(weight: torch.Tensor, batch_sizes: tuple[int, ...]) -> LayerChoice:

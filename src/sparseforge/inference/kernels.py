@@ -368,23 +368,23 @@ def spmm_block_cols(cols: int, ldx: int) -> int:
     return cb if cb < cols else 0
 
 
-def _native_matmul(lib, fmt: PackedFormat, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """``x`` is a C-contiguous float32 CPU tensor ``(batch >= 1, in_features)``."""
-    plan = _native_plan(fmt)
+def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, threads: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` is a C-contiguous float32 CPU tensor ``(batch >= 1, in_features)``; ``bias`` float32 or None."""
     rows, cols = fmt.shape
     batch = x.shape[0]
     cp, nchunks = plan.cuts_for(threads)
     if batch == 1:
         out = torch.empty(1, rows, dtype=torch.float32)
+        bias_p = bias.data_ptr() if bias is not None else None  # added in the kernel, row by row
         if plan.kind == "csr":
             variant = CSR_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
-            plan.spmv(*plan.ptrs, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant)
+            plan.spmv(*plan.ptrs, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant, bias_p)
         else:
             width = plan.words * 64
             xv = x if width == cols else torch.nn.functional.pad(x, (0, width - cols))
             mask_p, rowptr_p, val_p = plan.ptrs
             variant = BITMASK_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
-            lib.sf_bitmask_spmv(mask_p, plan.words, rowptr_p, val_p, plan.nnz, xv.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant)
+            lib.sf_bitmask_spmv(mask_p, plan.words, rowptr_p, val_p, plan.nnz, xv.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant, bias_p)
         return out
     ldx = (batch + 7) // 8 * 8
     xt = torch.empty(cols, ldx, dtype=torch.float32)
@@ -403,21 +403,33 @@ def _native_matmul(lib, fmt: PackedFormat, x: torch.Tensor, threads: int) -> tor
             raise MemoryError("sparseforge bitmask kernel could not allocate its row buffer")
     out = torch.empty(batch, rows, dtype=torch.float32)
     lib.sf_transpose(out_t.data_ptr(), rows, batch, ldx, out.data_ptr(), rows, rows, threads)
+    if bias is not None:
+        out += bias
     return out
 
 
-def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None) -> torch.Tensor:
-    """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor."""
+def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor.
+
+    ``bias`` (float32 ``(out_features,)``, optional) is added to every output row; the batch-1 C
+    kernels add it in place, right after each row's sum (bitwise the same as adding it afterwards).
+    """
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
-    if x.shape[0] and isinstance(fmt, (CompactCSR, Bitmask)):
+    if isinstance(fmt, (CompactCSR, Bitmask)):
         lib = get_library()
         if lib is not None:
+            plan = _native_plan(fmt)
             threads = runner._threads if runner is not None and runner._threads is not None else torch.get_num_threads()  # noqa: SLF001
-            if _native_plan(fmt).nnz * x.shape[0] < MIN_PARALLEL_WORK:
+            if plan.nnz * x.shape[0] < MIN_PARALLEL_WORK:
                 threads = 1
-            return _native_matmul(lib, fmt, x.contiguous(), max(1, int(threads)))
-    return torch.from_numpy(sparse_matmul(fmt, x.contiguous().numpy(), runner))
+            b = None if bias is None else bias.contiguous()
+            return _native_matmul(lib, plan, fmt, x.contiguous(), max(1, int(threads)), b)
+    out = torch.from_numpy(sparse_matmul(fmt, x.contiguous().numpy(), runner))
+    if bias is not None:
+        out += bias
+    return out
 
 
 def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None = None) -> np.ndarray:

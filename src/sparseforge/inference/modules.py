@@ -150,11 +150,8 @@ class SparseLinear(nn.Module):
         """``x2`` is ``(rows, in_features)``; returns ``(rows, out_features)``."""
         fmt = self.format_for(x2.shape[0])
         if fmt is not None and kernel_available_for(fmt):
-            y = sparse_matmul_tensor(fmt, x2)
-            bias = self._buffers["bias"]  # direct lookup: nn.Module.__getattr__ costs ~1 us per call
-            if bias is not None:
-                y += bias
-            return y
+            # direct buffer lookup: nn.Module.__getattr__ costs ~1 us per call
+            return sparse_matmul_tensor(fmt, x2, bias=self._buffers["bias"])
         if self.dense_weight is None:
             # Kernels vanished after conversion (not expected): rebuild the dense weight once.
             self.dense_weight = self.packed.to_dense()

@@ -56,7 +56,7 @@ CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", 
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 5
+ABI = 6
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.
@@ -165,10 +165,10 @@ _INT = ctypes.c_int
 
 def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("u16", "i32"):
-        getattr(lib, f"sf_csr_spmv_{suffix}").argtypes = [_P, _P, _P, _P, _P, _P, _INT, _INT, _INT]
+        getattr(lib, f"sf_csr_spmv_{suffix}").argtypes = [_P, _P, _P, _P, _P, _P, _INT, _INT, _INT, _P]
         getattr(lib, f"sf_csr_spmm_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT]
         getattr(lib, f"sf_csr_spmm_blk_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _I64, _I64]
-    lib.sf_bitmask_spmv.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _INT, _INT, _INT]
+    lib.sf_bitmask_spmv.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _INT, _INT, _INT, _P]
     lib.sf_bitmask_spmm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_bitmask_spmm.restype = _INT
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]

@@ -16,7 +16,8 @@
  *   CSR      indptr int64[rows+1], idx uint16 or int32 [nnz], val float[nnz]
  *   bitmask  mask uint64[rows, words] (bit j%64 of word j/64 = column j), rowptr int64[rows+1],
  *            val float[nnz] (row-major order of the set bits)
- *   SpMV     x float[cols] (bitmask: x padded with zeros to words*64), y float[rows]
+ *   SpMV     x float[cols] (bitmask: x padded with zeros to words*64), y float[rows],
+ *            bias float[rows] or NULL (added to each finished row sum)
  *   SpMM     xt float[cols, ldx] = x transposed, ldx a multiple of 8 (zero padded columns);
  *            out_t float[rows, ldx]
  */
@@ -30,7 +31,7 @@
 #define SF_AVX2 0
 #endif
 
-#define SF_ABI 5
+#define SF_ABI 6
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
@@ -225,6 +226,13 @@ void sf_init(void) {
 }
 
 /* ------------------------------------------------------------------ CSR SpMV (batch 1) */
+/* y[r] += bias[r] for r in [r0, r1) (bias may be NULL): the same single fp32 addition, after
+ * the row's sum, as adding the bias to the finished output, so results are bitwise unchanged. */
+static inline void sf_add_bias(float *y, const float *bias, int64_t r0, int64_t r1) {
+    if (bias)
+        for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+}
+
 /* Software prefetch distance in elements (values and indices are streamed once per call). */
 #ifndef SF_PF_DIST
 #define SF_PF_DIST 256
@@ -268,18 +276,19 @@ static void csr_spmv_rows_scalar_##SUFFIX(const int64_t *indptr, const IDXT *idx
 }                                                                                         \
 SF_CSR_GATHER(SUFFIX, IDXT, LOAD8)                                                        \
 typedef struct { const int64_t *indptr; const IDXT *idx; const float *val; const float *x; \
-        float *y; const int64_t *cuts; int variant; } csr_spmv_ctx_##SUFFIX;               \
+        float *y; const int64_t *cuts; int variant; const float *bias; } csr_spmv_ctx_##SUFFIX; \
 static void csr_spmv_chunk_##SUFFIX(const void *p, int c) {                               \
     const csr_spmv_ctx_##SUFFIX *a = (const csr_spmv_ctx_##SUFFIX *)p;                    \
     if (a->variant == 1 && SF_AVX2)                                                       \
         csr_spmv_rows_gather_##SUFFIX(a->indptr, a->idx, a->val, a->x, a->y, a->cuts[c], a->cuts[c + 1]); \
     else                                                                                  \
         csr_spmv_rows_scalar_##SUFFIX(a->indptr, a->idx, a->val, a->x, a->y, a->cuts[c], a->cuts[c + 1]); \
+    sf_add_bias(a->y, a->bias, a->cuts[c], a->cuts[c + 1]);                               \
 }                                                                                         \
 void sf_csr_spmv_##SUFFIX(const int64_t *indptr, const IDXT *idx, const float *val,       \
         const float *x, float *y, const int64_t *cuts, int nchunks, int nthreads,          \
-        int variant) {                                                                    \
-    csr_spmv_ctx_##SUFFIX a = {indptr, idx, val, x, y, cuts, variant};                    \
+        int variant, const float *bias) {                                                 \
+    csr_spmv_ctx_##SUFFIX a = {indptr, idx, val, x, y, cuts, variant, bias};              \
     sf_run(csr_spmv_chunk_##SUFFIX, &a, nchunks, nthreads);                               \
 }
 
@@ -581,7 +590,7 @@ static inline float bitmask_row_expand(const uint64_t *m, int64_t words, const f
 
 typedef struct { const uint64_t *mask; int64_t words; const int64_t *rowptr; const float *val;
                  int64_t nnz; const float *x; float *y; const int64_t *cuts; int variant;
-                 const float *xt; int64_t ldx; float *out_t; _Atomic int failed; } bitmask_ctx;
+                 const float *xt; int64_t ldx; float *out_t; _Atomic int failed; const float *bias; } bitmask_ctx;
 
 static void bitmask_spmv_chunk(const void *p, int c) {
     const bitmask_ctx *a = (const bitmask_ctx *)p;
@@ -596,13 +605,14 @@ static void bitmask_spmv_chunk(const void *p, int c) {
 #endif
         a->y[r] = bitmask_row_scalar(m, a->words, v, a->x);
     }
+    sf_add_bias(a->y, a->bias, a->cuts[c], a->cuts[c + 1]);
 }
 
 /* variant 0: bit iteration (tzcnt), 1: byte expand (AVX2 only; falls back to 0). */
 void sf_bitmask_spmv(const uint64_t *mask, int64_t words, const int64_t *rowptr,
                      const float *val, int64_t nnz, const float *x, float *y,
-                     const int64_t *cuts, int nchunks, int nthreads, int variant) {
-    bitmask_ctx a = {mask, words, rowptr, val, nnz, x, y, cuts, variant, NULL, 0, NULL, 0};
+                     const int64_t *cuts, int nchunks, int nthreads, int variant, const float *bias) {
+    bitmask_ctx a = {mask, words, rowptr, val, nnz, x, y, cuts, variant, NULL, 0, NULL, 0, bias};
     sf_run(bitmask_spmv_chunk, &a, nchunks, nthreads);
 }
 
@@ -642,7 +652,7 @@ static void bitmask_spmm_chunk(const void *p, int c) {
 int sf_bitmask_spmm(const uint64_t *mask, int64_t words, const int64_t *rowptr,
                     const float *val, const float *xt, int64_t ldx, float *out_t,
                     const int64_t *cuts, int nchunks, int nthreads) {
-    bitmask_ctx a = {mask, words, rowptr, val, 0, NULL, NULL, cuts, 0, xt, ldx, out_t, 0};
+    bitmask_ctx a = {mask, words, rowptr, val, 0, NULL, NULL, cuts, 0, xt, ldx, out_t, 0, NULL};
     sf_run(bitmask_spmm_chunk, &a, nchunks, nthreads);
     return atomic_load(&a.failed) ? -1 : 0;
 }
