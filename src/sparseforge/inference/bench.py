@@ -258,6 +258,9 @@ def run_inference_bench(
                 "read_gbps": read_gbps,
                 "paths": ", ".join(sorted({_runs(fast.get_submodule(d.name), b) for d in report.layers})),
                 "formats": formats,
+                "layers": [{"name": d.name, "action": d.action, "format": d.format, "plan": d.plan,
+                            "timings_ms": {k: {str(bb): v for bb, v in t.items()} for k, t in d.timings_ms.items()}}
+                           for d in report.layers],
                 "warnings": [str(w.message) for w in caught],
                 "load_avg_1min": (load_before, os.getloadavg()[0]),
             })
