@@ -195,7 +195,7 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
         # by the margin; never a second packing of the same object (csr vs csr[gather])
         gain_best = 0.0
         for n2, f2, v2 in zip(names, cands, variants):
-            if f2 is fmt or f2.name == fmt.name:
+            if f2.name == fmt.name:
                 continue
             better = [b for b in batch_sizes if path_ms[b] >= (1.0 + margin) * timings[n2][b]]
             gain = sum(1.0 - timings[n2][b] / path_ms[b] for b in better)

@@ -28,30 +28,28 @@ from .native import threading_mode
 __all__ = ["run_inference_bench", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
 
 
-def copy_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
-    """Measured memory bandwidth of a large ``Tensor.copy_``: (read + write) GB/s, median of ``reps``."""
-    n = megabytes * 2**20 // 4
-    src = torch.ones(n)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def _median_s(fn: Callable[[], object], reps: int) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``reps`` calls, after one untimed call."""
+    fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        fn()
         times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / float(np.median(times)) / 1e9
+    return float(np.median(times))
+
+
+def copy_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
+    """Measured memory bandwidth of a large ``Tensor.copy_``: (read + write) GB/s, median of ``reps``."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_s(lambda: dst.copy_(src), reps) / 1e9
 
 
 def read_bandwidth_gbps(megabytes: int = 256, reps: int = 10) -> float:
     """Measured read bandwidth: GB/s of ``Tensor.sum`` over a large tensor (all threads), median of ``reps``."""
     src = torch.ones(megabytes * 2**20 // 4)
-    src.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        src.sum()
-        times.append(time.perf_counter() - t0)
-    return src.numel() * 4 / float(np.median(times)) / 1e9
+    return src.numel() * 4 / _median_s(src.sum, reps) / 1e9
 
 
 def build_mlp(width: int = 4096, layers: int = 4, seed: int = 0) -> nn.Sequential:
@@ -145,10 +143,12 @@ MIN_TIMED_S = 3.0
 MAX_ROUNDS = 200
 
 
-def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.0) -> dict[str, float]:
+def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.0,
+                    before: Callable[[], object] | None = None) -> dict[str, float]:
     """Median ms per call; one call of each variant per round, the starting variant rotating each
     round (on a busy machine the call right after a long one gets preempted more often). Rounds
-    are raised (up to :data:`MAX_ROUNDS`) until they take about ``min_seconds``."""
+    are raised (up to :data:`MAX_ROUNDS`) until they take about ``min_seconds``. ``before`` (not
+    timed) runs before every timed call, e.g. to flush the caches."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     t0 = time.perf_counter()
     for f in fns.values():
@@ -159,31 +159,16 @@ def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_secon
     items = list(fns.items())
     for i in range(rounds):
         for k, f in items[i % len(items):] + items[: i % len(items)]:
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-#: Megabytes read between calls of the cold pass: well above the L3 of ordinary CPUs (32 MB here).
+#: Megabytes read before every call of the cold pass: well above the L3 of ordinary CPUs (32 MB here).
 FLUSH_MB = 128
-
-
-def _cold_ms(fns: dict[str, Callable[[], object]], rounds: int, flush_mb: int) -> dict[str, float]:
-    """Median ms per call when every call finds the caches full of other data: before each call,
-    ``flush_mb`` MB of another tensor are read (not timed). Variants alternate, as in :func:`_interleaved_ms`."""
-    junk = torch.ones(flush_mb * 2**20 // 4)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    for f in fns.values():
-        f()
-    for i in range(rounds):
-        for k, f in items[i % len(items):] + items[: i % len(items)]:
-            junk.sum()
-            t0 = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def run_inference_bench(
@@ -236,8 +221,9 @@ def run_inference_bench(
             with torch.inference_mode():
                 ms = _interleaved_ms({"dense": lambda: pruned(x), "torch_csr": lambda: tcsr(x), "sparseforge": lambda: fast(x)}, rounds,
                                      min_seconds=0.0 if quick else MIN_TIMED_S)
-                cold = _cold_ms({"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)}, max(5, rounds // 2) if quick else rounds,
-                                FLUSH_MB // 8 if quick else FLUSH_MB)
+                junk = torch.ones((FLUSH_MB // 8 if quick else FLUSH_MB) * 2**20 // 4)
+                cold = _interleaved_ms({"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)}, max(5, rounds // 2) if quick else rounds,
+                                       before=junk.sum)
             dense_bytes = _weight_bytes(pruned, b)
             sf_bytes = _weight_bytes(fast, b)
             rows_out.append({
