@@ -76,8 +76,8 @@ def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
     return out
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall-clock ms per call of each function, timed round-robin (one call each per round).
+def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Wall-clock ms of every call of each function, timed round-robin (one call each per round).
 
     Interleaving makes every variant see the same machine load; two untimed warm-up calls each.
     When every call is shorter than :data:`SHORT_CALL_S`, at least :data:`SHORT_CALL_REPS` rounds.
@@ -97,20 +97,35 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dic
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median ms per call of each function, from :func:`_interleaved_times`."""
+    return {k: float(np.median(v)) for k, v in _interleaved_times(fns, reps).items()}
 
 
 def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int,
                          margin: float) -> dict[str, float]:
     """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
-    times longer, and use those medians: a kernel that won by noise must not replace dense."""
+    times longer, and keep for each the *less favourable* of two estimates of its speedup over
+    dense: the ratio of medians and the ratio of fastest calls. A kernel that won by noise must
+    not replace dense; in particular a busy machine (another process taking one core now and then)
+    slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
+    alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
+    are the quiet-machine estimate. Returned as ms: ``dense_median / speedup``."""
     threshold = 1.0 + margin
     close = [k for k, v in medians.items()
              if k != "dense" and v > 0 and threshold / CLOSE_CALL <= medians["dense"] / v <= threshold * CLOSE_CALL]
     if not close:
         return medians
-    again = _interleaved_medians({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
-    return {**medians, **again}
+    times = _interleaved_times({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
+    d_med, d_min = float(np.median(times["dense"])), min(times["dense"])
+    out = {**medians, "dense": d_med}
+    for k in close:
+        speedup = min(d_med / float(np.median(times[k])), d_min / min(times[k]))
+        out[k] = d_med / speedup
+    return out
 
 
 def _describe(fmt: PackedFormat) -> str:
