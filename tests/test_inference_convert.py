@@ -122,6 +122,10 @@ def test_unsupported_dtypes_stay_dense_and_are_listed():
     assert [d.action for d in report.layers] == ["skipped", "skipped"]
     assert "float64" in report.layers[0].reason and "bfloat16" in report.layers[1].reason
     assert isinstance(fast[0], nn.Linear)
+    # the report still gives a skipped layer's sparsity (fraction of exact zeros), not nan
+    w0 = model[0].weight
+    assert report.layers[0].sparsity == pytest.approx(float((w0 == 0).sum()) / w0.numel())
+    assert report.layers[0].sparsity > 0.8 and "nan" not in str(report)
 
 
 def test_model_without_layers_raises():

@@ -154,7 +154,8 @@ def convert(
             shape = tuple(w.shape)
             kind = type(m).__name__
             skip = _skip_reason(m)
-            sparsity = float((w == 0).float().mean()) if w.numel() and skip is None else float("nan")
+            # reported for skipped layers too (fp16, GPU, 3x3 conv); nan only where it cannot be read
+            sparsity = float((w == 0).float().mean()) if w.numel() and w.device.type != "meta" else float("nan")
             if skip is not None:
                 decisions.append(LayerDecision(name, kind, shape, sparsity, "skipped", None, "-", skip))
                 continue
