@@ -40,6 +40,7 @@ def test_help_lists_every_command(capsys) -> None:
         (["bench", "--batches", "0,1"], "batches='0,1'"),
         (["bench", "--sparsities", "0.9,3:2"], "n_keep=3"),
         (["bench", "--sparsities", "1.2"], "1.2"),
+        (["bench", "--sparsities", "0.9,abc"], "'abc' is neither a fraction of zeros in [0, 1) nor an n:m pattern"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, capsys) -> None:

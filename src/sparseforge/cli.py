@@ -139,7 +139,11 @@ def bench(
             parse_structure(item)
             patterns.append(item)
         else:
-            patterns.extend(_parse_floats(item, "sparsities"))
+            try:
+                patterns.append(float(item))
+            except ValueError:
+                raise SparseforgeError(f"sparsities={sparsities!r}: {item!r} is neither a fraction of zeros in [0, 1) "
+                                       "nor an n:m pattern such as 2:4") from None
     sizes = []
     for item in (v.strip() for v in batches.split(",") if v.strip()):
         if not item.isdigit() or int(item) < 1:
