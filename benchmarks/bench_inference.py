@@ -3,6 +3,7 @@
     python benchmarks/bench_inference.py                 # full: 4x 4096x4096 MLP, 0.5/0.7/0.9/0.95/2:4, batch 1/16/128
     python benchmarks/bench_inference.py --quick         # < 1 minute
     python benchmarks/bench_inference.py --model m.safetensors --sparsities 0.9 --batches 1 16
+    python benchmarks/bench_inference.py --sparsities block:8x8:0.7 block:4x4:0.9   # block-pruned
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ import argparse
 
 from pathlib import Path
 
-from sparseforge.inference.bench import format_markdown, format_table, run_inference_bench
+from sparseforge.errors import SparseforgeError
+from sparseforge.inference.bench import format_markdown, format_table, parse_pattern, run_inference_bench
 
 
 def _pattern(text: str) -> float | str:
-    return text if ":" in text else float(text)
+    try:
+        return parse_pattern(text)
+    except SparseforgeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros or n:m")
+    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros, n:m, or block:RxC:S")
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--model", default=None, help="safetensors state dict of Linear layers")
     p.add_argument("--json", default="bench_inference.json")

@@ -40,7 +40,10 @@ def test_help_lists_every_command(capsys) -> None:
         (["bench", "--batches", "0,1"], "batches='0,1'"),
         (["bench", "--sparsities", "0.9,3:2"], "n_keep=3"),
         (["bench", "--sparsities", "1.2"], "1.2"),
-        (["bench", "--sparsities", "0.9,abc"], "'abc' is neither a fraction of zeros in [0, 1) nor an n:m pattern"),
+        (["bench", "--sparsities", "0.9,abc"], "pattern='abc' is not allowed; allowed: a fraction of zeros"),
+        (["bench", "--sparsities", "block:8x8"], "pattern='block:8x8' is not allowed"),
+        (["bench", "--sparsities", "block:0x8:0.5"], "Block(rows=0"),
+        (["bench", "--sparsities", "block:8x8:1.5"], "sparsity=1.5"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, capsys) -> None:

@@ -36,3 +36,19 @@ def test_bench_rejects_bad_inputs(tmp_path):
     save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "m.safetensors")
     with pytest.raises(SparseforgeError, match="sparsity"):
         run_inference_bench((1.5,), (1,), model_path=tmp_path / "m.safetensors", quick=True, rounds=1)
+
+
+def test_block_pattern_prunes_whole_blocks_and_runs(tmp_path):
+    from sparseforge.inference.bench import _prune, build_mlp, parse_pattern
+
+    assert parse_pattern(" Block:8x4:0.75 ") == "block:8x4:0.75" and parse_pattern("2:4") == "2:4" and parse_pattern("0.5") == 0.5
+    model = build_mlp(width=32, layers=2)
+    pruned = _prune(model, "block:8x4:0.75")
+    w = pruned[0].weight.detach()
+    blocks = (w.reshape(4, 8, 8, 4) != 0).any(dim=(1, 3))  # (32/8) x (32/4) blocks
+    assert int(blocks.sum()) == 8  # 25 % of the 32 blocks kept, every other block all zero
+    kept = w.reshape(4, 8, 8, 4).permute(0, 2, 1, 3)[blocks]
+    assert bool((kept != 0).all())  # kept blocks are whole
+    save_file({"a.weight": torch.randn(32, 16), "b.weight": torch.randn(8, 32)}, tmp_path / "m.safetensors")
+    rows = run_inference_bench(("block:4x4:0.5",), (1, 9), model_path=tmp_path / "m.safetensors", quick=True, rounds=2)
+    assert [r["pattern"] for r in rows] == ["block:4x4:0.5"] * 2 and "block:4x4:0.5" in format_table(rows)

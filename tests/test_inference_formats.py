@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, PackedNM
-from sparseforge.inference.kernels import KernelRunner, kernels_available, sparse_matmul
+from sparseforge.inference import kernels
+from sparseforge.inference.kernels import KernelRunner, kernels_available, numba_available, sparse_matmul
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="numba kernels unavailable")
 
@@ -121,7 +122,13 @@ def _all_formats(w: torch.Tensor):
 @pytest.mark.parametrize("shape", [(7, 13), (16, 64), (1, 1), (130, 72)])
 @pytest.mark.parametrize("batch", [1, 3, 300])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
-def test_kernels_match_dense(shape, batch, density):
+@pytest.mark.parametrize("engine", ["default", "numba"])
+def test_kernels_match_dense(shape, batch, density, engine, monkeypatch):
+    """Every format against dense, on the default engine (C where built) and on the Numba fallback."""
+    if engine == "numba":
+        if not numba_available():
+            pytest.fail("the Numba fallback must be installed with the package's kernels extra")
+        monkeypatch.setattr(kernels, "get_library", lambda: None)  # as if no C compiler
     rng = np.random.default_rng(hash((shape, batch, density)) % 2**32)
     w = rng.standard_normal(shape).astype(np.float32)
     w[rng.random(shape) >= density] = 0.0

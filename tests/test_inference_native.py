@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparseforge.inference import SparseLinear, convert, kernels, native
-from sparseforge.inference.formats import Bitmask, CompactCSR
+from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR
 from sparseforge.inference.kernels import KernelRunner, sparse_matmul
 from sparseforge.inference.modules import BatchPlan
 
@@ -381,3 +381,45 @@ def test_bias_added_in_the_kernel_is_bitwise_the_bias_added_afterwards(monkeypat
                 fused = kernels.sparse_matmul_tensor(fmt, x, runner, bias=bias)
                 assert torch.equal(fused, plain + bias), (fmt.name, variant, t)
                 assert torch.equal(fused[:, 7], bias[7].expand(batch))
+
+
+# ---------------------------------------------------------------- block sparse (BSR) C kernels
+def _block_weight(rows: int, cols: int, bh: int, bw: int, block_density: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = rng.random((rows // bh, cols // bw)) < block_density
+    keep[(rows // bh) // 2] = False  # an empty block-row
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return w * np.repeat(np.repeat(keep, bh, axis=0), bw, axis=1)
+
+
+@needs_native
+@pytest.mark.parametrize("block", [(8, 8), (4, 4), (1, 8), (2, 16), (3, 5), (16, 4), (5, 8), (1, 1), (2, 2), (7, 12)])
+@pytest.mark.parametrize("block_density", [0.0, 0.3, 1.0])
+def test_native_block_kernels_match_dense(block, block_density):
+    """Every register-blocking path (row groups of 8/4/2/1, 8/4-wide and scalar columns, 1-8 batch
+    tiles at once) against float64 dense, with bias, for batch sizes around the tile widths."""
+    bh, bw = block
+    rows, cols = bh * 11, bw * 9
+    w = _block_weight(rows, cols, bh, bw, block_density, seed=bh * 100 + bw)
+    fmt = BlockSparse.from_dense(w, bh, bw)
+    assert kernels.has_native_kernel(fmt)
+    bias = torch.from_numpy(np.random.default_rng(3).standard_normal(rows).astype(np.float32))
+    for batch in (1, 3, 8, 16, 24, 40, 64, 72, 130):
+        x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, cols)).astype(np.float32))
+        got = kernels.sparse_matmul_tensor(fmt, x, bias=bias)
+        ref = (x.double() @ torch.from_numpy(w).double().T + bias.double()).float()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(cols), msg=f"block {block}, batch {batch}")
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 24])
+def test_native_block_results_do_not_depend_on_thread_count(monkeypatch, batch):
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)
+    w = _block_weight(256, 96, 4, 8, 0.3, seed=2)
+    w[64:160] = 0.0  # unbalanced block-rows
+    fmt = BlockSparse.from_dense(w, 4, 8)
+    x = np.random.default_rng(1).standard_normal((batch, 96)).astype(np.float32)
+    one = sparse_matmul(fmt, x, KernelRunner(threads=1))
+    _check(fmt, x, w)
+    for t in (2, 3, 7):
+        np.testing.assert_array_equal(one, sparse_matmul(fmt, x, KernelRunner(threads=t)))

@@ -123,27 +123,15 @@ def report(
 @app.command()
 def bench(
     model: Annotated[Optional[Path], typer.Option(help="A safetensors state dict of Linear layers; default: the built-in 4-layer 4096x4096 MLP.")] = None,
-    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros and/or N:M patterns (kept:group).")] = "0.5,0.7,0.9,0.95,2:4",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros, N:M patterns (kept:group) and/or block:RxC:S (R x C blocks, S zero).")] = "0.5,0.7,0.9,0.95,2:4",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (input rows per forward).")] = "1,16,128",
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path("bench_inference.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")] = False,
 ) -> None:
     """Time dense torch vs torch CSR vs sparseforge's packed kernels, with the machine's bandwidth."""
-    from .inference.bench import format_table, run_inference_bench
+    from .inference.bench import format_table, parse_pattern, run_inference_bench
 
-    patterns: list[float | str] = []
-    for item in (v.strip() for v in sparsities.split(",") if v.strip()):
-        if ":" in item:
-            from .structures import parse_structure
-
-            parse_structure(item)
-            patterns.append(item)
-        else:
-            try:
-                patterns.append(float(item))
-            except ValueError:
-                raise SparseforgeError(f"sparsities={sparsities!r}: {item!r} is neither a fraction of zeros in [0, 1) "
-                                       "nor an n:m pattern such as 2:4") from None
+    patterns = [parse_pattern(item) for item in (v.strip() for v in sparsities.split(",")) if item]
     sizes = []
     for item in (v.strip() for v in batches.split(",") if v.strip()):
         if not item.isdigit() or int(item) < 1:

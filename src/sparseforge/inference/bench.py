@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError
-from ..structures import NM, Unstructured
+from ..structures import NM, Block, Unstructured, parse_structure
 from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
 
-__all__ = ["run_inference_bench", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
+__all__ = ["run_inference_bench", "parse_pattern", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
 
 
 def _median_s(fn: Callable[[], object], reps: int) -> float:
@@ -86,6 +86,41 @@ def load_mlp(path: str | os.PathLike) -> nn.Sequential:
     return nn.Sequential(*mods).eval()
 
 
+_PATTERNS_ALLOWED = "a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), or block:RxC:S (e.g. block:8x8:0.9)"
+
+
+def parse_pattern(pattern: str | float) -> str | float:
+    """Check one benchmark pattern and return it normalised (a float or a string).
+
+    Allowed: a fraction of zeros in ``[0, 1)`` (unstructured magnitude pruning), ``"n:m"`` (n kept
+    per m inputs) or ``"block:RxC:S"`` (R x C blocks pruned by their L1 norm to a fraction S of
+    zero blocks). Raises :class:`SparseforgeError` naming the value and what is allowed.
+    """
+    if isinstance(pattern, str):
+        text = pattern.strip().lower()
+        if text.startswith("block:"):
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}")
+            structure = parse_structure(f"block:{parts[1]}")
+            sparsity = parse_pattern(parts[2]) if parts[2] else None
+            if not isinstance(sparsity, float) or not isinstance(structure, Block):
+                raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}")
+            return f"block:{structure.rows}x{structure.cols}:{sparsity:g}"
+        if ":" in text:
+            if not isinstance(parse_structure(text), NM):
+                raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}")
+            return text
+        try:
+            pattern = float(text)
+        except ValueError:
+            raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}") from None
+    value = float(pattern)
+    if not (0.0 <= value < 1.0):
+        raise SparseforgeError(f"sparsity={value!r} is outside the allowed range [0, 1)")
+    return value
+
+
 def _prune(model: nn.Sequential, pattern: str | float) -> nn.Sequential:
     import copy
 
@@ -94,7 +129,11 @@ def _prune(model: nn.Sequential, pattern: str | float) -> nn.Sequential:
         for m in out.modules():
             if isinstance(m, nn.Linear):
                 scores = m.weight.abs()
-                if isinstance(pattern, str):
+                if isinstance(pattern, str) and pattern.startswith("block:"):
+                    _, shape, sparsity = pattern.split(":")
+                    rows, cols = (int(v) for v in shape.split("x"))
+                    mask = Block(rows, cols).mask_from_scores(scores, 1.0 - float(sparsity))
+                elif isinstance(pattern, str):
                     n_keep, m_ = (int(v) for v in pattern.split(":"))
                     mask = NM(n_keep, m_).mask_from_scores(scores)
                 else:
@@ -202,11 +241,8 @@ def run_inference_bench(
     copy_gbps = copy_bandwidth_gbps(megabytes=64 if quick else 256)
     read_gbps = read_bandwidth_gbps(megabytes=64 if quick else 256)
     rows_out: list[dict] = []
-    for pattern in sparsities:
-        if not isinstance(pattern, str):
-            pattern = float(pattern)
-            if not (0.0 <= pattern < 1.0):
-                raise SparseforgeError(f"sparsity={pattern!r} is outside the allowed range [0, 1)")
+    patterns = [parse_pattern(p) for p in sparsities]  # all checked before any timing
+    for pattern in patterns:
         pruned = _prune(base, pattern)
         t_conv = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
@@ -263,11 +299,12 @@ def run_inference_bench(
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`run_inference_bench` rows (ms = median ms per forward)."""
-    head = (f"{'pattern':>8} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} "
+    pw = max([8] + [len(str(r["pattern"])) for r in rows])
+    head = (f"{'pattern':>{pw}} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} "
             f"{'cold: dense':>11} {'sf ms':>7} {'vs dense':>8} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['pattern']:>8} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
+        lines.append(f"{r['pattern']:>{pw}} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
                      f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x "
                      f"{r['dense_cold_ms']:>11.2f} {r['sparseforge_cold_ms']:>7.2f} {r['speedup_cold']:>7.2f}x "
                      f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "

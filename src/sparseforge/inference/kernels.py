@@ -1,13 +1,14 @@
-"""CPU kernels for the packed formats of :mod:`.formats`: compiled C (CSR, bitmask) and Numba (all).
+"""CPU kernels for the packed formats of :mod:`.formats`: compiled C (CSR, bitmask, block) and Numba (all).
 
-CSR and bitmask run on the C kernels of :mod:`.native` (``csrc/spmm.c``, built on first use)
-when a C compiler is available; otherwise, and for N:M and block formats, on the Numba kernels
-below. If neither is available, :func:`kernels_available` is ``False`` and callers run dense.
+CSR, bitmask and block run on the C kernels of :mod:`.native` (``csrc/spmm.c``, built on first
+use) when a C compiler is available; otherwise, and for N:M, on the Numba kernels below. If
+neither is available, :func:`kernels_available` is ``False`` and callers run dense.
 
 C kernels (see ``csrc/spmm.c``): batch 1 = SpMV (CSR: 8 scalar accumulators per row; bitmask:
-each mask byte expands 8 values into place with a permutation table, AVX2); batch > 1 = SpMM on
-the transposed, zero-padded input ``xt`` ``(in_features, ceil8(batch))``: each kept weight does
-an AVX2 axpy on a 8-64 column tile held in registers. Rows are split into
+each mask byte expands 8 values into place with a permutation table, AVX2; block: a group of up
+to 8 rows keeps one vector accumulator per row while the block-row's blocks stream past);
+batch > 1 = SpMM on the transposed, zero-padded input ``xt`` ``(in_features, ceil8(batch))``:
+each kept weight does an AVX2 axpy on a 8-64 column tile held in registers. Rows are split into
 ``CHUNKS_PER_THREAD * threads`` chunks balanced by work; a row's sum is never split and its
 order of additions is fixed, so results do not depend on the thread count (tested bitwise).
 
@@ -297,6 +298,17 @@ class _NativePlan:
             self.keep = (indptr, indices, values)
             self.work = indptr + 8 * np.arange(rows + 1, dtype=np.int64)  # per-row overhead ~ 8 weights
             self.words, self.nnz = 0, int(values.shape[0])
+        elif isinstance(fmt, BlockSparse):
+            self.kind = "block"
+            brow = np.ascontiguousarray(fmt.block_rowptr, dtype=np.int64)
+            bcol = np.ascontiguousarray(fmt.block_cols, dtype=np.int32)
+            blocks = np.ascontiguousarray(fmt.blocks, dtype=np.float32)
+            self.keep = (brow, bcol, blocks)
+            self.suffix = ""
+            bsz = fmt.bh * fmt.bw
+            self.words, self.nnz = 0, int(blocks.shape[0]) * bsz
+            # work per block-row: its weights plus ~8 weights of overhead per output row
+            self.work = brow * bsz + 8 * fmt.bh * np.arange(brow.shape[0], dtype=np.int64)
         else:
             self.kind = "bitmask"
             mask = np.ascontiguousarray(fmt.mask, dtype=np.uint64)
@@ -337,6 +349,10 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PLANS_LOCK = threading.Lock()
 
 
+#: Formats with C kernels (N:M runs on Numba: the bitmask format stores 2:4 in fewer bytes).
+_NATIVE_FORMATS = (CompactCSR, Bitmask, BlockSparse)
+
+
 def _native_plan(fmt: PackedFormat) -> _NativePlan:
     plan = _PLANS.get(fmt)
     if plan is None:
@@ -356,8 +372,8 @@ def set_spmv_variant(fmt: PackedFormat, variant: int | None) -> None:
 
 
 def has_native_kernel(fmt: PackedFormat) -> bool:
-    """Whether ``fmt`` runs on the C kernels in this process (CSR and bitmask, library loaded)."""
-    return isinstance(fmt, (CompactCSR, Bitmask)) and get_library() is not None
+    """Whether ``fmt`` runs on the C kernels in this process (CSR, bitmask and block; library loaded)."""
+    return isinstance(fmt, _NATIVE_FORMATS) and get_library() is not None
 
 
 def spmm_block_cols(cols: int, ldx: int) -> int:
@@ -379,6 +395,8 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
         if plan.kind == "csr":
             variant = CSR_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
             plan.spmv(*plan.ptrs, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant, bias_p)
+        elif plan.kind == "block":
+            lib.sf_block_spmv(*plan.ptrs, fmt.bh, fmt.bw, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, bias_p)
         else:
             width = plan.words * 64
             xv = x if width == cols else torch.nn.functional.pad(x, (0, width - cols))
@@ -397,6 +415,8 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
                           cols, block_cols, CSR_SPMM_BLOCK_ROWS)
         else:
             plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
+    elif plan.kind == "block":
+        lib.sf_block_spmm(*plan.ptrs, fmt.bh, fmt.bw, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
     else:
         mask_p, rowptr_p, val_p = plan.ptrs
         if lib.sf_bitmask_spmm(mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads) != 0:
@@ -417,7 +437,7 @@ def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunne
     """
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
-    if isinstance(fmt, (CompactCSR, Bitmask)):
+    if isinstance(fmt, _NATIVE_FORMATS):
         lib = get_library()
         if lib is not None:
             plan = _native_plan(fmt)
@@ -443,7 +463,7 @@ def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None 
     """
     if x.shape[0] == 0:
         return np.zeros((0, fmt.shape[0]), dtype=np.float32)
-    if isinstance(fmt, (CompactCSR, Bitmask)) and get_library() is not None:
+    if isinstance(fmt, _NATIVE_FORMATS) and get_library() is not None:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return sparse_matmul_tensor(fmt, xt, runner).numpy()
     if _IMPORT_ERROR is not None:

@@ -56,7 +56,7 @@ CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", 
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 6
+ABI = 7
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.
@@ -171,6 +171,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_bitmask_spmv.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _INT, _INT, _INT, _P]
     lib.sf_bitmask_spmm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_bitmask_spmm.restype = _INT
+    lib.sf_block_spmv.argtypes = [_P, _P, _P, _I64, _I64, _P, _P, _P, _INT, _INT, _P]
+    lib.sf_block_spmm.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
     lib.sf_transpose.restype = None
     lib.sf_set_threading.argtypes = [_INT]
@@ -178,7 +180,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_openmp_available.restype = _INT
     lib.sf_get_threading.restype = _INT
     for name in ("sf_csr_spmv_u16", "sf_csr_spmv_i32", "sf_csr_spmm_u16", "sf_csr_spmm_i32",
-                 "sf_csr_spmm_blk_u16", "sf_csr_spmm_blk_i32", "sf_bitmask_spmv"):
+                 "sf_csr_spmm_blk_u16", "sf_csr_spmm_blk_i32", "sf_bitmask_spmv", "sf_block_spmv", "sf_block_spmm"):
         getattr(lib, name).restype = None
 
 

@@ -31,7 +31,7 @@
 #define SF_AVX2 0
 #endif
 
-#define SF_ABI 6
+#define SF_ABI 7
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
@@ -670,4 +670,178 @@ int sf_bitmask_spmm(const uint64_t *mask, int64_t words, const int64_t *rowptr,
     bitmask_ctx a = {mask, words, rowptr, val, 0, NULL, NULL, cuts, 0, xt, ldx, out_t, 0, NULL};
     sf_run(bitmask_spmm_chunk, &a, nchunks, nthreads);
     return atomic_load(&a.failed) ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ block sparse (BSR)
+ * Layout: brow int64[nbr + 1] (block-row pointer), bcol int32[nblocks] (block-column index),
+ * blocks float[nblocks, bh, bw] (row-major inside a block); block-row br covers output rows
+ * br*bh .. br*bh + bh - 1 and block k of it input columns bcol[k]*bw .. + bw - 1.
+ * No index is stored per weight, so a kept weight costs 4 bytes and one FMA lane.
+ * Chunks (`cuts`) are ranges of block-rows. Rows are handled in groups of up to 8 (GH): the
+ * group's accumulators stay in registers while the block-row's blocks stream past. For every
+ * output row the order of additions depends only on (bh, bw) and the block order, never on the
+ * thread split. */
+typedef struct { const int64_t *brow; const int32_t *bcol; const float *blk; int64_t bh, bw;
+                 const float *x; float *y; const float *xt; int64_t ldx; float *out_t;
+                 const int64_t *cuts; const float *bias; } block_ctx;
+
+#if SF_AVX2
+static inline float hsum128(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+/* SpMV for rows i0 .. i0+GH-1 of block-row br with W-lane vectors (W = 8: bw % 8 == 0, AVX;
+ * W = 4: bw % 4 == 0, SSE); lane l of acc[i] sums the row's columns = l mod W. */
+#define DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, GH)                              \
+static inline void block_spmv##W##_g##GH(const block_ctx *a, int64_t br, int64_t i0) {    \
+    VT acc[GH];                                                                           \
+    _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i) acc[i] = SETZERO();              \
+    const int64_t bw = a->bw, bsz = a->bh * a->bw;                                         \
+    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {                             \
+        const float *xs = a->x + (int64_t)a->bcol[k] * bw;                                \
+        const float *b = a->blk + k * bsz + i0 * bw;                                      \
+        SF_PREFETCH(b + (16 / (W)) * bsz);                                                \
+        for (int64_t s = 0; s < bw; s += (W)) {                                           \
+            const VT xv = LOADU(xs + s);                                                  \
+            _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i)                          \
+                acc[i] = FMADD(LOADU(b + i * bw + s), xv, acc[i]);                        \
+        }                                                                                 \
+    }                                                                                     \
+    _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i) a->y[br * a->bh + i0 + i] = HSUM(acc[i]); \
+}
+#define DEF_BLOCK_SPMV_W(W, VT, SETZERO, LOADU, FMADD, HSUM)                                \
+    DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, 8)                                 \
+    DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, 4)                                 \
+    DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, 2)                                 \
+    DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, 1)
+DEF_BLOCK_SPMV_W(8, __m256, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256)
+DEF_BLOCK_SPMV_W(4, __m128, _mm_setzero_ps, _mm_loadu_ps, _mm_fmadd_ps, hsum128)
+#endif
+
+/* Any (bh, bw): one row at a time, scalar. */
+static inline void block_spmv_row_scalar(const block_ctx *a, int64_t br, int64_t i) {
+    const int64_t bw = a->bw, bsz = a->bh * a->bw;
+    float acc = 0.f;
+    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {
+        const float *xs = a->x + (int64_t)a->bcol[k] * bw;
+        const float *b = a->blk + k * bsz + i * bw;
+        for (int64_t j = 0; j < bw; ++j) acc += b[j] * xs[j];
+    }
+    a->y[br * a->bh + i] = acc;
+}
+
+static void block_spmv_chunk(const void *p, int c) {
+    const block_ctx *a = (const block_ctx *)p;
+    for (int64_t br = a->cuts[c]; br < a->cuts[c + 1]; ++br) {
+        int64_t i = 0;
+#if SF_AVX2
+#define BLOCK_SPMV_ROWS(W)                                                                  \
+        do {                                                                              \
+            for (; i + 8 <= a->bh; i += 8) block_spmv##W##_g8(a, br, i);                  \
+            if (i + 4 <= a->bh) { block_spmv##W##_g4(a, br, i); i += 4; }                 \
+            if (i + 2 <= a->bh) { block_spmv##W##_g2(a, br, i); i += 2; }                 \
+            if (i < a->bh) { block_spmv##W##_g1(a, br, i); ++i; }                         \
+        } while (0)
+        if (a->bw % 8 == 0) BLOCK_SPMV_ROWS(8);
+        else if (a->bw % 4 == 0) BLOCK_SPMV_ROWS(4);
+#endif
+        for (; i < a->bh; ++i) block_spmv_row_scalar(a, br, i);
+        sf_add_bias(a->y, a->bias, br * a->bh, br * a->bh + a->bh);
+    }
+}
+
+void sf_block_spmv(const int64_t *brow, const int32_t *bcol, const float *blk, int64_t bh, int64_t bw,
+                   const float *x, float *y, const int64_t *cuts, int nchunks, int nthreads, const float *bias) {
+    block_ctx a = {brow, bcol, blk, bh, bw, x, y, NULL, 0, NULL, cuts, bias};
+    sf_run(block_spmv_chunk, &a, nchunks, nthreads);
+}
+
+/* SpMM on xt (cols, ldx), ldx % 8 == 0: for a group of GH rows and NT 8-column batch tiles,
+ * out_t[row, tiles] = sum over the block-row's weights w[i, j] of w * xt[col j, tiles]: a
+ * broadcast and NT FMAs per weight, GH * NT independent accumulators (8 when possible, so the
+ * FMA latency is hidden even for one-row blocks). */
+#if SF_AVX2
+#define DEF_BLOCK_SPMM(GH, NT, NS)                                                          \
+static inline void block_spmm_g##GH##_t##NT(const block_ctx *a, int64_t br, int64_t i0, int64_t t) { \
+    __m256 acc[NS][GH][NT];                                                               \
+    _Pragma("GCC unroll 8") for (int s = 0; s < NS; ++s)                                  \
+        _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i)                              \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v) acc[s][i][v] = _mm256_setzero_ps(); \
+    const int64_t bw = a->bw, bsz = a->bh * a->bw, ldx = a->ldx;                           \
+    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {                             \
+        const float *xr = a->xt + (int64_t)a->bcol[k] * bw * ldx + t;                     \
+        const float *b = a->blk + k * bsz + i0 * bw;                                      \
+        int64_t j = 0;                                                                    \
+        for (; j + NS <= bw; j += NS)                                                     \
+            _Pragma("GCC unroll 8") for (int s = 0; s < NS; ++s)                          \
+                _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i) {                    \
+                    const __m256 w = _mm256_broadcast_ss(b + i * bw + j + s);             \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v)                  \
+                        acc[s][i][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + (j + s) * ldx + 8 * v), acc[s][i][v]); \
+                }                                                                         \
+        for (; j < bw; ++j)                                                               \
+            _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i) {                        \
+                const __m256 w = _mm256_broadcast_ss(b + i * bw + j);                     \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v)                      \
+                    acc[0][i][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + j * ldx + 8 * v), acc[0][i][v]); \
+            }                                                                             \
+    }                                                                                     \
+    _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i)                                  \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v) {                            \
+            __m256 r = acc[0][i][v];                                                      \
+            _Pragma("GCC unroll 8") for (int s = 1; s < NS; ++s) r = _mm256_add_ps(r, acc[s][i][v]); \
+            _mm256_storeu_ps(a->out_t + (br * a->bh + i0 + i) * ldx + t + 8 * v, r);     \
+        }                                                                                 \
+}
+/* (rows, tiles, accumulator sets): 8 accumulators each. The variant with the most tiles that
+ * fit the batch runs first, so a group reads each xt cache line for all its tiles at once
+ * (batch 16 with one-row blocks: 6.1 -> see docs; two one-tile passes re-read xt from L2). */
+DEF_BLOCK_SPMM(8, 1, 1)
+DEF_BLOCK_SPMM(4, 2, 1)
+DEF_BLOCK_SPMM(4, 1, 2)
+DEF_BLOCK_SPMM(2, 4, 1)
+DEF_BLOCK_SPMM(2, 2, 2)
+DEF_BLOCK_SPMM(2, 1, 4)
+DEF_BLOCK_SPMM(1, 8, 1)
+DEF_BLOCK_SPMM(1, 4, 2)
+DEF_BLOCK_SPMM(1, 2, 4)
+DEF_BLOCK_SPMM(1, 1, 8)
+/* rows i .. i+GH-1 of block-row br over every tile t: NT tiles at a time while they fit */
+#define BLOCK_SPMM_STEP(GH, NT)                                                             \
+    for (; t + 8 * (NT) <= a->ldx; t += 8 * (NT)) block_spmm_g##GH##_t##NT(a, br, i, t)
+#else
+static inline void block_spmm_scalar_row(const block_ctx *a, int64_t br, int64_t i0, int64_t t) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int64_t bw = a->bw, bsz = a->bh * a->bw, ldx = a->ldx;
+    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {
+        const float *xr = a->xt + (int64_t)a->bcol[k] * bw * ldx + t;
+        const float *b = a->blk + k * bsz + i0 * bw;
+        for (int64_t j = 0; j < bw; ++j)
+            for (int l = 0; l < 8; ++l) acc[l] += b[j] * xr[j * ldx + l];
+    }
+    for (int l = 0; l < 8; ++l) a->out_t[(br * a->bh + i0) * ldx + t + l] = acc[l];
+}
+#endif
+
+static void block_spmm_chunk(const void *p, int c) {
+    const block_ctx *a = (const block_ctx *)p;
+    for (int64_t br = a->cuts[c]; br < a->cuts[c + 1]; ++br) {
+        int64_t i = 0;
+#if SF_AVX2
+        for (; i + 8 <= a->bh; i += 8) { int64_t t = 0; BLOCK_SPMM_STEP(8, 1); }
+        if (i + 4 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(4, 2); BLOCK_SPMM_STEP(4, 1); i += 4; }
+        if (i + 2 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(2, 4); BLOCK_SPMM_STEP(2, 2); BLOCK_SPMM_STEP(2, 1); i += 2; }
+        if (i < a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(1, 8); BLOCK_SPMM_STEP(1, 4); BLOCK_SPMM_STEP(1, 2); BLOCK_SPMM_STEP(1, 1); ++i; }
+#else
+        for (; i < a->bh; ++i)
+            for (int64_t t = 0; t < a->ldx; t += 8) block_spmm_scalar_row(a, br, i, t);
+#endif
+    }
+}
+
+void sf_block_spmm(const int64_t *brow, const int32_t *bcol, const float *blk, int64_t bh, int64_t bw,
+                   const float *xt, int64_t ldx, float *out_t, const int64_t *cuts, int nchunks, int nthreads) {
+    block_ctx a = {brow, bcol, blk, bh, bw, NULL, NULL, xt, ldx, out_t, cuts, NULL};
+    sf_run(block_spmm_chunk, &a, nchunks, nthreads);
 }
