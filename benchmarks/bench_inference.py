@@ -1,6 +1,6 @@
 """Sparse inference benchmark: torch dense vs torch CSR vs sparseforge (prints a table, saves JSON).
 
-    python benchmarks/bench_inference.py                 # full: 4x 4096x4096 MLP, 0.5/0.7/0.9/0.95/2:4, batch 1/16/128
+    python benchmarks/bench_inference.py                 # full: 4x 4096x4096 MLP, 0.5/0.7/0.9/0.95/2:4/block, batch 1/16/128
     python benchmarks/bench_inference.py --quick         # < 1 minute
     python benchmarks/bench_inference.py --model m.safetensors --sparsities 0.9 --batches 1 16
     python benchmarks/bench_inference.py --sparsities block:8x8:0.7 block:4x4:0.9   # block-pruned
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.inference.bench import format_markdown, format_table, parse_pattern, run_inference_bench
+from sparseforge.inference.bench import DEFAULT_PATTERNS, format_markdown, format_table, parse_pattern, run_inference_bench
 
 
 def _pattern(text: str) -> float | str:
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="safetensors state dict of Linear layers")
     p.add_argument("--json", default="bench_inference.json")
     a = p.parse_args()
-    sparsities = tuple(a.sparsities) if a.sparsities else ((0.9,) if a.quick else (0.5, 0.7, 0.9, 0.95, "2:4"))
+    sparsities = tuple(a.sparsities) if a.sparsities else ((0.9,) if a.quick else DEFAULT_PATTERNS)
     batches = tuple(a.batches) if a.batches else ((1, 16) if a.quick else (1, 16, 128))
     import os
     import sys

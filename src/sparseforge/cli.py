@@ -123,22 +123,24 @@ def report(
 @app.command()
 def bench(
     model: Annotated[Optional[Path], typer.Option(help="A safetensors state dict of Linear layers; default: the built-in 4-layer 4096x4096 MLP.")] = None,
-    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros, N:M patterns (kept:group) and/or block:RxC:S (R x C blocks, S zero).")] = "0.5,0.7,0.9,0.95,2:4",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros, N:M patterns (kept:group) and/or block:RxC:S (R x C blocks, S zero); default: the standard set of make bench.")] = "",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (input rows per forward).")] = "1,16,128",
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path("bench_inference.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")] = False,
 ) -> None:
     """Time dense torch vs torch CSR vs sparseforge's packed kernels, with the machine's bandwidth."""
-    from .inference.bench import format_table, parse_pattern, run_inference_bench
+    from .inference.bench import DEFAULT_PATTERNS, format_table, parse_pattern, run_inference_bench
 
-    patterns = [parse_pattern(item) for item in (v.strip() for v in sparsities.split(",")) if item]
+    patterns = [parse_pattern(item) for item in (v.strip() for v in sparsities.split(",")) if item] or list(DEFAULT_PATTERNS)
     sizes = []
     for item in (v.strip() for v in batches.split(",") if v.strip()):
         if not item.isdigit() or int(item) < 1:
             raise SparseforgeError(f"batches={batches!r} must be comma-separated positive integers")
         sizes.append(int(item))
-    if quick and sparsities == "0.5,0.7,0.9,0.95,2:4":
-        patterns, sizes = [0.9], [1, 16]
+    if quick and not sparsities.strip():
+        patterns = [0.9]
+    if quick and batches == "1,16,128":
+        sizes = [1, 16]
     rows = run_inference_bench(tuple(patterns), tuple(sizes), model_path=model, json_out=json_out, quick=quick)
     console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_out}")

@@ -25,7 +25,7 @@ from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
 
-__all__ = ["run_inference_bench", "parse_pattern", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
+__all__ = ["run_inference_bench", "parse_pattern", "DEFAULT_PATTERNS", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
 
 
 def _median_s(fn: Callable[[], object], reps: int) -> float:
@@ -85,6 +85,9 @@ def load_mlp(path: str | os.PathLike) -> nn.Sequential:
         mods += [lin, nn.ReLU()] if i < len(names) - 1 else [lin]
     return nn.Sequential(*mods).eval()
 
+
+#: The standard set (``make bench``): unstructured magnitude pruning, 2:4, and two block-pruned models.
+DEFAULT_PATTERNS: tuple[float | str, ...] = (0.5, 0.7, 0.9, 0.95, "2:4", "block:8x8:0.7", "block:4x4:0.9")
 
 _PATTERNS_ALLOWED = "a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), or block:RxC:S (e.g. block:8x8:0.9)"
 
@@ -211,7 +214,7 @@ FLUSH_MB = 128
 
 
 def run_inference_bench(
-    sparsities: tuple[float | str, ...] = (0.5, 0.7, 0.9, 0.95, "2:4"),
+    sparsities: tuple[float | str, ...] = DEFAULT_PATTERNS,
     batches: tuple[int, ...] = (1, 16, 128),
     model_path: str | os.PathLike | None = None,
     json_out: str | os.PathLike | None = None,
