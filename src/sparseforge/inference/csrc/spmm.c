@@ -693,6 +693,13 @@ static inline float hsum128(__m128 v) {
 }
 /* SpMV for rows i0 .. i0+GH-1 of block-row br with W-lane vectors (W = 8: bw % 8 == 0, AVX;
  * W = 4: bw % 4 == 0, SSE); lane l of acc[i] sums the row's columns = l mod W. */
+/* Blocks are one sequential stream per thread; prefetching 256 bytes ahead measured best: 4
+ * 4096² layers of 8x8 blocks, 2 threads, 128 MB read before each call, kernel time / time of
+ * torch's sum over the same blocks: 1.07-1.11 at 256 bytes, 1.10-1.17 at 0, 1.19-1.35 at 512,
+ * 1.25-1.35 at 1024 (70 % and 90 % sparsity, two runs each). */
+#ifndef SF_BLK_PF_BYTES
+#define SF_BLK_PF_BYTES 256
+#endif
 #define DEF_BLOCK_SPMV(W, VT, SETZERO, LOADU, FMADD, HSUM, GH)                              \
 static inline void block_spmv##W##_g##GH(const block_ctx *a, int64_t br, int64_t i0) {    \
     VT acc[GH];                                                                           \
@@ -701,7 +708,8 @@ static inline void block_spmv##W##_g##GH(const block_ctx *a, int64_t br, int64_t
     for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {                             \
         const float *xs = a->x + (int64_t)a->bcol[k] * bw;                                \
         const float *b = a->blk + k * bsz + i0 * bw;                                      \
-        SF_PREFETCH(b + (16 / (W)) * bsz);                                                \
+        SF_PREFETCH((const char *)b + SF_BLK_PF_BYTES);                                   \
+        SF_PREFETCH((const char *)b + SF_BLK_PF_BYTES + 64 * (bsz >= 32));                \
         for (int64_t s = 0; s < bw; s += (W)) {                                           \
             const VT xv = LOADU(xs + s);                                                  \
             _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i)                          \
