@@ -423,3 +423,20 @@ def test_native_block_results_do_not_depend_on_thread_count(monkeypatch, batch):
     _check(fmt, x, w)
     for t in (2, 3, 7):
         np.testing.assert_array_equal(one, sparse_matmul(fmt, x, KernelRunner(threads=t)))
+
+
+@needs_native
+@pytest.mark.parametrize("block", [(8, 8), (1, 8), (4, 4), (3, 5), (2, 16)])
+def test_native_block_spmm_column_blocking_matches_dense(monkeypatch, block):
+    """Wide layers at large batch walk the input columns in ranges (xt slice in L2); blocks of a
+    block-row are continued range after range; the default range and the smallest (64 inputs)."""
+    bh, bw = block
+    w = _block_weight(bh * 12, 1920, bh, bw, 0.3, seed=7)
+    fmt = BlockSparse.from_dense(w, bh, bw)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((130, 1920)).astype(np.float32))
+    ref = (x.double() @ torch.from_numpy(w).double().T).float()
+    assert kernels.spmm_block_cols(1920, 136) > 0  # the blocked path is taken at this size
+    for block_bytes in (kernels.CSR_SPMM_BLOCK_BYTES, 4 * 136 * 64):
+        monkeypatch.setattr(kernels, "CSR_SPMM_BLOCK_BYTES", block_bytes)
+        got = kernels.sparse_matmul_tensor(fmt, x)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, msg=f"block {block}, range bytes {block_bytes}")

@@ -416,7 +416,10 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
         else:
             plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
     elif plan.kind == "block":
-        lib.sf_block_spmm(*plan.ptrs, fmt.bh, fmt.bw, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
+        block_cols = spmm_block_cols(cols, ldx)  # input features per range, as for CSR (0 = one range)
+        nbc = cols // fmt.bw
+        lib.sf_block_spmm(*plan.ptrs, fmt.bh, fmt.bw, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads,
+                          nbc, max(1, block_cols // fmt.bw) if block_cols else 0, max(1, CSR_SPMM_BLOCK_ROWS // fmt.bh))
     else:
         mask_p, rowptr_p, val_p = plan.ptrs
         if lib.sf_bitmask_spmm(mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads) != 0:

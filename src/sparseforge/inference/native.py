@@ -172,7 +172,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_bitmask_spmm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_bitmask_spmm.restype = _INT
     lib.sf_block_spmv.argtypes = [_P, _P, _P, _I64, _I64, _P, _P, _P, _INT, _INT, _P]
-    lib.sf_block_spmm.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT]
+    lib.sf_block_spmm.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, _I64, _I64, _I64]
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
     lib.sf_transpose.restype = None
     lib.sf_set_threading.argtypes = [_INT]

@@ -683,7 +683,7 @@ int sf_bitmask_spmm(const uint64_t *mask, int64_t words, const int64_t *rowptr,
  * thread split. */
 typedef struct { const int64_t *brow; const int32_t *bcol; const float *blk; int64_t bh, bw;
                  const float *x; float *y; const float *xt; int64_t ldx; float *out_t;
-                 const int64_t *cuts; const float *bias; } block_ctx;
+                 const int64_t *cuts; const float *bias; int64_t nbc, cb, rb; } block_ctx;
 
 #if SF_AVX2
 static inline float hsum128(__m128 v) {
@@ -761,7 +761,7 @@ static void block_spmv_chunk(const void *p, int c) {
 
 void sf_block_spmv(const int64_t *brow, const int32_t *bcol, const float *blk, int64_t bh, int64_t bw,
                    const float *x, float *y, const int64_t *cuts, int nchunks, int nthreads, const float *bias) {
-    block_ctx a = {brow, bcol, blk, bh, bw, x, y, NULL, 0, NULL, cuts, bias};
+    block_ctx a = {brow, bcol, blk, bh, bw, x, y, NULL, 0, NULL, cuts, bias, 0, 0, 0};
     sf_run(block_spmv_chunk, &a, nchunks, nthreads);
 }
 
@@ -771,13 +771,16 @@ void sf_block_spmv(const int64_t *brow, const int32_t *bcol, const float *blk, i
  * FMA latency is hidden even for one-row blocks). */
 #if SF_AVX2
 #define DEF_BLOCK_SPMM(GH, NT, NS)                                                          \
-static inline void block_spmm_g##GH##_t##NT(const block_ctx *a, int64_t br, int64_t i0, int64_t t) { \
+static inline void block_spmm_g##GH##_t##NT(const block_ctx *a, int64_t br, int64_t i0, int64_t t, \
+                                             int64_t k0, int64_t k1, int init) {          \
     __m256 acc[NS][GH][NT];                                                               \
+    const int64_t bw = a->bw, bsz = a->bh * a->bw, ldx = a->ldx;                           \
     _Pragma("GCC unroll 8") for (int s = 0; s < NS; ++s)                                  \
         _Pragma("GCC unroll 8") for (int i = 0; i < GH; ++i)                              \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v) acc[s][i][v] = _mm256_setzero_ps(); \
-    const int64_t bw = a->bw, bsz = a->bh * a->bw, ldx = a->ldx;                           \
-    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {                             \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NT; ++v)                          \
+                acc[s][i][v] = (init && s == 0) ? _mm256_loadu_ps(a->out_t + (br * a->bh + i0 + i) * ldx + t + 8 * v) \
+                                                : _mm256_setzero_ps();                    \
+    for (int64_t k = k0; k < k1; ++k) {                                                   \
         const float *xr = a->xt + (int64_t)a->bcol[k] * bw * ldx + t;                     \
         const float *b = a->blk + k * bsz + i0 * bw;                                      \
         int64_t j = 0;                                                                    \
@@ -817,39 +820,67 @@ DEF_BLOCK_SPMM(1, 2, 4)
 DEF_BLOCK_SPMM(1, 1, 8)
 /* rows i .. i+GH-1 of block-row br over every tile t: NT tiles at a time while they fit */
 #define BLOCK_SPMM_STEP(GH, NT)                                                             \
-    for (; t + 8 * (NT) <= a->ldx; t += 8 * (NT)) block_spmm_g##GH##_t##NT(a, br, i, t)
+    for (; t + 8 * (NT) <= a->ldx; t += 8 * (NT)) block_spmm_g##GH##_t##NT(a, br, i, t, k0, k1, init)
 #else
-static inline void block_spmm_scalar_row(const block_ctx *a, int64_t br, int64_t i0, int64_t t) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+static inline void block_spmm_scalar_row(const block_ctx *a, int64_t br, int64_t i0, int64_t t,
+                                         int64_t k0, int64_t k1, int init) {
+    float acc[8];
     const int64_t bw = a->bw, bsz = a->bh * a->bw, ldx = a->ldx;
-    for (int64_t k = a->brow[br]; k < a->brow[br + 1]; ++k) {
+    float *o = a->out_t + (br * a->bh + i0) * ldx + t;
+    for (int l = 0; l < 8; ++l) acc[l] = init ? o[l] : 0.f;
+    for (int64_t k = k0; k < k1; ++k) {
         const float *xr = a->xt + (int64_t)a->bcol[k] * bw * ldx + t;
         const float *b = a->blk + k * bsz + i0 * bw;
         for (int64_t j = 0; j < bw; ++j)
             for (int l = 0; l < 8; ++l) acc[l] += b[j] * xr[j * ldx + l];
     }
-    for (int l = 0; l < 8; ++l) a->out_t[(br * a->bh + i0) * ldx + t + l] = acc[l];
+    for (int l = 0; l < 8; ++l) o[l] = acc[l];
 }
 #endif
 
+/* all rows of block-row br, blocks k0 .. k1-1, every tile; init: add to out_t (later column ranges) */
+static inline void block_spmm_rows(const block_ctx *a, int64_t br, int64_t k0, int64_t k1, int init) {
+    int64_t i = 0;
+#if SF_AVX2
+    for (; i + 8 <= a->bh; i += 8) { int64_t t = 0; BLOCK_SPMM_STEP(8, 1); }
+    if (i + 4 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(4, 2); BLOCK_SPMM_STEP(4, 1); i += 4; }
+    if (i + 2 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(2, 4); BLOCK_SPMM_STEP(2, 2); BLOCK_SPMM_STEP(2, 1); i += 2; }
+    if (i < a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(1, 8); BLOCK_SPMM_STEP(1, 4); BLOCK_SPMM_STEP(1, 2); BLOCK_SPMM_STEP(1, 1); ++i; }
+#else
+    for (; i < a->bh; ++i)
+        for (int64_t t = 0; t < a->ldx; t += 8) block_spmm_scalar_row(a, br, i, t, k0, k1, init);
+#endif
+}
+
+/* Column blocking as for CSR (sf_csr_spmm_blk): a group of rb block-rows walks the block-columns
+ * in ranges of cb, so the xt rows of one range (cb * bw inputs) stay in L2 while every block-row
+ * of the group uses them; each block-row continues its sums in out_t from range to range. Blocks
+ * of a block-row must be sorted by column (BlockSparse.from_dense makes them so). cb <= 0: one
+ * range. The ranges depend only on the layer and batch, so results do not depend on threads. */
 static void block_spmm_chunk(const void *p, int c) {
     const block_ctx *a = (const block_ctx *)p;
-    for (int64_t br = a->cuts[c]; br < a->cuts[c + 1]; ++br) {
-        int64_t i = 0;
-#if SF_AVX2
-        for (; i + 8 <= a->bh; i += 8) { int64_t t = 0; BLOCK_SPMM_STEP(8, 1); }
-        if (i + 4 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(4, 2); BLOCK_SPMM_STEP(4, 1); i += 4; }
-        if (i + 2 <= a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(2, 4); BLOCK_SPMM_STEP(2, 2); BLOCK_SPMM_STEP(2, 1); i += 2; }
-        if (i < a->bh) { int64_t t = 0; BLOCK_SPMM_STEP(1, 8); BLOCK_SPMM_STEP(1, 4); BLOCK_SPMM_STEP(1, 2); BLOCK_SPMM_STEP(1, 1); ++i; }
-#else
-        for (; i < a->bh; ++i)
-            for (int64_t t = 0; t < a->ldx; t += 8) block_spmm_scalar_row(a, br, i, t);
-#endif
+    int64_t kp[SF_RB];
+    const int64_t rb = a->rb < 1 ? 1 : a->rb < SF_RB ? a->rb : SF_RB;
+    const int64_t cb = a->cb < 1 || a->cb > a->nbc ? (a->nbc > 0 ? a->nbc : 1) : a->cb;
+    for (int64_t g = a->cuts[c]; g < a->cuts[c + 1]; g += rb) {
+        const int64_t ge = g + rb < a->cuts[c + 1] ? g + rb : a->cuts[c + 1];
+        for (int64_t br = g; br < ge; ++br) kp[br - g] = a->brow[br];
+        for (int64_t c0 = 0; c0 == 0 || c0 < a->nbc; c0 += cb) {
+            const int last = c0 + cb >= a->nbc;
+            for (int64_t br = g; br < ge; ++br) {
+                const int64_t k0 = kp[br - g], e = a->brow[br + 1];
+                int64_t k1 = e;
+                if (!last) { k1 = k0; while (k1 < e && (int64_t)a->bcol[k1] < c0 + cb) ++k1; }
+                if (c0 == 0 || k1 > k0) block_spmm_rows(a, br, k0, k1, c0 > 0);
+                kp[br - g] = k1;
+            }
+        }
     }
 }
 
 void sf_block_spmm(const int64_t *brow, const int32_t *bcol, const float *blk, int64_t bh, int64_t bw,
-                   const float *xt, int64_t ldx, float *out_t, const int64_t *cuts, int nchunks, int nthreads) {
-    block_ctx a = {brow, bcol, blk, bh, bw, NULL, NULL, xt, ldx, out_t, cuts, NULL};
+                   const float *xt, int64_t ldx, float *out_t, const int64_t *cuts, int nchunks, int nthreads,
+                   int64_t nbc, int64_t cb, int64_t rb) {
+    block_ctx a = {brow, bcol, blk, bh, bw, NULL, NULL, xt, ldx, out_t, cuts, NULL, nbc, cb, rb};
     sf_run(block_spmm_chunk, &a, nchunks, nthreads);
 }
