@@ -313,6 +313,29 @@ def test_save_load_keeps_the_extra_format_and_the_spmv_variant(tmp_path):
             torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
 
 
+@needs_kernels
+def test_save_load_keeps_the_block_shape_of_a_second_format(tmp_path):
+    """CSR first (stored as bitmask), 8x8 blocks second: the block shape survives the re-pack
+    (the default would be 4x4), and so do the outputs, bitwise."""
+    from sparseforge.inference import BlockSparse
+
+    torch.manual_seed(5)
+    lin = nn.Linear(48, 24)
+    keep = (torch.rand(3, 6) < 0.4).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    with torch.no_grad():
+        lin.weight.mul_(keep)
+    w = lin.weight.detach().clone()
+    plan = BatchPlan.from_choices({1: "block", 8: "sparse"})
+    layer = SparseLinear(CompactCSR.from_dense(w), None, lin.bias, plan, extra=BlockSparse.from_dense(w, 8, 8))
+    save_converted(tmp_path / "m.safetensors", nn.Sequential(layer))
+    back = load_converted(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(48, 24)))[0]
+    assert back.format_names == "csr+block" and (back.extra.bh, back.extra.bw) == (8, 8)
+    with torch.inference_mode():
+        for rows in (1, 5):
+            x = torch.randn(rows, 48)
+            torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+
+
 def test_close_calls_are_timed_again_and_the_second_timing_decides(monkeypatch):
     """csr measured 1.15x (within CLOSE_CALL of the 1.1x threshold) is timed again with dense and
     now loses; bitmask at 3x is far from the threshold and keeps its first timing."""

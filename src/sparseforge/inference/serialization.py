@@ -67,6 +67,8 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
             "stored": stored.name,
             "runs": m.packed.name if m.packed is not None else None,
             "runs_extra": m.extra.name if m.extra is not None else None,
+            # parameters of the run formats (block shape, n:m) for the re-pack on load
+            "runs_params": [f.params() if f is not None else None for f in (m.packed, m.extra)],
             "spmv_variants": [getattr(f, "_sf_spmv_variant", None) for f in (m.packed, m.extra)],
             "params": stored.params(),
             "shape": [m.out_features, m.in_features],
@@ -109,12 +111,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def _repack(stored, runs: str, layer: str):
-    if runs == stored.name:
+def _repack(stored, runs: str, params: dict | None, layer: str):
+    params = {k: int(v) for k, v in (params or {}).items()}
+    if runs == stored.name and params == stored.params():
         return stored
     if runs not in FORMATS:
         raise SparseforgeError(f"file layer {layer!r} runs unknown format {runs!r}; allowed: {sorted(FORMATS)}")
-    return FORMATS[runs].from_dense(stored.to_dense())
+    try:
+        return FORMATS[runs].from_dense(stored.to_dense(), **params)
+    except TypeError:
+        raise SparseforgeError(f"file layer {layer!r}: format {runs!r} does not take parameters {sorted(params)}") from None
 
 
 def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
@@ -156,11 +162,13 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         stored = cls.from_arrays(shape, arrays, {k: int(v) for k, v in spec["params"].items()})
         plan = BatchPlan(tuple((int(b), str(p)) for b, p in spec["plan"]))
         runs = spec["runs"]
+        # files written before runs_params existed: the stored format's own parameters
+        run_params = spec.get("runs_params") or [stored.params(), None]
         packed = extra = None
         if runs is not None:
-            packed = _repack(stored, runs, name)
+            packed = _repack(stored, runs, run_params[0], name)
         if spec.get("runs_extra") is not None:
-            extra = _repack(stored, spec["runs_extra"], name)
+            extra = _repack(stored, spec["runs_extra"], run_params[1], name)
         for fmt, variant in zip((packed, extra), spec.get("spmv_variants", [None, None])):
             if fmt is not None and variant is not None:
                 set_spmv_variant(fmt, int(variant))
