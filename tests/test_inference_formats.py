@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, PackedNM
+from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedNM
 from sparseforge.inference import kernels
 from sparseforge.inference.kernels import KernelRunner, kernels_available, numba_available, sparse_matmul
 
@@ -70,6 +70,31 @@ def test_block_round_trip(w):
     assert torch.equal(BlockSparse.from_arrays(fmt.shape, fmt.arrays(), fmt.params()).to_dense(), w)
 
 
+@given(sparse_weights(), st.integers(0, 2**31 - 1))
+def test_compact_dense_round_trip(w, seed):
+    rng = np.random.default_rng(seed)
+    w = w.clone()
+    w[torch.from_numpy(rng.random(w.shape[0]) < 0.4)] = 0.0  # whole rows (output channels) gone
+    w[:, torch.from_numpy(rng.random(w.shape[1]) < 0.3)] = 0.0  # and whole input columns
+    fmt = CompactDense.from_dense(w)
+    nz = w != 0
+    assert fmt.weight.shape == (int(nz.any(dim=1).sum()), int(nz.any(dim=0).sum()))
+    assert CompactDense.area(w) == pytest.approx(fmt.weight.size / w.numel() if w.numel() else 1.0)
+    assert torch.equal(fmt.to_dense(), w)
+    assert torch.equal(CompactDense.from_arrays(fmt.shape, fmt.arrays(), fmt.params()).to_dense(), w)
+
+
+def test_compact_dense_inconsistent_arrays_are_refused():
+    fmt = CompactDense.from_dense(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 4.0]]))
+    assert fmt.rows.tolist() == [0, 2] and fmt.cols.tolist() == [0, 1, 2]
+    for bad in ({"rows": np.array([2, 0], dtype=np.uint16)},            # not increasing
+                {"cols": np.array([0, 1, 3], dtype=np.uint16)},         # out of range
+                {"weight": fmt.weight[:, :2].copy()},                    # wrong shape
+                {"rows": fmt.rows.astype(np.int32)}):                    # wrong index dtype
+        with pytest.raises(SparseforgeError, match="compact arrays are inconsistent"):
+            CompactDense.from_arrays(fmt.shape, fmt.arrays() | bad, {})
+
+
 def test_special_values_round_trip():
     w = torch.tensor([[float("nan"), 0.0, float("inf")], [-float("inf"), 1e-38, -0.0]])
     for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
@@ -110,7 +135,7 @@ def test_inconsistent_arrays_are_refused():
 
 
 def _all_formats(w: torch.Tensor):
-    fmts = [CompactCSR.from_dense(w), Bitmask.from_dense(w)]
+    fmts = [CompactCSR.from_dense(w), Bitmask.from_dense(w), CompactDense.from_dense(w)]
     if w.shape[1] % 4 == 0:
         fmts.append(PackedNM.from_dense(nm_weight(w, 2, 4), 2, 4))
         if w.shape[0] % 2 == 0:

@@ -12,14 +12,14 @@ Typical use::
 """
 
 from .convert import ConversionReport, LayerDecision, convert
-from .formats import FORMATS, Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
+from .formats import FORMATS, Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .kernels import kernels_available, sparse_matmul, unavailable_reason
 from .modules import BatchPlan, SparseLinear
 from .serialization import load_converted, save_converted
 
 __all__ = [
     "convert", "ConversionReport", "LayerDecision",
-    "PackedFormat", "CompactCSR", "Bitmask", "PackedNM", "BlockSparse", "FORMATS",
+    "PackedFormat", "CompactCSR", "Bitmask", "PackedNM", "BlockSparse", "CompactDense", "FORMATS",
     "SparseLinear", "BatchPlan",
     "kernels_available", "unavailable_reason", "sparse_matmul",
     "save_converted", "load_converted",

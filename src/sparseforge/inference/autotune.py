@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import SparseforgeError
-from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
+from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul_tensor
 
 __all__ = ["LayerChoice", "candidate_formats", "measure_layer", "rule_layer", "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
@@ -44,6 +44,8 @@ RULE_MAX_DENSITY = 0.25
 _NM_PATTERNS = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
 _BLOCKS = ((8, 8), (4, 4), (1, 8))
 _MIN_BLOCK_FILL = 0.6
+#: The compacted dense sub-matrix is a candidate when it keeps at most this fraction of the matrix.
+_MAX_COMPACT_AREA = 0.8
 
 
 @dataclass
@@ -62,7 +64,8 @@ class LayerChoice:
 
 
 def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
-    """Every packed format that suits ``weight``'s zeros: CSR and bitmask always; N:M and block when they fit."""
+    """Every packed format that suits ``weight``'s zeros: CSR and bitmask always; N:M, block and
+    compact dense (whole zero rows or columns) when they fit."""
     w = weight.detach().contiguous()
     out: list[PackedFormat] = [CompactCSR.from_dense(w), Bitmask.from_dense(w)]
     for n_keep, m in _NM_PATTERNS:
@@ -73,6 +76,8 @@ def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
         if BlockSparse.fill_ratio(w, bh, bw) >= _MIN_BLOCK_FILL:
             out.append(BlockSparse.from_dense(w, bh, bw))
             break
+    if CompactDense.area(w) <= _MAX_COMPACT_AREA:
+        out.append(CompactDense.from_dense(w))
     return out
 
 
@@ -113,7 +118,8 @@ def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str
     not replace dense; in particular a busy machine (another process taking one core now and then)
     slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
     alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
-    are the quiet-machine estimate. Returned as ms: ``dense_median / speedup``."""
+    are the quiet-machine estimate. Returned as ms relative to the first pass's dense median
+    (``dense / speedup``), so every candidate is compared with the same dense number."""
     threshold = 1.0 + margin
     close = [k for k, v in medians.items()
              if k != "dense" and v > 0 and threshold / CLOSE_CALL <= medians["dense"] / v <= threshold * CLOSE_CALL]
@@ -121,10 +127,10 @@ def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str
         return medians
     times = _interleaved_times({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
     d_med, d_min = float(np.median(times["dense"])), min(times["dense"])
-    out = {**medians, "dense": d_med}
+    out = dict(medians)
     for k in close:
         speedup = min(d_med / float(np.median(times[k])), d_min / min(times[k]))
-        out[k] = d_med / speedup
+        out[k] = medians["dense"] / speedup
     return out
 
 

@@ -15,6 +15,8 @@ format              arrays                                          bytes per ke
                     one uint8 position per value
 ``BlockSparse``     dense ``(bh, bw)`` fp32 blocks + uint16/int32    4 / fill + small
                     block-column indices + int32 block-row pointers
+``CompactDense``    the dense sub-matrix of the rows and columns     4 / fill + small
+                    with any nonzero + their uint16/int32 indices
 ==================  ==============================================  ============================
 
 ``to_dense(fmt.from_dense(w))`` reproduces ``w`` bit for bit (including ``-0.0`` stored as a
@@ -38,6 +40,7 @@ __all__ = [
     "Bitmask",
     "PackedNM",
     "BlockSparse",
+    "CompactDense",
     "FORMATS",
     "as_weight_array",
     "index_dtype_for",
@@ -398,4 +401,68 @@ class BlockSparse(PackedFormat):
         return cls(shape, bh, bw, rp, bc, blocks)
 
 
-FORMATS: dict[str, type[PackedFormat]] = {f.name: f for f in (CompactCSR, Bitmask, PackedNM, BlockSparse)}
+# --------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class CompactDense(PackedFormat):
+    """The dense sub-matrix over the output rows and input columns that hold any nonzero.
+
+    For channel (structured) pruning: whole output neurons (zero rows) or inputs (zero columns)
+    removed. ``rows`` and ``cols`` (uint16 or int32, strictly increasing) index the kept ones;
+    ``weight`` is ``(len(rows), len(cols))`` fp32, zeros inside it included. Runs as a smaller
+    dense matmul (PyTorch's BLAS), so it is fast where whole channels are gone and no use for
+    unstructured zeros (:func:`CompactDense.area` says how much of the matrix it keeps).
+    """
+
+    name: ClassVar[str] = "compact"
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    weight: np.ndarray
+
+    @staticmethod
+    def area(weight: torch.Tensor | np.ndarray) -> float:
+        """Fraction of the weight matrix the compacted sub-matrix keeps (1.0 = no zero row or column)."""
+        w = as_weight_array(weight)
+        if w.size == 0:
+            return 1.0
+        nz = w != 0
+        return float(nz.any(axis=1).sum()) * float(nz.any(axis=0).sum()) / w.size
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor | np.ndarray) -> CompactDense:
+        w = as_weight_array(weight)
+        nz = w != 0
+        rows = np.flatnonzero(nz.any(axis=1))
+        cols = np.flatnonzero(nz.any(axis=0))
+        sub = np.ascontiguousarray(w[np.ix_(rows, cols)])
+        return cls(w.shape, rows.astype(index_dtype_for(w.shape[0])), cols.astype(index_dtype_for(w.shape[1])), sub)
+
+    def to_dense(self) -> torch.Tensor:
+        out = np.zeros(self.shape, dtype=np.float32)
+        out[np.ix_(self.rows.astype(np.int64), self.cols.astype(np.int64))] = self.weight
+        return torch.from_numpy(out)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"rows": self.rows, "cols": self.cols, "weight": self.weight}
+
+    @property
+    def nnz(self) -> int:
+        return int(self.weight.size)
+
+    @classmethod
+    def from_arrays(cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]) -> CompactDense:
+        _require(arrays, ("rows", "cols", "weight"), "compact")
+        out_f, in_f = shape
+        rows, cols, weight = arrays["rows"], arrays["cols"], arrays["weight"]
+        ok = rows.dtype == index_dtype_for(out_f) and cols.dtype == index_dtype_for(in_f) and rows.ndim == 1 and cols.ndim == 1
+        ok = ok and weight.dtype == np.float32 and weight.shape == (rows.shape[0], cols.shape[0])
+        for idx, extent in ((rows, out_f), (cols, in_f)):
+            if ok and idx.size:
+                i = idx.astype(np.int64)
+                ok = bool(np.all(np.diff(i) > 0)) and int(i[0]) >= 0 and int(i[-1]) < extent
+        if not ok:
+            raise SparseforgeError(f"compact arrays are inconsistent with shape {shape}; allowed: a file written by save_converted")
+        return cls(shape, rows, cols, weight)
+
+
+FORMATS: dict[str, type[PackedFormat]] = {f.name: f for f in (CompactCSR, Bitmask, PackedNM, BlockSparse, CompactDense)}

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .formats import Bitmask, BlockSparse, CompactCSR, PackedFormat, PackedNM
+from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .native import get_library, native_reason
 
 __all__ = ["kernels_available", "kernel_available_for", "numba_available", "unavailable_reason", "sparse_matmul", "sparse_matmul_tensor", "has_native_kernel",
@@ -61,8 +61,9 @@ def kernels_available() -> bool:
 
 
 def kernel_available_for(fmt: PackedFormat) -> bool:
-    """Whether :func:`sparse_matmul` can run ``fmt`` here (C kernels: CSR, bitmask; Numba: all)."""
-    return _IMPORT_ERROR is None or has_native_kernel(fmt)
+    """Whether :func:`sparse_matmul` can run ``fmt`` here (C kernels: CSR, bitmask, block; Numba: those
+    and N:M; compact dense: PyTorch, always)."""
+    return isinstance(fmt, CompactDense) or _IMPORT_ERROR is None or has_native_kernel(fmt)
 
 
 def unavailable_reason() -> str | None:
@@ -431,6 +432,30 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
     return out
 
 
+#: Per-format torch index tensors of a CompactDense (weakly keyed, like the native plans).
+_COMPACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compact_matmul(fmt: CompactDense, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` as a dense matmul on the kept rows and columns (PyTorch's BLAS)."""
+    got = _COMPACT.get(fmt)
+    if got is None:
+        rows = torch.from_numpy(fmt.rows.astype(np.int64))
+        cols = torch.from_numpy(fmt.cols.astype(np.int64))
+        got = (rows if rows.numel() < fmt.shape[0] else None, cols if cols.numel() < fmt.shape[1] else None,
+               torch.from_numpy(fmt.weight))
+        _COMPACT[fmt] = got
+    rows, cols, weight = got
+    xs = x if cols is None else x.index_select(1, cols)
+    if rows is None:
+        return torch.nn.functional.linear(xs, weight, bias)
+    out = torch.zeros(x.shape[0], fmt.shape[0], dtype=torch.float32) if bias is None else bias.expand(x.shape[0], -1).clone()
+    ys = torch.nn.functional.linear(xs, weight)
+    if bias is not None:
+        ys += bias.index_select(0, rows)
+    return out.index_copy_(1, rows, ys)
+
+
 def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor.
@@ -440,6 +465,8 @@ def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunne
     """
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
+    if isinstance(fmt, CompactDense):
+        return _compact_matmul(fmt, x.contiguous(), None if bias is None else bias.contiguous())
     if isinstance(fmt, _NATIVE_FORMATS):
         lib = get_library()
         if lib is not None:
@@ -466,7 +493,7 @@ def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None 
     """
     if x.shape[0] == 0:
         return np.zeros((0, fmt.shape[0]), dtype=np.float32)
-    if isinstance(fmt, _NATIVE_FORMATS) and get_library() is not None:
+    if isinstance(fmt, CompactDense) or (isinstance(fmt, _NATIVE_FORMATS) and get_library() is not None):
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return sparse_matmul_tensor(fmt, xt, runner).numpy()
     if _IMPORT_ERROR is not None:
