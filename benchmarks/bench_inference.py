@@ -3,7 +3,7 @@
     python benchmarks/bench_inference.py                 # full: 4x 4096x4096 MLP, 0.5/0.7/0.9/0.95/2:4/block, batch 1/16/128
     python benchmarks/bench_inference.py --quick         # < 1 minute
     python benchmarks/bench_inference.py --model m.safetensors --sparsities 0.9 --batches 1 16
-    python benchmarks/bench_inference.py --sparsities block:8x8:0.7 block:4x4:0.9   # block-pruned
+    python benchmarks/bench_inference.py --sparsities block:8x8:0.7 block:4x4:0.9 channel:0.5   # structured
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _pattern(text: str) -> float | str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros, n:m, or block:RxC:S")
+    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros, n:m, block:RxC:S or channel:S")
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--model", default=None, help="safetensors state dict of Linear layers")
     p.add_argument("--json", default="bench_inference.json")

@@ -42,6 +42,12 @@ def test_block_pattern_prunes_whole_blocks_and_runs(tmp_path):
     from sparseforge.inference.bench import _prune, build_mlp, parse_pattern
 
     assert parse_pattern(" Block:8x4:0.75 ") == "block:8x4:0.75" and parse_pattern("2:4") == "2:4" and parse_pattern("0.5") == 0.5
+    assert parse_pattern("channel:0.50") == "channel:0.5"
+    for bad in ("channel:", "channel:1.0", "block:8x8", "channel"):
+        with pytest.raises(SparseforgeError):
+            parse_pattern(bad)
+    rows_gone = _prune(build_mlp(width=32, layers=2), "channel:0.25")[0].weight.detach()
+    assert int((rows_gone == 0).all(dim=1).sum()) == 8 and int((rows_gone != 0).all(dim=1).sum()) == 24
     model = build_mlp(width=32, layers=2)
     pruned = _prune(model, "block:8x4:0.75")
     w = pruned[0].weight.detach()

@@ -123,7 +123,7 @@ def report(
 @app.command()
 def bench(
     model: Annotated[Optional[Path], typer.Option(help="A safetensors state dict of Linear layers; default: the built-in 4-layer 4096x4096 MLP.")] = None,
-    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros, N:M patterns (kept:group) and/or block:RxC:S (R x C blocks, S zero); default: the standard set of make bench.")] = "",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions of zeros, N:M patterns (kept:group) and/or block:RxC:S (R x C blocks, S zero) and/or channel:S (S of the output neurons removed); default: the standard set of make bench.")] = "",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (input rows per forward).")] = "1,16,128",
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path("bench_inference.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")] = False,

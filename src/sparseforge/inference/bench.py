@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError
-from ..structures import NM, Block, Unstructured, parse_structure
+from ..structures import NM, Block, Channel, Unstructured, parse_structure
 from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
@@ -87,20 +87,27 @@ def load_mlp(path: str | os.PathLike) -> nn.Sequential:
 
 
 #: The standard set (``make bench``): unstructured magnitude pruning, 2:4, and two block-pruned models.
-DEFAULT_PATTERNS: tuple[float | str, ...] = (0.5, 0.7, 0.9, 0.95, "2:4", "block:8x8:0.7", "block:4x4:0.9")
+DEFAULT_PATTERNS: tuple[float | str, ...] = (0.5, 0.7, 0.9, 0.95, "2:4", "block:8x8:0.7", "block:4x4:0.9", "channel:0.5")
 
-_PATTERNS_ALLOWED = "a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), or block:RxC:S (e.g. block:8x8:0.9)"
+_PATTERNS_ALLOWED = ("a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), block:RxC:S (e.g. block:8x8:0.9) "
+                     "or channel:S (a fraction S of output neurons removed)")
 
 
 def parse_pattern(pattern: str | float) -> str | float:
     """Check one benchmark pattern and return it normalised (a float or a string).
 
     Allowed: a fraction of zeros in ``[0, 1)`` (unstructured magnitude pruning), ``"n:m"`` (n kept
-    per m inputs) or ``"block:RxC:S"`` (R x C blocks pruned by their L1 norm to a fraction S of
-    zero blocks). Raises :class:`SparseforgeError` naming the value and what is allowed.
+    per m inputs), ``"block:RxC:S"`` (R x C blocks pruned by their L1 norm to a fraction S of
+    zero blocks) or ``"channel:S"`` (a fraction S of each layer's output neurons removed, by L1
+    norm). Raises :class:`SparseforgeError` naming the value and what is allowed.
     """
     if isinstance(pattern, str):
         text = pattern.strip().lower()
+        if text.startswith("channel:"):
+            sparsity = parse_pattern(text[len("channel:"):]) if text[len("channel:"):] else None
+            if not isinstance(sparsity, float):
+                raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}")
+            return f"channel:{sparsity:g}"
         if text.startswith("block:"):
             parts = text.split(":")
             if len(parts) != 3:
@@ -132,7 +139,9 @@ def _prune(model: nn.Sequential, pattern: str | float) -> nn.Sequential:
         for m in out.modules():
             if isinstance(m, nn.Linear):
                 scores = m.weight.abs()
-                if isinstance(pattern, str) and pattern.startswith("block:"):
+                if isinstance(pattern, str) and pattern.startswith("channel:"):
+                    mask = Channel(0).mask_from_scores(scores, 1.0 - float(pattern.split(":")[1]))
+                elif isinstance(pattern, str) and pattern.startswith("block:"):
                     _, shape, sparsity = pattern.split(":")
                     rows, cols = (int(v) for v in shape.split("x"))
                     mask = Block(rows, cols).mask_from_scores(scores, 1.0 - float(sparsity))
