@@ -147,7 +147,8 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
     included on both sides). A format *wins* a batch size only when ``dense_ms >= (1 + margin) *
     sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense;
     candidates within a factor :data:`CLOSE_CALL` of that threshold are timed again, longer,
-    together with dense, and the second medians decide.
+    together with dense, and must win on both the medians and the fastest calls
+    (:func:`_confirm_close_calls`).
     Keeps the sparse format with the lowest mean time relative to dense over the batch sizes
     (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes. With
     ``max_formats=2`` (default) a second format is kept as well when it beats the first one's
