@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +16,13 @@ import torch
 from torch import nn
 
 from .errors import SparseforgeError
+from .fileio import atomic_write
 from .masks import MaskState, canonical_name
 
 __all__ = ["save", "load", "atomic_write"]
 
 _MASK_PREFIX = "__sparseforge_mask__."
 _FORMATS = ("safetensors", "torch")
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)  # mkstemp creates 0600; give the file the usual umask-derived mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _format_for(path: Path, fmt: str | None) -> str:
