@@ -203,25 +203,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparseforge.checkpoint import atomic_write
+    from sparseforge.experiments.plotting import chance_line, legend_outside, save_png
 
     s = summarise(rows)
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=110)
     colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(METHODS):
         means = [s[(m, str(sp))][0] for sp in SPARSITIES]
         stds = [s[(m, str(sp))][1] for sp in SPARSITIES]
         ax.errorbar(SPARSITIES, means, yerr=stds, marker="os^D"[i % 4], ms=3, capsize=2, label=m,
                     color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1], ls="-" if i < 8 else "--")
+    for j, recipe in enumerate(("sr-ste", "pgf")):  # N:M points, each labelled with its pattern
+        xs = [1.0 - int(p.split(":")[0]) / int(p.split(":")[1]) for p in NM_PATTERNS]
+        ys = [s[(recipe, p)][0] for p in NM_PATTERNS]
+        ax.scatter(xs, ys, marker="*^"[j], s=40, color="black" if j == 0 else "dimgrey", zorder=3, label=f"{recipe} (N:M)")
+        for x, y, p in zip(xs, ys, NM_PATTERNS):
+            ax.annotate(p, (x, y), textcoords="offset points", xytext=(4, -9 if j else 3), fontsize=6)
     dense = s[("dense", "dense")][0]
     ax.axhline(dense, color="black", ls=":", lw=1, label="dense")
+    chance_line(ax, 10)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("test accuracy (mean ± std, 3 seeds)")
     ax.set_title("Sparse training on MNIST-1D, MLP 40-256-256-10")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+    legend_outside(ax)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -35,6 +35,19 @@ def test_help_lists_every_command(capsys) -> None:
         (["prune", "x.pt", "--distribution", "zipf"], "distribution='zipf'"),
         (["prune", "x.pt", "--structure", "hexagonal"], "structure='hexagonal'"),
         (["prune", "x.txt", "--sparsity", "0.5"], "'.txt'"),
+        (["prune", "x.pt", "--sparsity", "0.5"], "prune needs the model to prune: --model"),
+        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.9", "--structure", "2:4"], "omit --sparsity"),
+        (["prune", "x.pt", "--model", "mlp"], "--structure unstructured needs --sparsity"),
+        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--method", "snip"], "--method snip needs --data"),
+        (["prune", "x.pt", "--model", "no_such_module_xyz:build", "--sparsity", "0.5"], "cannot import module 'no_such_module_xyz'"),
+        (["prune", "x.pt", "--model", "resnet", "--sparsity", "0.5"], "neither a built-in model"),
+        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--input-shape", "3,x"], "--input-shape '3,x'"),
+        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--checkpoint", "missing.pt"], "'missing.pt' does not exist"),
+        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--exclude", "nothing_here"], "'nothing_here' matches no prunable layer"),
+        (["prune", "x.pt", "--model", "cnn", "--structure", "1:8"], "cannot split into groups of m=8"),
+        (["demo", "--epochs", "0"], "epochs=0"),
+        (["demo", "--model", "resnet"], "--model 'resnet'"),
+        (["report", "missing.safetensors"], "'missing.safetensors' does not exist"),
         (["demo", "--sparsities", "0.1,abc"], "sparsities='0.1,abc'"),
         (["demo", "--methods", "magnitude,psychic"], "method='psychic'"),
         (["bench", "--batches", "0,1"], "batches='0,1'"),
@@ -127,3 +140,172 @@ def test_demo_keeps_layers_dense_that_some_nm_pattern_cannot_tile() -> None:
     cnn = build_model("cnn", 40, 10, width=8)  # first conv: fan-in 1 * 4 = 4
     assert _untileable_layers(cnn, [NM(2, 4), NM(1, 4)]) == []
     assert _untileable_layers(cnn, [NM(2, 4), NM(1, 8)]) == ["features.0"]
+
+
+# -- file-system errors, validation before work, the user's own model ---------------------------
+
+def _exit_line(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return int(exit_info.value.code), lines[0]
+
+
+def test_output_path_errors_name_the_path_and_the_problem(tmp_path, capsys) -> None:
+    code, line = _exit_line(["prune", str(tmp_path), "--model", "mlp", "--sparsity", "0.5"], capsys)
+    assert code == 2 and "is a directory" in line and str(tmp_path) in line
+    code, line = _exit_line(["prune", str(tmp_path / "no" / "x.pt"), "--model", "mlp", "--sparsity", "0.5"], capsys)
+    assert code == 2 and "no such directory" in line
+    code, line = _exit_line(["report", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in line and "does not exist" not in line
+    code, line = _exit_line(["demo", "--out", str(tmp_path / "f.txt"), "--epochs", "1"], capsys) if (tmp_path / "f.txt").write_text("x") else (0, "")
+    assert code == 2 and "is a file" in line
+
+
+def test_problems_are_reported_before_any_data_is_read(monkeypatch, tmp_path, capsys) -> None:
+    """An N:M pattern that does not fit, an exclude typo or a checkpoint of another model is found
+    before the data for the scores is loaded (which used to come after 10-53 s of training)."""
+    from sparseforge.checkpoint import save
+    from sparseforge.experiments import datasets
+    from sparseforge.experiments.models import build_model
+
+    def boom(*args, **kwargs):
+        raise AssertionError("data was loaded before the options were checked")
+
+    monkeypatch.setattr(datasets, "load_batch", boom)
+    save(tmp_path / "other.safetensors", build_model("mlp", 40, 10, width=8))
+    base = ["prune", str(tmp_path / "o.pt"), "--method", "snip", "--data", "mnist1d"]
+    for extra, needle in [
+        (["--model", "cnn", "--structure", "1:8"], "groups of m=8"),
+        (["--model", "mlp", "--sparsity", "0.5", "--exclude", "classifer"], "'classifer' matches no prunable layer"),
+        (["--model", "mlp", "--sparsity", "0.5", "--checkpoint", str(tmp_path / "other.safetensors")], "shape"),
+    ]:
+        code, line = _exit_line(base + extra, capsys)
+        assert code == 2 and needle in line, line
+    assert not (tmp_path / "o.pt").exists()
+
+
+def _write_factory(folder) -> str:
+    (folder / "my_models.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(3)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+        "NOT_A_MODEL = 42\n"
+    )
+    return "my_models"
+
+
+def test_prune_the_users_model_by_import_path(tmp_path, monkeypatch, capsys) -> None:
+    import torch
+
+    from sparseforge.checkpoint import load, save
+
+    module = _write_factory(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    trained = importlib.import_module(module).build()
+    with torch.no_grad():
+        trained[0].weight.mul_(10)  # "trained" weights differ from the factory's
+    save(tmp_path / "trained.safetensors", trained)
+    out = tmp_path / "pruned.safetensors"
+    main(["prune", str(out), "--model", f"{module}:build", "--checkpoint", str(tmp_path / "trained.safetensors"),
+          "--sparsity", "0.75", "--exclude", "2"])
+    fresh = importlib.import_module(module).build()
+    masks = load(out, fresh)
+    assert masks is not None and masks.names() == ["0.weight"] and masks.sparsity() == pytest.approx(0.75)
+    kept = masks["0.weight"]
+    # magnitude pruning of the loaded (x10) weights: the kept ones are exactly the trained ones
+    assert torch.equal(fresh[0].weight[kept], trained[0].weight[kept])
+    assert int((fresh[0].weight != 0).sum()) == int(kept.sum()) == 48
+    assert "dense before" in capsys.readouterr().out
+    # the same model as a file path; and a name that is not a factory
+    main(["prune", str(out), "--model", f"{tmp_path / 'my_models.py'}:build", "--structure", "2:4"])
+    capsys.readouterr()
+    code, line = _exit_line(["prune", str(out), "--model", f"{module}:NOT_A_MODEL", "--sparsity", "0.5"], capsys)
+    assert code == 2 and "names a int" in line
+
+
+def test_prune_with_data_file_and_already_sparse_checkpoint(tmp_path, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from sparseforge.checkpoint import load
+    from sparseforge.experiments.models import build_model
+
+    save_file({"inputs": torch.randn(64, 40), "targets": torch.randint(0, 10, (64,))}, str(tmp_path / "d.safetensors"))
+    first = tmp_path / "p50.safetensors"
+    main(["prune", str(first), "--model", "mlp", "--sparsity", "0.5", "--method", "snip",
+          "--data", str(tmp_path / "d.safetensors"), "--samples", "32"])
+    capsys.readouterr()
+    second = tmp_path / "p80.pt"
+    main(["prune", str(second), "--model", "mlp", "--checkpoint", str(first), "--sparsity", "0.8"])
+    out = capsys.readouterr().out
+    assert "masks of sparsity 0.5000 before" in out and "dense before" not in out
+    masks = load(second, build_model("mlp", 40, 10))
+    assert masks is not None and masks.sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_interrupt_in_a_real_process_exits_130_with_one_line(tmp_path) -> None:
+    """Ctrl-C (SIGINT) at any moment: one line on stderr, exit 130, no file and no temp file."""
+    import os
+    import signal
+    import time
+
+    out_dir = tmp_path / "demo"
+    for delay in (0.2, 4.0):  # during start-up (imports) and during training
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from sparseforge.cli import main; main()", "demo", "--out", str(out_dir),
+             "--epochs", "500", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (delay, err)
+        assert err.strip() == "interrupted; nothing was written", (delay, err)
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_interrupt_after_a_file_was_written_says_what_was_kept(tmp_path, monkeypatch, capsys) -> None:
+    from sparseforge.experiments import essential
+
+    def interrupted_plot(result, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(essential, "plot", interrupted_plot)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path), "--model", "mlp", "--width", "8", "--epochs", "1",
+              "--sparsities", "0,0.5", "--methods", "magnitude", "--no-progress"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted; kept (complete): {tmp_path / 'essential_sparsity.json'}; nothing else was written"
+    assert json.loads((tmp_path / "essential_sparsity.json").read_text())["results"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["essential_sparsity.json"]
+
+
+def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys) -> None:
+    """The README's command-line examples run as written: prune and report lines for real (in a
+    scratch folder), the long ones (demo, bench) and those naming the user's own files through the
+    parser only (--help appended, so every option name is checked)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    lines = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip().startswith("sparseforge ")]
+    assert len(lines) >= 5
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for line in lines:
+        args = line.split()[1:]
+        if args[0] in ("demo", "bench") or "mypkg" in line:
+            main([*args, "--help"])  # exits by returning (status 0), or raises on an unknown option
+            assert "Usage" in capsys.readouterr().out, line
+        else:
+            main(args)
+            ran += 1
+            capsys.readouterr()
+    assert ran >= 3

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import SparseforgeError
 
-__all__ = ["Dataset", "DATASETS", "load_dataset"]
+__all__ = ["Dataset", "DATASETS", "load_batch", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,48 @@ def load_dataset(name: str = "mnist1d", *, seed: int = 42, num_samples: int = 50
     if num_samples < 10:
         raise SparseforgeError(f"num_samples={num_samples} is too small; allowed: >= 10")
     return DATASETS[name](seed, num_samples)
+
+
+def load_batch(spec: str, *, samples: int = 512, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(inputs, targets)`` batch of at most ``samples`` rows, as a command line names it.
+
+    ``spec`` is a built-in dataset (``mnist1d``, ``digits``: the first ``samples`` training rows)
+    or a ``.safetensors`` / ``.pt`` file holding two tensors named ``inputs`` and ``targets``
+    (a ``.pt`` file is read with ``weights_only=True``: nothing is unpickled).
+    """
+    from pathlib import Path
+
+    from ..fileio import check_input_file
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise SparseforgeError(f"samples={samples!r} is not allowed; allowed: an integer >= 1")
+    if spec in DATASETS:
+        data = load_dataset(spec, seed=seed)
+        return data.x_train[:samples], data.y_train[:samples]
+    path = Path(spec)
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise SparseforgeError(
+            f"data={spec!r} is not recognised; allowed: {', '.join(sorted(DATASETS))}, or a .safetensors / .pt "
+            "file with tensors 'inputs' and 'targets'"
+        )
+    check_input_file(path, "data file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise SparseforgeError(f"data file {str(path)!r} cannot be read ({reason})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor) for k in ("inputs", "targets")):
+        found = sorted(tensors)[:5] if isinstance(tensors, dict) else type(tensors).__name__
+        raise SparseforgeError(f"data file {str(path)!r} has no tensors 'inputs' and 'targets' (found {found})")
+    x, y = tensors["inputs"], tensors["targets"]
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise SparseforgeError(
+            f"data file {str(path)!r}: 'inputs' {tuple(x.shape)} and 'targets' {tuple(y.shape)} must be non-empty "
+            "with the same number of rows"
+        )
+    return x[:samples], y[:samples]

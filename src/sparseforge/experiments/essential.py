@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 from ..errors import SparseforgeError
 from ..prune import METHODS, prune
 from ..structures import NM
@@ -144,6 +144,7 @@ def run_essential_sparsity(config: EssentialConfig | None = None, *, progress: b
         "dataset": cfg.dataset,
         "model": cfg.model,
         "dense_accuracy": dense_acc,
+        "num_classes": data.num_classes,
         "results": rows,
         "dropping_points": points,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -201,14 +202,17 @@ def format_table(result: dict[str, Any]) -> Any:
     return table
 
 
-def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Save the accuracy-vs-sparsity plot as a PNG (written atomically)."""
+def figure(result: dict[str, Any]) -> Any:
+    """The accuracy-vs-sparsity figure (matplotlib): one line per method, N:M points labelled with
+    their pattern, dense and chance levels marked, the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    from .plotting import chance_line, legend_outside
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
     colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for m in methods:
@@ -217,18 +221,31 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         nm = sorted((r["sparsity"], r["accuracy"], r["structure"]) for r in result["results"] if r["method"] == m and r["structure"] != "unstructured")
         if nm:
             ax.plot([p[0] for p in nm], [p[1] for p in nm], marker="s", ls="--", color=colors[m], alpha=0.7, label=f"{m} (N:M)")
-    ax.axhline(result["dense_accuracy"], color="black", lw=0.8, ls=":", label="dense")
+            for x, y, pattern in nm:
+                ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color=colors[m])
+    ax.axhline(result["dense_accuracy"], color="black", lw=0.8, ls=":", label=f"dense ({result['dense_accuracy']:.3f})")
+    chance_line(ax, int(result.get("num_classes", 10)))
     ax.set_xlabel("sparsity (fraction of prunable weights removed)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Essential sparsity, one-shot, no retraining ({result['model']} / {result['dataset']})")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    legend_outside(ax)
     fig.tight_layout()
-    path = Path(path)
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Save :func:`figure` as a PNG (written atomically)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import save_png
+
+    fig = figure(result)
+    try:
+        return save_png(fig, Path(path))
+    finally:
+        plt.close(fig)
 
 
 def save_json(result: dict[str, Any], path: str | Path) -> Path:
