@@ -407,3 +407,140 @@ def test_channel_pruned_layer_can_run_as_a_compact_dense_matmul(monkeypatch, tmp
     with torch.inference_mode():
         x = torch.randn(5, 40)
         torch.testing.assert_close(back(x), fast(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- checksums and file-system errors
+def _small_converted() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(pruned(nn.Linear(48, 64), 0.9), nn.LayerNorm(64), pruned(nn.Linear(64, 24), 0.1))
+    with warnings.catch_warnings():  # the last layer runs dense on purpose (stored as is)
+        warnings.simplefilter("ignore", UserWarning)
+        fast, _ = convert(model, autotune=False, batch_sizes=(1,))
+    return fast
+
+
+def _skeleton() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(48, 64), nn.LayerNorm(64), nn.Linear(64, 24))
+
+
+def test_save_converted_stores_the_crc32_of_every_tensor_and_leaves_no_temporary(tmp_path):
+    import json
+    import zlib
+
+    from safetensors import safe_open
+
+    path = save_converted(tmp_path / "m.safetensors", _small_converted())
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no .m.safetensors.sftmp-* left
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    data = {k: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0 for k, t in tensors.items()}
+    full = {k: zlib.crc32(f"{str(t.dtype).split('.')[-1]}{list(t.shape)}".encode(), data[k]) for k, t in tensors.items()}
+    assert json.loads(meta["sparseforge.tensor_crc32"]) == full and len(full) >= 5
+    # the bytes-only table that earlier releases wrote and read is still there
+    assert json.loads(meta["sparseforge.crc32"]) == data
+
+
+def test_converted_file_with_only_the_old_bytes_only_table_still_loads_and_is_checked(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fast = _small_converted()
+    path = save_converted(tmp_path / "m.safetensors", fast)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["sparseforge.tensor_crc32"]  # as written before dtype and shape were covered
+    save_file(tensors, str(path), metadata=meta)
+    back = load_converted(path, _skeleton())
+    with torch.inference_mode():
+        x = torch.randn(3, 48)
+        torch.testing.assert_close(back(x), fast(x), rtol=0, atol=0)
+    tensors["1.bias"] = tensors["1.bias"] + 1.0
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(SparseforgeError) as e:
+        load_converted(path, _skeleton())
+    assert str(e.value) == f"converted model file {str(path)!r}: tensor '1.bias' fails its checksum (the file is corrupted)"
+
+
+def test_flipped_byte_in_a_converted_file_is_refused_naming_the_tensor(tmp_path):
+    import json
+    import struct
+
+    path = save_converted(tmp_path / "m.safetensors", _small_converted())
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    entry = json.loads(data[8 : 8 + n])["1.weight"]  # the LayerNorm's weight, stored as is
+    assert entry["dtype"] == "F32"
+    data[8 + n + entry["data_offsets"][0] + 3] ^= 0x40  # an exponent bit of its first element
+    path.write_bytes(bytes(data))
+    skeleton = _skeleton()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(SparseforgeError) as e:
+        load_converted(path, skeleton)
+    assert str(e.value) == f"converted model file {str(path)!r}: tensor '1.weight' fails its checksum (the file is corrupted)"
+    assert [type(m) for m in skeleton] == [nn.Linear, nn.LayerNorm, nn.Linear]
+    for k, v in skeleton.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_save_converted_file_system_errors_are_one_line(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    fast = _small_converted()
+    folder = tmp_path / "d.safetensors"
+    folder.mkdir()
+    with pytest.raises(SparseforgeError) as e:
+        save_converted(folder, fast)
+    assert str(e.value) == f"converted model file {str(folder)!r} is a directory; allowed: a file path"
+    missing = tmp_path / "no" / "m.safetensors"
+    with pytest.raises(SparseforgeError) as e:
+        save_converted(missing, fast)
+    assert str(e.value) == f"converted model file {str(missing)!r}: no such directory {str(missing.parent)!r}"
+    assert not missing.parent.exists()
+    path = save_converted(tmp_path / "m.safetensors", fast)
+    old = path.read_bytes()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    for module, name in ((tempfile, "mkstemp"), (os, "replace")):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, denied)
+            with pytest.raises(SparseforgeError) as e:
+                save_converted(path, fast)
+        assert str(e.value) == f"converted model file {str(path)!r}: permission denied", name
+        assert path.read_bytes() == old
+        assert sorted(os.listdir(tmp_path)) == ["d.safetensors", "m.safetensors"]
+
+
+def test_load_converted_file_system_errors_are_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from sparseforge.inference import serialization
+
+    folder = tmp_path / "d.safetensors"
+    folder.mkdir()
+    with pytest.raises(SparseforgeError) as e:
+        load_converted(folder, _skeleton())
+    assert str(e.value) == f"converted model file {str(folder)!r} is a directory; allowed: a file"
+    with pytest.raises(SparseforgeError) as e:
+        load_converted(tmp_path / "none.safetensors", _skeleton())
+    assert str(e.value) == f"converted model file {str(tmp_path / 'none.safetensors')!r} does not exist"
+    path = save_converted(tmp_path / "m.safetensors", _small_converted())
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda *a, **k: False)
+        with pytest.raises(SparseforgeError) as e:
+            load_converted(path, _skeleton())
+    assert str(e.value) == f"converted model file {str(path)!r}: permission denied (not readable)"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(serialization, "safe_open", denied)
+        with pytest.raises(SparseforgeError) as e:
+            load_converted(path, _skeleton())
+    assert str(e.value) == f"converted model file {str(path)!r}: permission denied"

@@ -9,6 +9,14 @@ write of ``NAME`` first deletes the ``.NAME.sftmp-*`` files of processes that no
 The checks (:func:`check_output_file`, :func:`check_output_dir`, :func:`check_input_file`) run
 *before* any work, and file-system errors become one-line :class:`SparseforgeError` messages that
 name the path and what is wrong ("is a directory", "permission denied", "no such directory").
+
+Integrity: every tensor sparseforge writes (checkpoints and converted models) is stored with a
+CRC-32 of its dtype, shape and raw bytes (:func:`tensor_checksum`, :func:`checksum_table`), and
+loading refuses a tensor that no longer matches (:func:`verify_checksums`), so damage to a file's
+header (a dtype or shape) is caught as well as damage to the data. CRC-32 detects every error
+burst of up to 32 bits (so every flipped byte) and costs about as much as reading the data; it
+guards against damage, not against deliberate tampering. ``layout=False`` gives the CRC-32 of the
+bytes alone, the form converted-model files stored under ``sparseforge.crc32`` before.
 """
 
 from __future__ import annotations
@@ -17,10 +25,15 @@ import errno
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SparseforgeError
+
+if TYPE_CHECKING:  # torch is imported where needed, so this module loads without it
+    import torch
 
 __all__ = [
     "TEMP_MARK",
@@ -28,8 +41,11 @@ __all__ = [
     "check_input_file",
     "check_output_dir",
     "check_output_file",
+    "checksum_table",
     "clean_stale_temps",
     "describe_os_error",
+    "tensor_checksum",
+    "verify_checksums",
 ]
 
 #: Marks sparseforge's temporary files: ``.NAME`` + TEMP_MARK + ``PID-RANDOM``.
@@ -50,8 +66,11 @@ _REASONS = {
 
 def describe_os_error(exc: OSError, path: str | os.PathLike[str], what: str = "file") -> SparseforgeError:
     """A one-line :class:`SparseforgeError` for an ``OSError`` met while using ``path``."""
-    reason = _REASONS.get(exc.errno or -1) or (exc.strerror or type(exc).__name__).lower()
-    return SparseforgeError(f"{what} {str(path)!r}: {reason}")
+    reason = _REASONS.get(exc.errno or -1) or exc.strerror
+    if not reason:  # an OSError raised with a bare message (no errno)
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+    return SparseforgeError(f"{what} {str(path)!r}: {reason.lower() if exc.errno else reason}")
 
 
 def check_input_file(path: str | os.PathLike[str], what: str = "file") -> Path:
@@ -63,6 +82,8 @@ def check_input_file(path: str | os.PathLike[str], what: str = "file") -> Path:
         parent = path.parent
         if not parent.exists():
             raise SparseforgeError(f"{what} {str(path)!r} does not exist (no such directory {str(parent)!r})")
+        if not parent.is_dir():
+            raise SparseforgeError(f"{what} {str(path)!r} does not exist ({str(parent)!r} is a file, not a directory)")
         raise SparseforgeError(f"{what} {str(path)!r} does not exist")
     if not path.is_file():
         raise SparseforgeError(f"{what} {str(path)!r} is not a regular file")
@@ -157,9 +178,12 @@ def atomic_write(
 ) -> Path:
     """Call ``write(tmp_path)``, then move the temporary file onto ``path`` in one ``os.replace``.
 
-    The parent folder must exist. Stale temporary files of ``path`` (from killed processes) are
-    deleted first; on any error or interrupt the temporary file is deleted and ``path`` is left as
-    it was. File-system errors are raised as one-line :class:`SparseforgeError` messages.
+    The parent folder must exist (it is not created; use :func:`check_output_dir` for that). Stale
+    temporary files of ``path`` (from killed processes) are deleted first. The temporary file is
+    flushed to disk before the move, so ``path`` holds either its old or its complete new content.
+    On any error or interrupt the temporary file is deleted and ``path`` is left as it was.
+    File-system errors (an ``OSError`` from ``write`` included) are raised as one-line
+    :class:`SparseforgeError` messages naming ``what`` and ``path``.
     """
     path = check_output_file(path, what)
     clean_stale_temps(path)
@@ -173,10 +197,92 @@ def atomic_write(
         umask = os.umask(0)  # mkstemp creates 0600; give the file the usual umask-derived mode
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise describe_os_error(exc, path, what) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync(file: str) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable; some file systems cannot fsync a folder, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ checksums
+def tensor_checksum(tensor: torch.Tensor, *, layout: bool = True) -> int:
+    """CRC-32 (an unsigned int) of ``tensor``'s raw bytes, continued over its dtype and shape.
+
+    The bytes are those a safetensors or torch file stores, in row-major order: the native
+    little-endian encoding of every element, bool as one byte. With ``layout`` (the default) the
+    CRC then continues over the ASCII text ``DTYPE[SHAPE]``, e.g. ``float32[6, 4]`` or
+    ``int64[]``; with ``layout=False`` it covers the bytes alone (an empty tensor gives 0).
+    """
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    crc = zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+    if layout:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        crc = zlib.crc32(f"{dtype}{list(tensor.shape)}".encode("ascii"), crc)
+    return crc & 0xFFFFFFFF
+
+
+def checksum_table(tensors: Mapping[str, torch.Tensor], *, layout: bool = True) -> dict[str, int]:
+    """``{name: tensor_checksum(tensor)}`` for every tensor, to store beside them in a file."""
+    return {name: tensor_checksum(t, layout=layout) for name, t in tensors.items()}
+
+
+def verify_checksums(
+    tensors: Mapping[str, torch.Tensor],
+    table: object,
+    source: str,
+    label: Callable[[str], str] | None = None,
+    *,
+    layout: bool = True,
+) -> None:
+    """Refuse, with a one-line :class:`SparseforgeError`, tensors that do not match ``table``.
+
+    ``table`` is the stored ``{name: CRC-32}`` (as read from the file, so it is checked too);
+    ``source`` names the file in the message (e.g. ``"checkpoint 'x.pt'"``); ``label`` turns a
+    stored name into the words for the message (default: ``tensor 'NAME'``); ``layout`` as in
+    :func:`tensor_checksum` (``False`` for tables of the bytes alone). Every tensor of
+    ``tensors`` must be in ``table`` and the other way round.
+    """
+    label = label or (lambda name: f"tensor {name!r}")
+    if not isinstance(table, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in table.items()
+    ):
+        raise SparseforgeError(f"{source}: its checksum table is not a {{name: CRC-32}} mapping (the file is corrupted)")
+    missing = [k for k in tensors if k not in table]
+    unexpected = [k for k in table if k not in tensors]
+    if missing or unexpected:
+        raise SparseforgeError(
+            f"{source}: tensor names differ from its checksum table (not in the table: {missing[:3]}, "
+            f"not in the file: {unexpected[:3]}); the file is corrupted"
+        )
+    bad = [k for k, t in tensors.items() if tensor_checksum(t, layout=layout) != table[k]]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SparseforgeError(f"{source}: {label(bad[0])} fails its checksum{more} (the file is corrupted)")

@@ -3,20 +3,22 @@
 File layout: every ``SparseLinear`` named ``L`` stores its packed arrays under ``L.<array>`` and
 its bias under ``L.bias``; every other entry of the model's ``state_dict`` is stored as is. The
 safetensors metadata holds ``sparseforge.layers`` (JSON: format, shape, params, plan, layout per
-layer) and ``sparseforge.crc32`` (JSON: CRC-32 of every tensor's bytes), checked on load.
+layer) and ``sparseforge.tensor_crc32`` (JSON ``{name: CRC-32 of the tensor's dtype, shape and
+bytes}``, made and checked by the same helpers as checkpoints, :mod:`sparseforge.fileio`), checked
+on load. ``sparseforge.crc32`` (the CRC-32 of the bytes alone) is written too, so that releases
+from before the dtype and shape were covered still read the files; files that have only it (written
+by those releases) are checked against it.
 
 Unstructured packings are *stored* as :class:`~.formats.Bitmask` (``4 d + 1/8`` bytes per
 weight: 13.1 % of dense at 90 % sparsity, below CSR's ``6 d``) and re-packed on load into the
-format the layer runs. The file is written to a temporary file in the same folder, then moved
-into place with ``os.replace``.
+format the layer runs. The file is written with :func:`sparseforge.fileio.atomic_write` (a
+temporary file in the same folder, moved into place with ``os.replace``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SparseforgeError
+from ..fileio import (
+    atomic_write,
+    check_input_file,
+    check_output_file,
+    checksum_table,
+    describe_os_error,
+    verify_checksums,
+)
 from .formats import FORMATS, Bitmask, CompactCSR
 from .kernels import set_spmv_variant
 from .modules import BatchPlan, SparseLinear
@@ -33,10 +43,7 @@ from .modules import BatchPlan, SparseLinear
 __all__ = ["save_converted", "load_converted"]
 
 _FORMAT_VERSION = "1"
-
-
-def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+_WHAT = "converted model file"
 
 
 def _storage_format(module: SparseLinear):
@@ -48,8 +55,13 @@ def _storage_format(module: SparseLinear):
 
 
 def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
-    """Write ``model`` (output of :func:`.convert.convert`) to ``path`` as safetensors; returns the path."""
-    path = Path(path)
+    """Write ``model`` (output of :func:`.convert.convert`) to ``path`` as safetensors; returns the path.
+
+    The folder of ``path`` must exist. A path that cannot be written (a directory, no such
+    directory, permission denied, disk full) raises a one-line :class:`SparseforgeError`, and an
+    existing file at ``path`` keeps its old content then.
+    """
+    path = check_output_file(path, _WHAT)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     sparse_names = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -84,18 +96,10 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
     meta = {
         "sparseforge.version": _FORMAT_VERSION,
         "sparseforge.layers": json.dumps(layers, sort_keys=True),
-        "sparseforge.crc32": json.dumps({k: _crc(v) for k, v in tensors.items()}, sort_keys=True),
+        "sparseforge.tensor_crc32": json.dumps(checksum_table(tensors), sort_keys=True),
+        "sparseforge.crc32": json.dumps(checksum_table(tensors, layout=False), sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), what=_WHAT)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -103,12 +107,18 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise SparseforgeError(f"converted model file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise _unreadable(path, exc) from None
+        raise describe_os_error(exc, path, _WHAT) from None
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SparseforgeError(f"converted model file {str(path)!r} is corrupted or not safetensors ({first})") from None
+        raise _unreadable(path, exc) from None
     return tensors, meta
+
+
+def _unreadable(path: Path, exc: BaseException) -> SparseforgeError:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return SparseforgeError(f"{_WHAT} {str(path)!r} is corrupted or not safetensors ({first})")
 
 
 def _repack(stored, runs: str, params: dict | None, layer: str):
@@ -128,23 +138,22 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
 
     ``skeleton`` is modified in place and returned: its converted layers are replaced by
     :class:`SparseLinear` modules rebuilt from the file and all other state is loaded strictly.
-    Raises :class:`SparseforgeError` (one line) on a missing, truncated or corrupted file, or one
-    that does not match the skeleton.
+    Raises :class:`SparseforgeError` (one line) on a path that is a directory, missing or
+    unreadable, on a truncated or corrupted file (every tensor is checked against its stored
+    CRC-32 before ``skeleton`` is changed), or one that does not match the skeleton.
     """
-    path = Path(path)
+    path = check_input_file(path, _WHAT)
     tensors, meta = _read(path)
     if meta.get("sparseforge.version") != _FORMAT_VERSION:
         raise SparseforgeError(f"file {str(path)!r} is not a sparseforge converted model (version {meta.get('sparseforge.version')!r}); allowed: version {_FORMAT_VERSION}")
     try:
         layers = json.loads(meta["sparseforge.layers"])
-        crcs = json.loads(meta["sparseforge.crc32"])
+        # files written before dtype and shape were covered have the bytes-only table alone
+        layout = "sparseforge.tensor_crc32" in meta
+        crcs = json.loads(meta["sparseforge.tensor_crc32" if layout else "sparseforge.crc32"])
     except (KeyError, ValueError):
         raise SparseforgeError(f"file {str(path)!r} has corrupted sparseforge metadata") from None
-    if set(crcs) != set(tensors):
-        raise SparseforgeError(f"file {str(path)!r} is corrupted: tensor names differ from its checksum table")
-    bad = [k for k, t in tensors.items() if _crc(t) != crcs[k]]
-    if bad:
-        raise SparseforgeError(f"file {str(path)!r} is corrupted: checksum mismatch in {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    verify_checksums(tensors, crcs, f"{_WHAT} {str(path)!r}", layout=layout)
     for name, spec in layers.items():
         try:
             target = skeleton.get_submodule(name) if name else skeleton
