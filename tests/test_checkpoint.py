@@ -137,10 +137,13 @@ def test_missing_file_and_bad_format(tmp_path):
 
 def test_torch_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, path)
+    torch.save({"weights": torch.zeros(2), "epoch": 3}, path)  # neither a checkpoint nor a state dict
     with pytest.raises(SparseforgeError) as e:
         load(path, make_model())
-    assert "'model'" in str(e.value)
+    assert "no 'model' entry" in str(e.value) and "nor a plain state dict" in str(e.value)
+    torch.save({"weights": torch.zeros(2)}, path)  # a state dict of another model
+    with pytest.raises(SparseforgeError, match="does not match the model: missing"):
+        load(path, make_model())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -656,3 +659,26 @@ def test_read_checkpoint_returns_verified_weights_and_masks_without_a_model(tmp_
     with pytest.raises(SparseforgeError) as e:
         read_checkpoint(bad)
     assert str(e.value) == f"checkpoint {str(bad)!r}: mask '2.weight' fails its checksum (the file is corrupted)"
+
+
+def test_plain_state_dicts_load_as_weights_without_masks(tmp_path):
+    """A user's own ``torch.save(model.state_dict())`` (or a DDP one, with ``module.`` keys) and
+    a plain safetensors file load into the model with the same name and shape checks."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    for name in ("plain.pt", "ddp.pt", "plain.safetensors"):
+        target = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        assert sparseforge.load(tmp_path / name, target) is None
+        for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    wrong = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(SparseforgeError, match="shape"):
+        sparseforge.load(tmp_path / "plain.pt", wrong)
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(SparseforgeError, match="neither a sparseforge checkpoint .* nor a plain state dict"):
+        sparseforge.load(tmp_path / "list.pt", wrong)

@@ -131,8 +131,15 @@ def _read(path: Path, fmt: str) -> tuple[Any, Any, Any]:
         raise
     except Exception as exc:  # corrupted, not a checkpoint at all, or unreadable
         raise _unreadable(path, fmt, exc) from None
+    if isinstance(payload, dict) and "model" not in payload and payload and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    ):  # a plain ``torch.save(model.state_dict())``: weights only, no masks, no checksums
+        return {canonical_name(k): v for k, v in payload.items()}, None, None
     if not isinstance(payload, dict) or "model" not in payload:
-        raise SparseforgeError(f"{_WHAT} {str(path)!r} is not a sparseforge checkpoint (no 'model' entry)")
+        raise SparseforgeError(
+            f"{_WHAT} {str(path)!r} is neither a sparseforge checkpoint (no 'model' entry) nor a plain state dict "
+            "(a dict of tensors)"
+        )
     return payload["model"], payload.get("masks"), payload.get("checksums")
 
 
