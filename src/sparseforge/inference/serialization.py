@@ -138,6 +138,8 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
 
     ``skeleton`` is modified in place and returned: its converted layers are replaced by
     :class:`SparseLinear` modules rebuilt from the file and all other state is loaded strictly.
+    Everything is checked before the first layer is replaced, so a refused file leaves
+    ``skeleton`` as it was.
     Raises :class:`SparseforgeError` (one line) on a path that is a directory, missing or
     unreadable, on a truncated or corrupted file (every tensor is checked against its stored
     CRC-32 before ``skeleton`` is changed), or one that does not match the skeleton.
@@ -154,6 +156,8 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     except (KeyError, ValueError):
         raise SparseforgeError(f"file {str(path)!r} has corrupted sparseforge metadata") from None
     verify_checksums(tensors, crcs, f"{_WHAT} {str(path)!r}", layout=layout)
+    # Build every module and check every other entry first; change the skeleton only when all fit.
+    built: dict[str, SparseLinear] = {}
     for name, spec in layers.items():
         try:
             target = skeleton.get_submodule(name) if name else skeleton
@@ -183,16 +187,20 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
                 set_spmv_variant(fmt, int(variant))
         dense = stored.to_dense() if "dense" in plan.paths else None
         bias = tensors.get(f"{name}.bias") if spec["bias"] else None
-        module = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
+        built[name] = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    own = {k: v for k, v in skeleton.state_dict().items() if k.rpartition(".")[0] not in layers}
+    if set(rest) != set(own):
+        raise SparseforgeError(f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ set(own))[:3]}")
+    for key, value in rest.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise SparseforgeError(f"file {str(path)!r}: {key!r} has shape {tuple(value.shape)}, the skeleton expects {tuple(own[key].shape)}")
+    for name, module in built.items():
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module)
         else:
             skeleton = module
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
-    own = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
-    if set(rest) != own:
-        raise SparseforgeError(f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ own)[:3]}")
     if rest:
         skeleton.load_state_dict(rest, strict=False)
     return skeleton

@@ -1,0 +1,50 @@
+"""load_converted checks the whole file against the skeleton before it replaces any layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparseforge
+from sparseforge.errors import SparseforgeError
+from sparseforge.inference import SparseLinear, convert, load_converted, save_converted
+
+
+def _converted(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(8))
+    sparseforge.prune(model, 0.9)  # the LayerNorm is not prunable: it stays as it is
+    fast, report = convert(model, autotune=False)  # the rule: CSR at density <= 0.25
+    assert report.sparse_layers == ["0", "2"]
+    return model, save_converted(tmp_path / "m.safetensors", fast)
+
+
+@pytest.mark.parametrize(
+    ("skeleton", "needle"),
+    [
+        (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 9), nn.LayerNorm(8)), "the file expects (8, 16)"),
+        (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(9)), "has shape (8,), the skeleton expects (9,)"),
+        (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.Identity()), "differing entries"),
+    ],
+)
+def test_a_refused_file_leaves_the_skeleton_untouched(tmp_path, skeleton, needle):
+    _, path = _converted(tmp_path)
+    target = skeleton()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(SparseforgeError) as info:
+        load_converted(path, target)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not any(isinstance(m, SparseLinear) for m in target.modules())  # no layer was replaced
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_matching_skeleton_gets_the_same_outputs(tmp_path):
+    model, path = _converted(tmp_path)
+    target = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(8))
+    loaded = load_converted(path, target)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    assert isinstance(loaded[0], SparseLinear) and isinstance(loaded[2], SparseLinear)
