@@ -40,12 +40,12 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 from ..errors import SparseforgeError
+from ..fileio import atomic_write
 
 __all__ = ["CFLAGS", "OPENMP_FLAGS", "THREADING_MODES", "SOURCE", "cache_dir", "set_threading", "threading_mode", "compiler_command", "get_library", "native_available", "native_reason", "build_library", "NativeBuildError"]
 
@@ -139,22 +139,22 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NativeBuildError(f"cannot create cache directory {str(out_dir)!r}: {exc.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".spmm-{key}-", suffix=".so.tmp", dir=out_dir)
-    os.close(fd)
-    try:
+    def compile_to(tmp: str) -> None:
         res = subprocess.run([*cmd, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if res.returncode != 0:
             first = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip().splitlines()[0] if res.stderr.strip() else "")
             raise NativeBuildError(f"compiling {SOURCE.name} failed (exit {res.returncode}): {first[:200]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
+
+    # the one atomic-write path: a killed compile leaves a .spmm-KEY.so.sftmp-PID-* file that the
+    # next build of the same library deletes
+    try:
+        atomic_write(target, compile_to, what="compiled kernel library")
     except subprocess.TimeoutExpired:
         raise NativeBuildError(f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_S:.0f} s") from None
+    except SparseforgeError as exc:
+        raise NativeBuildError(f"compiling {SOURCE.name} failed: {exc}") from None
     except OSError as exc:
         raise NativeBuildError(f"compiling {SOURCE.name} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
