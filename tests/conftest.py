@@ -1,9 +1,15 @@
-"""Shared test settings: one torch thread and a fast, deadline-free hypothesis profile."""
+"""Shared test settings: one torch thread, a fast deadline-free hypothesis profile, and
+:func:`requires` for tests that need an optional capability (numba kernels, a C compiler)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["pytester"]  # tests of requires() run a small pytest session in-process
 
 torch.set_num_threads(1)
 
@@ -17,3 +23,38 @@ settings.register_profile(
 settings.load_profile("sparseforge")
 # A deeper, randomised search on demand: pytest --hypothesis-profile=thorough
 settings.register_profile("thorough", deadline=None, max_examples=500, suppress_health_check=list(HealthCheck))
+
+#: Marker name that :func:`requires` puts on a test whose capability is missing under ``CI=true``.
+MISSING_IN_CI = "sparseforge_missing_in_ci"
+
+
+def in_ci() -> bool:
+    """Whether this run is CI (``CI=true``, as set by ``.ci/run`` and most CI services)."""
+    return os.environ.get("CI") == "true"
+
+
+def requires(condition: bool, reason: str) -> pytest.MarkDecorator:
+    """Mark a test that needs ``condition`` (e.g. ``kernels_available()``) to be true.
+
+    Normally a ``skipif(not condition, reason=reason)`` marker: a developer machine without
+    numba or a C compiler skips the test. With ``CI=true`` (read when the marker is made, i.e.
+    at collection) a missing capability is a failure instead, with ``reason`` as the message, so
+    CI can never pass by silently skipping the kernel tests.
+    """
+    if not condition and in_ci():
+        return getattr(pytest.mark, MISSING_IN_CI)(reason)
+    return pytest.mark.skipif(not condition, reason=reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MISSING_IN_CI}(reason): set by requires() under CI=true; the test fails with the reason"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """Fail (not error, not skip) a test marked by :func:`requires` under CI, before its body runs."""
+    marker = item.get_closest_marker(MISSING_IN_CI)
+    if marker is not None:
+        pytest.fail(f"CI=true and a required capability is missing: {marker.args[0]}", pytrace=False)

@@ -159,6 +159,17 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         results["broadcast"] = broadcast_masks(dict(own))["a"]
         # all_reduce_scores averages: rank r contributes r + 1
         results["mean"] = all_reduce_scores({"s": torch.full((3,), float(rank + 1))})["s"]
+        # a non-contiguous score (a transposed view), different per rank: reduced through a
+        # contiguous copy, which must be copied back into this very tensor object
+        base = torch.arange(6, dtype=torch.float32).reshape(2, 3) * (rank + 1)
+        view = base.t()
+        scores = {"t": view, "s": torch.full((2,), float(rank))}
+        results["noncontig_was_contiguous"] = view.is_contiguous()
+        results["noncontig_before"] = view.clone()
+        out = all_reduce_scores(scores)
+        results["noncontig_same_object"] = out is scores and out["t"] is view
+        results["noncontig_after"] = view.clone()  # read through the caller's own tensor
+        results["noncontig_base"] = base.clone()  # and its storage
         results["seed"] = shared_seed()
         try:
             check_same_config({"algorithm": "rigl", "alpha": 0.3 if rank == 0 else 0.5})
@@ -223,6 +234,16 @@ def test_collectives(ranks):
         assert r["broadcast"].dtype == torch.bool
         assert torch.equal(r["mean"], torch.full((3,), 1.5))
     assert ranks[0]["seed"] == ranks[1]["seed"]
+
+
+def test_all_reduce_scores_copies_back_into_a_non_contiguous_tensor(ranks):
+    expected = (torch.arange(6, dtype=torch.float32).reshape(2, 3) * 1.5).t()  # mean of x and 2x
+    assert not torch.equal(ranks[0]["noncontig_before"], ranks[1]["noncontig_before"])  # ranks differed
+    for r in ranks:
+        assert r["noncontig_was_contiguous"] is False
+        assert r["noncontig_same_object"] is True
+        assert torch.equal(r["noncontig_after"], expected)
+        assert torch.equal(r["noncontig_base"], expected.t())
 
 
 def test_mismatched_config_raises_on_every_rank(ranks):

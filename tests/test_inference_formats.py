@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import requires
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +14,7 @@ from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, Comp
 from sparseforge.inference import kernels
 from sparseforge.inference.kernels import KernelRunner, kernels_available, numba_available, sparse_matmul
 
-needs_kernels = pytest.mark.skipif(not kernels_available(), reason="numba kernels unavailable")
+needs_kernels = requires(kernels_available(), "numba kernels unavailable")  # fails instead under CI=true
 
 
 @st.composite

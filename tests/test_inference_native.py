@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -10,13 +11,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import requires
 
 from sparseforge.inference import SparseLinear, convert, kernels, native
 from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR
 from sparseforge.inference.kernels import KernelRunner, sparse_matmul
 from sparseforge.inference.modules import BatchPlan
 
-needs_native = pytest.mark.skipif(not native.native_available(), reason=f"C kernels unavailable: {native.native_reason()}")
+# Both fail instead of skipping under CI=true (see conftest.requires).
+needs_native = requires(native.native_available(), f"C kernels unavailable: {native.native_reason()}")
+needs_cc = requires(bool(shutil.which("cc") or shutil.which("gcc")), "no C compiler (cc or gcc) on this machine")
 
 
 def _weight(rows: int, cols: int, density: float, seed: int = 0) -> np.ndarray:
@@ -183,13 +187,10 @@ print(os.waitstatus_to_exitcode(status), native.threading_mode())
     assert out.stdout.split() == ["0", expected]
 
 
+@needs_cc
 def test_build_without_openmp_when_the_compiler_lacks_it(tmp_path):
     """A compiler that rejects -fopenmp still gets a library (pool only)."""
-    import shutil
-
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler on this machine")
     fake = tmp_path / "cc-no-openmp"
     fake.write_text(f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "error: unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n')
     fake.chmod(0o755)
