@@ -12,12 +12,13 @@ Reported per variant (milliseconds per step):
   all steps -- the honest per-step cost with mask updates included.
 * ratios of both to dense.
 
-Sparsifier mode: the sparse variants use ``zero_state="grads"``: one elementwise pass per step
-(gradients times masks); weights and optimizer state are masked when masks change. It is exact
-for SGD/Adam/AdamW (a zero gradient, zero state and zero weight give a zero update, weight decay
-included), which the Sparsifier checks. ``RigL(step)`` runs the Sparsifier's default
-``zero_state="step"`` (gradients, then weights and momentum, masked every step: three passes)
-for comparison.
+Sparsifier mode: the sparse variants use ``zero_state="grads"``, which is what the Sparsifier's
+default ``zero_state="auto"`` picks for this SGD: one elementwise pass per step (gradients times
+masks); weights and optimizer state are masked when masks change. It is exact for SGD/Adam/AdamW
+(a zero gradient, zero state and zero weight give a zero update, weight decay included), which
+the Sparsifier checks. ``RigL(step)`` runs ``zero_state="step"`` (the default for other
+optimizers, and the default of earlier versions for all: gradients, then weights and momentum,
+masked every step: three passes) for comparison.
 
 Usage: ``python benchmarks/bench_overhead.py [--steps 300] [--chunk 25] [--quick]``; writes
 ``benchmarks/results/overhead.json``.

@@ -26,7 +26,7 @@ from sparseforge.experiments.models import MLP
 from sparseforge.schedules import cosine_drop_fraction, cubic_sparsity
 from sparseforge.structures import NM, Block, Channel, ConstantFanIn, Unstructured, topk_mask
 
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _round(x: float) -> int:
@@ -100,6 +100,7 @@ def _run(
     initial = {n: masks.nnz(n) for n in masks}
     opt = _optimizer(optimizer, model)
     sp = Sparsifier(model, opt, masks, algorithm(steps))
+    assert sp.zero_state == "grads", "these invariants must exercise the default (fast) mode"
     rec = Recorder(sp)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     for step in range(1, steps + 1):
@@ -339,7 +340,7 @@ def test_srigl_rejects_non_constant_fan_in_masks() -> None:
     model = MLP(16, 4, hidden=(32, 32))
     masks = init_sparse(model, 0.8)  # unstructured ERK: rows differ
     with pytest.raises(SparseforgeError, match="constant fan-in"):
-        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), masks, SRigL(end=10))
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), masks, SRigL(end=10, every=2))
 
 
 @pytest.mark.parametrize("cls", [SET, RigL, SNFS])
@@ -483,3 +484,51 @@ def test_grads_mode_refuses_other_optimizers() -> None:
     model = MLP(16, 4, hidden=(32, 32))
     with pytest.raises(SparseforgeError, match="zero_state='grads' is not exact for RMSprop"):
         Sparsifier(model, torch.optim.RMSprop(model.parameters()), init_sparse(model, 0.8), zero_state="grads")
+
+
+# -- the default zero_state="auto" ------------------------------------------------------------
+ALGORITHMS = {  # every built-in Sparsifier algorithm, with updates inside 30 steps
+    "static": (0.8, "unstructured", lambda: StaticSparse()),
+    "SET": (0.8, "unstructured", lambda: SET(end=40, every=5)),
+    "RigL": (0.8, "unstructured", lambda: RigL(end=40, every=5)),
+    "SNFS": (0.8, "unstructured", lambda: SNFS(end=40, every=5)),
+    "SRigL": (0.8, "fanin", lambda: SRigL(end=40, every=5, gamma_sal=0.5)),
+    "GMP": (0.0, "unstructured", lambda: GMP(0.8, start=0, end=20, every=5)),
+    "GraNet": (0.5, "unstructured", lambda: GraNet(0.8, prune_end=20, end=40, every=5)),
+}
+
+
+def _train_default(algorithm: str, make_opt, zero_state: str | None) -> tuple[nn.Module, Sparsifier, int]:
+    sparsity, structure, make = ALGORITHMS[algorithm]
+    torch.manual_seed(0)
+    model = MLP(16, 4, hidden=(32, 32))
+    opt = make_opt(model.parameters())
+    masks = init_sparse(model, sparsity, structure=structure)
+    extra = {} if zero_state is None else {"zero_state": zero_state}
+    sp = Sparsifier(model, opt, masks, make(), **extra)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    changes = 0
+    for _ in range(30):
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        _check_zero(sp)  # pruned weights and every per-weight state tensor exactly 0, every step
+        changes += sum(int((before[n] != m).sum()) for n, m in sp.masks.items())
+    return model, sp, changes
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_default_zero_state_is_grads_and_bit_identical_to_step(algorithm: str, opt_name: str) -> None:
+    """The default picks the one-pass mode for SGD(momentum, nesterov, wd) / Adam(amsgrad, wd) /
+    AdamW, and every built-in algorithm ends bit-identical to masking everything every step."""
+    fast, sp_fast, changes = _train_default(algorithm, OPTIMIZERS[opt_name], None)
+    full, sp_full, _ = _train_default(algorithm, OPTIMIZERS[opt_name], "step")
+    assert sp_fast.zero_state == "grads" and sp_fast.zero_state_reason.startswith("auto: exact for ")
+    assert sp_full.zero_state == "step" and sp_full.zero_state_reason == "explicit"
+    if algorithm != "static":
+        assert changes > 0, "the masks must really change during the run"
+    for (n, a), (_, b) in zip(fast.named_parameters(), full.named_parameters()):
+        assert torch.equal(a, b), n
+    assert all(torch.equal(sp_fast.masks[n], sp_full.masks[n]) for n in sp_fast.masks)

@@ -8,6 +8,7 @@ from torch import nn
 
 import sparseforge
 from sparseforge import MaskState, SparseforgeError, Sparsifier
+from sparseforge.algorithms import RigL
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -319,3 +320,68 @@ def test_change_masks_zeroes_state_at_grown_even_if_state_was_nonzero():
     newer = new ^ flip
     sp.change_masks({"0.weight": newer})
     assert (ones.view(-1)[:5] == 0).all() and (ones.view(-1)[5:] == 1).all()
+
+
+# -- zero_state="auto" (the default) ------------------------------------------------------------
+class PlainSGDSubclass(torch.optim.SGD):
+    """Changes nothing, but a subclass may change step(): auto must not assume grads is exact."""
+
+
+@pytest.mark.parametrize(
+    ("make", "mode", "reason"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), "grads",
+         "auto: exact for SGD"),
+        (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True), "grads", "auto: exact for Adam"),
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-2), "grads", "auto: exact for AdamW"),
+        (lambda ps: torch.optim.RMSprop(ps, lr=1e-2), "step", "auto: RMSprop is not SGD, Adam or AdamW"),
+        (lambda ps: PlainSGDSubclass(ps, lr=0.1), "step", "auto: PlainSGDSubclass subclasses SGD and may change step()"),
+        (lambda ps: NoisyOnes(ps), "step", "auto: NoisyOnes is not SGD, Adam or AdamW"),
+    ],
+)
+def test_default_zero_state_picks_grads_only_for_exact_sgd_adam_adamw(make, mode, reason):
+    model = make_model()
+    sp = Sparsifier(model, make(model.parameters()), sparseforge.prune(model, sparsity=0.75))
+    assert sp.zero_state == mode and sp.zero_state_reason == reason
+    algo = "None"
+    assert repr(sp) == (f"Sparsifier(2 masks, sparsity=0.7500, step=0, zero_state={mode!r} ({reason}), "
+                        f"algorithm={algo}, attached)")
+    sp.finalize()
+    assert repr(sp).endswith(", finalized)")
+
+
+def test_explicit_zero_state_is_kept_and_reported():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, sparseforge.prune(model, sparsity=0.5), RigL(end=50, every=5),
+                    zero_state="step")
+    assert sp.zero_state == "step"
+    assert "zero_state='step' (explicit), algorithm=RigL, attached" in repr(sp)
+    sp.finalize()
+    sub = PlainSGDSubclass(model.parameters(), lr=0.1)  # an explicit 'grads' for a subclass stays allowed
+    assert Sparsifier(model, sub, sparseforge.prune(model, sparsity=0.5), zero_state="grads").zero_state == "grads"
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+def test_default_mode_skips_per_step_masking_yet_zeros_stay_exact(opt_name):
+    """With the default the post-step weight/state masking really is skipped (the speed-up), and
+    pruned weights and optimizer state are still exactly 0 after every step."""
+    model = make_model()
+    masks = sparseforge.prune(model, sparsity=0.7)
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    sp = Sparsifier(model, opt, masks)
+    calls = []
+    original = sp._apply_weights
+    sp._apply_weights = lambda: (calls.append(1), original())[1]  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 6, generator=g)), torch.randint(0, 4, (8,), generator=g)).backward()
+        opt.step()
+        for name, param in weights_of(model).items():
+            assert (param[~masks[name]] == 0).all()
+            for value in opt.state[param].values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    assert (value[~masks[name]] == 0).all()
+    assert calls == []  # "grads": no per-step weight pass
+    sp.finalize()

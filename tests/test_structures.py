@@ -85,7 +85,7 @@ def test_constant_fan_in_exact_per_row(shape, density, seed, ties):
     assert s.kept_count(shape, density) == rows * per_row == int(mask.sum())
 
 
-nm_pairs = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(0, m), st.just(m)))
+nm_pairs = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))  # n_keep = 0 is refused
 
 
 @given(nm=nm_pairs, out=st.integers(1, 6), groups=st.integers(1, 4), kernel=st.sampled_from([(), (1,), (3,), (2, 2)]),

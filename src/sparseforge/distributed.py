@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .errors import SparseforgeError
 from .masks import MaskState
+from .schedules import check_int, check_seed
 
 __all__ = [
     "is_distributed",
@@ -122,7 +123,11 @@ def broadcast_masks(
 
     Names and shapes must already agree (checked first, on every rank). Masks travel as
     ``uint8`` (every backend supports it) and come back as ``bool`` on their original device.
+    ``src`` must be a rank of the group (checked even single-process).
     """
+    if not isinstance(masks, (MaskState, MutableMapping)):
+        raise SparseforgeError(f"masks is a {type(masks).__name__}; allowed: a MaskState or a dict name -> bool tensor")
+    check_int(src, "src", 0, world_size(group) - 1)
     if not is_distributed(group):
         return masks
     names = sorted(masks.keys() if not isinstance(masks, MaskState) else masks.names())
@@ -144,8 +149,16 @@ def all_reduce_scores(scores: MutableMapping[str, torch.Tensor], group: Any = No
 
     Keys are processed in sorted order so every rank issues the same collectives. Use this for
     anything a mask decision reads that was computed outside DDP's backward (SNIP, movement,
-    accumulated gradients). Returns ``scores``.
+    accumulated gradients). Returns ``scores``; every tensor in it is the same object as before,
+    now holding the average (a non-contiguous tensor, e.g. a transposed view, is reduced through a
+    contiguous copy that is copied back). Dtypes are checked even single-process.
     """
+    if not isinstance(scores, MutableMapping):
+        raise SparseforgeError(f"scores is a {type(scores).__name__}; allowed: a dict name -> floating-point tensor")
+    for name, score in scores.items():
+        if not isinstance(score, torch.Tensor) or not score.is_floating_point():
+            kind = score.dtype if isinstance(score, torch.Tensor) else type(score).__name__
+            raise SparseforgeError(f"score {name!r} has dtype {kind}; allowed: a floating-point tensor")
     if not is_distributed(group):
         return scores
     names = sorted(scores)
@@ -153,8 +166,6 @@ def all_reduce_scores(scores: MutableMapping[str, torch.Tensor], group: Any = No
     n_ranks = dist.get_world_size(group)
     for name in names:
         score = scores[name]
-        if not score.is_floating_point():
-            raise SparseforgeError(f"score {name!r} has dtype {score.dtype}; allowed: a floating-point tensor")
         buf = score if score.is_contiguous() else score.contiguous()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         buf.div_(n_ranks)
@@ -164,9 +175,11 @@ def all_reduce_scores(scores: MutableMapping[str, torch.Tensor], group: Any = No
 
 
 def shared_seed(seed: int | None = None, src: int = 0, group: Any = None) -> int:
-    """A seed identical on every rank: ``seed`` if given (checked equal), else drawn in [0, 2**31 - 1) on rank ``src``."""
+    """A seed identical on every rank: ``seed`` if given (an integer, checked equal), else drawn in
+    [0, 2**31 - 1) on rank ``src`` (a rank of the group)."""
+    check_int(src, "src", 0, world_size(group) - 1)
     if seed is not None:
-        seed = int(seed)
+        seed = check_seed(seed)
         check_same_config({"seed": seed}, group)
         return seed
     drawn = int(torch.randint(0, 2**31 - 1, (1,)).item())

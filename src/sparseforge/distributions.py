@@ -12,6 +12,7 @@ sum equals ``round((1 - sparsity) * total)``, and the returned per-layer sparsit
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -46,7 +47,19 @@ def kept_counts_from_densities(shapes: Shapes, densities: Mapping[str, float], t
     """Round real kept counts ``density * numel`` to integers summing to ``total_kept``.
 
     Largest-remainder rounding, ties broken by layer order; no layer exceeds its size.
+    ``densities`` (kept fractions; values above 1 are clamped to 1, below 0 to 0) must name every
+    layer of ``shapes``; ``total_kept`` must lie in ``[0, total weights]``.
     """
+    _check_shapes(shapes, allow_empty_layers=True)
+    capacity = sum(_numel(s) for s in shapes.values())
+    if isinstance(total_kept, bool) or not isinstance(total_kept, numbers.Integral) or not 0 <= total_kept <= capacity:
+        raise SparseforgeError(f"total_kept={total_kept!r} is not allowed; allowed: an integer in [0, {capacity}]")
+    if not isinstance(densities, Mapping):
+        raise SparseforgeError(f"densities is a {type(densities).__name__}; allowed: a dict name -> kept fraction")
+    for name in shapes:
+        value = densities.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise SparseforgeError(f"densities[{name!r}]={value!r} is not allowed; allowed: a number (kept fraction)")
     real = {n: min(1.0, max(0.0, densities[n])) * _numel(s) for n, s in shapes.items()}
     counts = {n: min(int(math.floor(v)), _numel(shapes[n])) for n, v in real.items()}
     remaining = total_kept - sum(counts.values())
@@ -71,12 +84,19 @@ def _counts_to_sparsities(shapes: Shapes, counts: Mapping[str, int]) -> dict[str
     return {n: 1.0 - counts[n] / _numel(s) for n, s in shapes.items()}
 
 
-def _check_shapes(shapes: Shapes) -> None:
+def _check_shapes(shapes: Shapes, *, allow_empty_layers: bool = False) -> None:
+    """Refuse anything but a non-empty dict of shapes of positive integers (zeros too if asked)."""
+    low = 0 if allow_empty_layers else 1
+    if not isinstance(shapes, Mapping):
+        raise SparseforgeError(f"shapes is a {type(shapes).__name__}; allowed: a dict name -> shape")
     if not shapes:
         raise SparseforgeError("no layers were given to distribute the sparsity over; allowed: at least one layer")
     for name, shape in shapes.items():
-        if _numel(shape) == 0:
-            raise SparseforgeError(f"layer {name!r} has shape {tuple(shape)} with no weights")
+        dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+        if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < low for d in dims):
+            raise SparseforgeError(
+                f"layer {name!r} has shape {shape!r}; allowed: a non-empty tuple of integers >= {low}"
+            )
 
 
 def uniform(shapes: Shapes, sparsity: float) -> dict[str, float]:
@@ -114,6 +134,7 @@ def er(shapes: Shapes, sparsity: float) -> dict[str, float]:
 
     For convolutions ``n_in``/``n_out`` are channel counts (kernel size ignored).
     """
+    _check_shapes(shapes)
     raw = {}
     for n, s in shapes.items():
         n_out, n_in = (int(s[0]), int(s[1])) if len(s) >= 2 else (1, int(s[0]))
@@ -123,6 +144,7 @@ def er(shapes: Shapes, sparsity: float) -> dict[str, float]:
 
 def erk(shapes: Shapes, sparsity: float) -> dict[str, float]:
     """Erdos-Renyi-Kernel (RigL): density proportional to ``sum(shape) / prod(shape)``."""
+    _check_shapes(shapes)
     raw = {n: sum(int(d) for d in s) / _numel(s) for n, s in shapes.items()}
     return _erdos_renyi(shapes, sparsity, raw)
 
@@ -138,12 +160,13 @@ def global_masks(
     then index order.
     """
     sparsity = check_sparsity(sparsity)
-    try:
-        min_density = float(min_density)
-    except (TypeError, ValueError):
-        raise SparseforgeError(f"min_density={min_density!r} is not a number; allowed: a float in [0, 1]") from None
+    if isinstance(min_density, bool) or not isinstance(min_density, numbers.Real):
+        raise SparseforgeError(f"min_density={min_density!r} is not a number; allowed: a float in [0, 1]")
+    min_density = float(min_density)
     if not (0.0 <= min_density <= 1.0):
         raise SparseforgeError(f"min_density={min_density!r} is outside the allowed range [0, 1]")
+    if not isinstance(scores, Mapping) or not all(isinstance(s, torch.Tensor) for s in scores.values()):
+        raise SparseforgeError("scores is not a dict name -> tensor; allowed: a dict of score tensors shaped like the weights")
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     _check_shapes(shapes)
     total_kept = _target_kept(shapes, sparsity)

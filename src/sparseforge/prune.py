@@ -16,7 +16,8 @@ from torch import nn
 from . import scores as score_fns
 from .distributions import DISTRIBUTIONS, global_masks, layer_sparsities
 from .errors import SparseforgeError, check_sparsity
-from .masks import MaskState
+from .masks import MaskState, check_materialized
+from .schedules import check_float, check_int, check_seed
 from .structures import Structure, Unstructured, parse_structure
 from .targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 
@@ -37,7 +38,29 @@ def _resolve_sparsity(sparsity: float | None, structure: Structure) -> float:
         return 1.0 - fixed
     if sparsity is None:
         raise SparseforgeError(f"sparsity=None needs a structure that fixes it (N:M); {structure!r} does not")
+    if isinstance(sparsity, (str, bytes, bool)):
+        raise SparseforgeError(f"sparsity={sparsity!r} is not a number; allowed: a float in [0, 1)")
     return check_sparsity(sparsity)
+
+
+def _check_no_empty_layer(
+    shapes: Mapping[str, Sequence[int]], sparsity: float, structure: Structure, distribution: str
+) -> None:
+    """Refuse a budget that leaves a layer with no weight at all (a disconnected network).
+
+    Only shape-only distributions are checked here (``global`` has its per-layer floor). Runs on
+    shapes alone, so it fails before any score is computed.
+    """
+    if distribution == "global" or structure.fixed_density is not None:
+        return
+    targets = layer_sparsities(shapes, sparsity, distribution)
+    for name, shape in shapes.items():
+        if structure.kept_count(shape, 1.0 - targets[name]) == 0:
+            raise SparseforgeError(
+                f"sparsity={sparsity:g} with distribution={distribution!r} and {structure!r} keeps no weight of "
+                f"{name!r} (shape {tuple(shape)}, layer sparsity {targets[name]:.4g}); allowed: a lower sparsity, "
+                "distribution='erk' or 'global', or exclude=[...] that layer"
+            )
 
 
 def masks_for_scores(
@@ -90,9 +113,9 @@ def validate_options(
     sparsity: float | None, method: str, structure: str | Structure, distribution: str
 ) -> tuple[float, Structure]:
     """Check pruning options before any work is done; return (sparsity, structure)."""
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise SparseforgeError(f"method={method!r} is not recognised; allowed: {list(METHODS)}")
-    if distribution not in DISTRIBUTIONS:
+    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
         raise SparseforgeError(f"distribution={distribution!r} is not recognised; allowed: {list(DISTRIBUTIONS)}")
     structure = parse_structure(structure)
     return _resolve_sparsity(sparsity, structure), structure
@@ -133,8 +156,23 @@ def prune(
         min_density: for ``global``, the least fraction each layer keeps.
         skip_incompatible: leave layers the structure cannot tile (e.g. fan-in 4 under 1:8)
             dense instead of raising; their names are in the returned state's ``skipped``.
+
+    Every argument is checked before any score is computed or any weight changes, including the
+    ones the chosen method ignores (``seed``, ``min_density``, ``synflow_rounds``,
+    ``input_shape``). The model must hold real weights (not on the ``meta`` device), and a budget
+    that leaves some layer with no weight at all (e.g. 0.9 uniform on a 4-weight layer next to a
+    large one) is refused.
     """
     sparsity, structure = validate_options(sparsity, method, structure, distribution)
+    check_materialized(model)
+    seed = check_seed(seed)
+    if min_density is not None:
+        min_density = check_float(min_density, "min_density", low=0.0, high=1.0)
+    check_int(synflow_rounds, "synflow_rounds", 1)
+    if input_shape is not None:
+        score_fns._check_input_shape(input_shape)
+    if loss_fn is not None and not callable(loss_fn):
+        raise SparseforgeError(f"loss_fn={loss_fn!r} is not callable; allowed: loss_fn(output, targets) -> scalar")
     params = select_prunable(model, exclude=exclude, include_types=include_types, first_last_dense=first_last_dense)
     skipped: list[str] = []
     for name, param in list(params.items()):
@@ -149,6 +187,7 @@ def prune(
         raise SparseforgeError(f"no prunable layer fits structure {structure!r}; skipped {skipped[:5]}")
     if method in _NEEDS_DATA and data is None:
         raise SparseforgeError(f"method={method!r} needs data: an (inputs, targets) batch or an iterable of batches")
+    _check_no_empty_layer({n: tuple(p.shape) for n, p in params.items()}, sparsity, structure, distribution)
 
     def build(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
         return masks_for_scores(

@@ -15,24 +15,79 @@ built, before any training starts.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from .errors import SparseforgeError
 
-__all__ = ["UpdateSchedule", "check_drop_fraction", "cosine_drop_fraction", "cubic_sparsity"]
+__all__ = [
+    "UpdateSchedule", "check_drop_fraction", "check_float", "check_int", "check_seed", "check_window",
+    "cosine_drop_fraction", "cubic_sparsity",
+]
+
+
+def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (not a bool) in ``[minimum, maximum]``, else raise.
+
+    NumPy integers are accepted; floats (even ``2.0``), bools, strings and ``None`` are not.
+    """
+    if minimum is not None and maximum is not None:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+    else:
+        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        allowed += f" <= {maximum}" if maximum is not None else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: {allowed}")
+    out = int(value)
+    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
+        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: {allowed}")
+    return out
+
+
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """Return a random seed as an ``int``; anything but an integer (not a bool) in
+    ``[-2**63, 2**64 - 1]`` (torch's seed range) raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SparseforgeError(f"{name}={value!r} is not an integer; allowed: an int seed")
+    if not _SEED_RANGE[0] <= int(value) <= _SEED_RANGE[1]:
+        raise SparseforgeError(f"{name}={value!r} is out of range; allowed: an int in [-2**63, 2**64 - 1]")
+    return int(value)
+
+
+def check_float(
+    value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
+    low_open: bool = False, high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool, not NaN) in the given interval.
+
+    The interval is ``[low, high]`` with either end open on request; with the default infinite
+    ends, only finite values pass.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        v = math.nan
+    else:
+        v = float(value)
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high) and math.isfinite(v)
+    if not ok:
+        lo = "(-inf" if low == -math.inf else f"{'(' if low_open else '['}{low:g}"
+        hi = "inf)" if high == math.inf else f"{high:g}{')' if high_open else ']'}"
+        allowed = f"{lo}, {hi}"
+        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: a finite number in {allowed}")
+    return v
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: an integer >= {minimum}")
-    return value
+    return check_int(value, name, minimum)
 
 
 def _check_fraction(value: object, name: str, *, low_open: bool, high_open: bool) -> float:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         v = math.nan
+    else:
+        v = float(value)
     lo_ok = v > 0.0 if low_open else v >= 0.0
     hi_ok = v < 1.0 if high_open else v <= 1.0
     if not (lo_ok and hi_ok):
@@ -46,11 +101,18 @@ def check_drop_fraction(alpha: float, name: str = "alpha") -> float:
     return _check_fraction(alpha, name, low_open=True, high_open=True)
 
 
-def _check_window(start: int, end: int) -> None:
-    _check_int(start, "start", 0)
-    _check_int(end, "end", 0)
+def check_window(start: int, end: int, names: tuple[str, str] = ("start", "end")) -> None:
+    """Raise unless ``start`` and ``end`` are integer steps >= 0 with ``end >= start``.
+
+    ``names`` are the caller's argument names, used in the message (e.g. ``prune_start``).
+    """
+    check_int(start, names[0], 0)
+    check_int(end, names[1], 0)
     if end < start:
-        raise SparseforgeError(f"end={end} is before start={start}; allowed: end >= start")
+        raise SparseforgeError(f"{names[1]}={end} is before {names[0]}={start}; allowed: {names[1]} >= {names[0]}")
+
+
+_check_window = check_window
 
 
 def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: int) -> float:
@@ -60,6 +122,7 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: 
     ``start <= t <= end``; ``initial`` before ``start`` and ``final`` from ``end`` on (clamped).
     ``initial`` and ``final`` are sparsities in [0, 1); ``start``/``end`` are steps.
     """
+    check_int(step, "step")
     initial = _check_fraction(initial, "initial", low_open=False, high_open=True)
     final = _check_fraction(final, "final", low_open=False, high_open=True)
     _check_window(start, end)
@@ -77,6 +140,7 @@ def cosine_drop_fraction(step: int, *, alpha: float, end: int) -> float:
     ``alpha / 2 * (1 + cos(pi * step / end))`` for ``0 <= step < end``, 0 from ``end`` on.
     ``alpha`` is the initial drop fraction in (0, 1); ``end`` (steps) must be >= 1.
     """
+    check_int(step, "step")
     alpha = check_drop_fraction(alpha)
     _check_int(end, "end", 1)
     if step >= end:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SparseforgeError, check_density
+from .schedules import check_seed
 
 __all__ = [
     "Batch",
@@ -273,8 +274,7 @@ def random_scores(params: Mapping[str, Tensor], *, seed: int = 0) -> dict[str, T
     state. Scores are generated on the CPU and moved to each parameter's device.
     """
     _check_params_mapping(params)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise SparseforgeError(f"seed={seed!r} is not an integer; allowed: an int")
+    seed = check_seed(seed)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return {

@@ -60,6 +60,11 @@ def _as_2d_shape(shape: Sequence[int]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python, never a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_density(density: float) -> float:
     try:
         d = float(density)
@@ -77,11 +82,12 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     index, so the result is deterministic. Runs in O(numel) (one ``topk`` for the threshold, no
     full sort). Returns a bool tensor shaped like ``scores``.
     """
-    if scores.dim() != 2:
-        raise SparseforgeError(f"topk_mask needs a 2-D tensor, got shape {tuple(scores.shape)}")
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise SparseforgeError(f"topk_mask needs a 2-D tensor, got {shape}; allowed: a 2-D torch.Tensor")
     rows, cols = scores.shape
-    if not (0 <= k <= cols):
-        raise SparseforgeError(f"k={k} is outside the allowed range [0, {cols}]")
+    if not _is_int(k) or not (0 <= k <= cols):
+        raise SparseforgeError(f"k={k!r} is not allowed; allowed: an integer in [0, {cols}]")
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k == cols:
@@ -117,7 +123,7 @@ class Structure(ABC):
     def resolve_density(self, density: float | None) -> float:
         """The density this structure will use for a requested ``density``."""
         if self.fixed_density is not None:
-            if density is not None and abs(float(density) - self.fixed_density) > 1e-9:
+            if density is not None and abs(_check_density(density) - self.fixed_density) > 1e-9:
                 raise SparseforgeError(
                     f"density={density!r} conflicts with {self!r}, which keeps exactly "
                     f"{self.fixed_density:g} of the weights; pass density=None"
@@ -159,7 +165,8 @@ class NM(Structure):
     """Keep ``n_keep`` weights in every group of ``m`` consecutive inputs (e.g. ``NM(2, 4)``).
 
     ``n_keep`` counts *kept* weights (JaxPruner's convention; SparseGPT's ``prunen`` counts the
-    zeroed ones). The density is fixed at ``n_keep / m``.
+    zeroed ones). The density is fixed at ``n_keep / m``. Allowed: integers ``1 <= n_keep <= m``
+    (``n_keep = 0`` would prune every weight; ``n_keep = m`` keeps all of them).
     """
 
     n_keep: int
@@ -167,10 +174,8 @@ class NM(Structure):
 
     def __post_init__(self) -> None:
         n, m = self.n_keep, self.m
-        if not isinstance(n, int) or not isinstance(m, int) or m < 1 or n < 0:
-            raise SparseforgeError(f"NM(n_keep={n!r}, m={m!r}) is invalid; allowed: integers 0 <= n_keep <= m, m >= 1")
-        if n > m:
-            raise SparseforgeError(f"NM(n_keep={n}, m={m}): n_keep must not exceed m (N > M is not allowed)")
+        if not _is_int(n) or not _is_int(m) or not 1 <= n <= m:
+            raise SparseforgeError(f"NM(n_keep={n!r}, m={m!r}) is invalid; allowed: integers 1 <= n_keep <= m")
 
     def __repr__(self) -> str:
         return f"NM({self.n_keep}, {self.m})"
@@ -207,7 +212,7 @@ class Block(Structure):
     cols: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rows, int) or not isinstance(self.cols, int) or self.rows < 1 or self.cols < 1:
+        if not _is_int(self.rows) or not _is_int(self.cols) or self.rows < 1 or self.cols < 1:
             raise SparseforgeError(f"Block(rows={self.rows!r}, cols={self.cols!r}) is invalid; allowed: positive integers")
 
     def check_shape(self, shape: Sequence[int], name: str = "weight") -> None:
@@ -244,7 +249,7 @@ class Channel(Structure):
     dim: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or self.dim < 0:
+        if not _is_int(self.dim) or self.dim < 0:
             raise SparseforgeError(f"Channel(dim={self.dim!r}) is invalid; allowed: a non-negative integer")
 
     def check_shape(self, shape: Sequence[int], name: str = "weight") -> None:

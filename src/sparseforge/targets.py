@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .errors import SparseforgeError
-from .masks import canonical_name
+from .masks import canonical_name, check_module
 
 __all__ = ["DEFAULT_PRUNABLE_TYPES", "select_prunable"]
 
@@ -47,6 +47,20 @@ def select_prunable(
     Tied weights (one parameter reachable from several modules) are returned once, under the
     first name.
     """
+    check_module(model)
+    if isinstance(exclude, (str, type)):
+        raise SparseforgeError(
+            f"exclude={exclude!r} is a single item; allowed: a list of name patterns or module types, e.g. [{exclude!r}]"
+        )
+    types_ok = not isinstance(include_types, (type, str))
+    if types_ok:
+        include_types = tuple(include_types)
+        types_ok = all(isinstance(t, type) and issubclass(t, nn.Module) for t in include_types)
+    if not types_ok:
+        raise SparseforgeError(
+            f"include_types={include_types!r} is not allowed; allowed: a list of nn.Module subclasses, e.g. [nn.Linear]"
+        )
+    exclude = list(exclude)
     patterns = [e for e in exclude if isinstance(e, str)]
     types = [e for e in exclude if isinstance(e, type)]
     bad = [e for e in exclude if not isinstance(e, (str, type))]

@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import SparseforgeError
+from .masks import check_module
+from .schedules import check_int, check_seed
 
 __all__ = ["EpochMetrics", "TrainHistory", "batches", "evaluate", "train"]
 
@@ -47,10 +51,54 @@ def _is_tensor_pair(data: object) -> bool:
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
+def _check_data(data: object, name: str) -> None:
+    """Refuse data that can yield no batch: an empty or mismatched ``(x, y)`` pair, a bare tensor,
+    a string or a non-iterable (an empty iterable is caught when an epoch yields nothing)."""
+    if _is_tensor_pair(data):
+        x, y = data  # type: ignore[misc]
+        if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+            raise SparseforgeError(
+                f"{name} has inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}; "
+                "allowed: equal lengths along dim 0"
+            )
+        if len(x) == 0:
+            raise SparseforgeError(f"{name} is empty (0 samples); allowed: at least one sample")
+        return
+    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise SparseforgeError(
+            f"{name} is a {type(data).__name__}; allowed: an (inputs, targets) tensor pair or an iterable of batches"
+        )
+
+
+def _check_loss_fn(loss_fn: object) -> None:
+    if not callable(loss_fn):
+        raise SparseforgeError(f"loss_fn={loss_fn!r} is not callable; allowed: loss_fn(output, targets) -> scalar")
+
+
+def _check_learning_rates(optimizer: torch.optim.Optimizer, has_scheduler: bool) -> None:
+    """Every group's ``lr`` must be a finite number >= 0, and not all 0 unless a scheduler sets them."""
+    rates = []
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        value = float(lr) if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool) else math.nan
+        if not math.isfinite(value) or value < 0:
+            raise SparseforgeError(f"optimizer param_groups[{i}]['lr']={lr!r} is not allowed; allowed: a finite number > 0")
+        rates.append(value)
+    if rates and all(r == 0 for r in rates) and not has_scheduler:
+        raise SparseforgeError(
+            f"optimizer lr={rates[0]!r} in every param group: training would change nothing; allowed: lr > 0 "
+            "(or a scheduler that raises it)"
+        )
+
+
 def batches(
     data: Data, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
 ) -> Iterable[Batch]:
-    """Yield batches from a ``(x, y)`` tensor pair (optionally shuffled) or pass an iterable through."""
+    """Yield batches from a ``(x, y)`` tensor pair (optionally shuffled) or pass an iterable through.
+
+    ``batch_size`` (samples per batch, >= 1) applies to tensor pairs.
+    """
+    batch_size = check_int(batch_size, "batch_size", 1)
     if not _is_tensor_pair(data):
         yield from data  # type: ignore[misc]
         return
@@ -71,7 +119,14 @@ def evaluate(
     batch_size: int = 1024,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> tuple[float, float]:
-    """Mean loss and top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data`` (eval mode)."""
+    """Mean loss and top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data`` (eval mode).
+
+    ``batch_size``: samples per forward (>= 1), for a tensor pair.
+    """
+    check_module(model)
+    check_int(batch_size, "batch_size", 1)
+    _check_loss_fn(loss_fn)
+    _check_data(data, "data")
     was_training = model.training
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
@@ -107,11 +162,30 @@ def train(
     ``train_data`` is a ``(x, y)`` tensor pair (shuffled each epoch with a generator seeded by
     ``seed``) or any iterable of batches (a ``DataLoader``). ``scheduler`` steps once per epoch.
     Shows a progress bar (rich) unless ``progress=False``; returns per-epoch metrics.
+
+    Refused before the first step: ``epochs`` or ``batch_size`` (samples) not an integer >= 1, an
+    empty or mismatched tensor pair, an optimizer that holds none of the model's parameters, a
+    negative / NaN / infinite learning rate, or lr = 0 in every group without a scheduler. An
+    iterable that yields no batch in an epoch raises at the end of that epoch.
     """
-    if epochs < 1:
-        raise SparseforgeError(f"epochs={epochs} is not allowed; allowed: an integer >= 1")
-    if batch_size < 1:
-        raise SparseforgeError(f"batch_size={batch_size} is not allowed; allowed: an integer >= 1")
+    check_module(model)
+    epochs = check_int(epochs, "epochs", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_seed(seed)
+    _check_loss_fn(loss_fn)
+    _check_data(train_data, "train_data")
+    if eval_data is not None:
+        _check_data(eval_data, "eval_data")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SparseforgeError(f"optimizer is a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+    model_params = {id(p) for p in model.parameters()}
+    if not any(id(p) in model_params for group in optimizer.param_groups for p in group["params"]):
+        raise SparseforgeError(
+            "the optimizer holds none of the model's parameters; allowed: an optimizer built over model.parameters()"
+        )
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise SparseforgeError(f"scheduler is a {type(scheduler).__name__}; allowed: None or an LR scheduler with step()")
+    _check_learning_rates(optimizer, scheduler is not None)
     generator = torch.Generator().manual_seed(seed)
     history = TrainHistory()
     steps = 0
@@ -128,6 +202,8 @@ def train(
                 steps += 1
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
+            if seen == 0:
+                raise SparseforgeError(f"train_data yielded no batch in epoch {epoch}; allowed: at least one batch per epoch")
             if scheduler is not None:
                 scheduler.step()
             eval_loss = eval_acc = None

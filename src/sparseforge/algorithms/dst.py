@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SparseforgeError
-from ..schedules import UpdateSchedule, check_drop_fraction, cosine_drop_fraction
+from ..schedules import UpdateSchedule, check_drop_fraction, check_seed, cosine_drop_fraction
 from ..structures import Structure, Unstructured, topk_mask
 from .base import Algorithm
 
@@ -111,10 +111,11 @@ class DynamicSparse(Algorithm):
         end: last step at which masks may change (exclusive for drops: the drop fraction is 0
             from ``end`` on). Or give ``total_steps`` and ``end`` becomes 75% of it.
         alpha: initial drop fraction in (0, 1) (default 0.3).
-        every: steps between mask updates (default 100).
+        every: steps between mask updates (default 100); must be below ``end``, else the masks
+            would never change (refused).
         structure: only ``Unstructured`` for SET/RigL/SNFS/GraNet (``SRigL`` takes
             ``ConstantFanIn``); anything else raises :class:`SparseforgeError` here.
-        seed: seeds random choices (SET's growth).
+        seed: seeds random choices (SET's growth); an integer.
     """
 
     supported_structures: tuple[type[Structure], ...] = (Unstructured,)
@@ -136,9 +137,19 @@ class DynamicSparse(Algorithm):
         self.alpha = check_drop_fraction(alpha)
         self.end = resolve_end(end, total_steps)
         self.schedule = UpdateSchedule(start=0, end=self.end, every=every)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
+        if self._never_updates():
+            source = f"total_steps={total_steps} sets end={self.end}" if total_steps is not None else f"end={self.end}"
+            raise SparseforgeError(
+                f"{type(self).__name__} with every={every} and {source} never updates the masks (the first update "
+                f"would be at step {every}, not before end); allowed: every < {self.end}"
+            )
         #: ``(step, {layer: (n_dropped, n_grown)})`` for every update that ran.
         self.history: list[tuple[int, dict[str, tuple[int, int]]]] = []
+
+    def _never_updates(self) -> bool:
+        """Whether no step is an update step (the first, ``every``, is not before ``end``)."""
+        return self.schedule.every >= self.end
 
     # -- schedule --------------------------------------------------------------------------
     def drop_fraction(self, step: int) -> float:

@@ -23,7 +23,8 @@ import torch
 
 from ..distributions import DISTRIBUTIONS, global_sparsities, layer_sparsities
 from ..errors import SparseforgeError, check_sparsity
-from ..schedules import UpdateSchedule, cubic_sparsity
+from ..masks import MaskState
+from ..schedules import UpdateSchedule, check_float, check_int, check_window, cubic_sparsity
 from .base import Algorithm
 from .dst import keep_top, round_half_up
 
@@ -38,20 +39,49 @@ class CubicTargets:
 
     Args:
         final_sparsity: fraction of zeros over all masked layers at ``end``, in [0, 1).
-        start, end: steps between which sparsity follows the cubic.
+        start, end: steps between which sparsity follows the cubic (integers, ``1 <= end``,
+            ``start <= end``).
         distribution: ``uniform``, ``er``, ``erk`` or ``global``.
-        min_density: floor for ``global`` (default ``0.1 * (1 - final_sparsity)``).
+        min_density: floor for ``global`` (default ``0.1 * (1 - final_sparsity)``), in
+            ``[0, 1 - final_sparsity]``.
+        names: the caller's names for ``start`` and ``end`` in error messages.
     """
 
-    def __init__(self, final_sparsity: float, *, start: int, end: int, distribution: str, min_density: float | None) -> None:
+    def __init__(
+        self,
+        final_sparsity: float,
+        *,
+        start: int,
+        end: int,
+        distribution: str,
+        min_density: float | None,
+        names: tuple[str, str] = ("start", "end"),
+    ) -> None:
         self.final = check_sparsity(final_sparsity, "final_sparsity")
-        if distribution not in DISTRIBUTIONS:
+        if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
             raise SparseforgeError(f"distribution={distribution!r} is not recognised; allowed: {list(DISTRIBUTIONS)}")
-        cubic_sparsity(start, initial=0.0, final=self.final, start=start, end=end)  # validates the window
-        self.start, self.end, self.distribution = start, end, distribution
-        self.min_density = 0.1 * (1.0 - self.final) if min_density is None else float(min_density)
+        check_int(start, names[0], 0)
+        check_int(end, names[1], 1)
+        check_window(start, end, names)
+        self.start, self.end, self.distribution = int(start), int(end), distribution
+        if min_density is None:
+            self.min_density = 0.1 * (1.0 - self.final)
+        else:
+            self.min_density = check_float(min_density, "min_density", low=0.0, high=1.0 - self.final)
         self.initial: dict[str, float] = {}   # sparsity per layer at attach time
         self.finals: dict[str, float] = {}    # final sparsity per layer (layer-wise distributions)
+
+    def check(self, masks: MaskState, owner: str) -> None:
+        """Refuse masks already sparser than ``final_sparsity``: masks only lose weights, so the
+        schedule could never be followed (it would silently stay at the starting sparsity)."""
+        if self.initial:  # restored from a checkpoint: attach keeps the original starting point
+            return
+        total = masks.numel()
+        if masks.nnz() < round((1.0 - self.final) * total):
+            raise SparseforgeError(
+                f"{owner} final_sparsity={self.final:g} is below the masks' sparsity {masks.sparsity():.4g} at attach; "
+                f"allowed: final_sparsity >= {masks.sparsity():.4g} (masks only lose weights; start denser)"
+            )
 
     def attach(self, sparsifier: Sparsifier) -> None:
         if self.initial:  # restored from a checkpoint: keep the original starting point
@@ -123,11 +153,12 @@ class GMP(Algorithm):
         distribution: str = "uniform",
         min_density: float | None = None,
     ) -> None:
-        if isinstance(end, int) and end < 1:
-            raise SparseforgeError(f"end={end!r} is not allowed; allowed: an integer >= 1 (a step)")
-        self.schedule = UpdateSchedule(start=start, end=end, every=every)
         self.targets = CubicTargets(final_sparsity, start=start, end=end, distribution=distribution, min_density=min_density)
+        self.schedule = UpdateSchedule(start=start, end=end, every=every)
         self.history: list[tuple[int, dict[str, tuple[int, int]]]] = []
+
+    def check(self, masks: MaskState) -> None:
+        self.targets.check(masks, type(self).__name__)
 
     def attach(self, sparsifier: Sparsifier) -> None:
         self.targets.attach(sparsifier)

@@ -26,6 +26,7 @@ from .dst import RigL, round_half_up
 from .gmp import CubicTargets
 
 if TYPE_CHECKING:
+    from ..masks import MaskState
     from ..sparsifier import Sparsifier
 
 __all__ = ["GraNet"]
@@ -44,9 +45,15 @@ class GraNet(RigL):
         min_density: float | None = None,
         **dst: Any,
     ) -> None:
+        self.targets = CubicTargets(final_sparsity, start=prune_start, end=prune_end, distribution=distribution,
+                                    min_density=min_density, names=("prune_start", "prune_end"))
         super().__init__(**dst)
-        self.targets = CubicTargets(final_sparsity, start=prune_start, end=prune_end,
-                                    distribution=distribution, min_density=min_density)
+
+    def _never_updates(self) -> bool:
+        return False  # prune_end is always an update step
+
+    def check(self, masks: MaskState) -> None:
+        self.targets.check(masks, type(self).__name__)
 
     def attach(self, sparsifier: Sparsifier) -> None:
         self.targets.attach(sparsifier)

@@ -45,9 +45,10 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError, check_sparsity
-from ..masks import MaskState, unwrap
+from ..masks import MaskState, check_materialized, unwrap
 from ..prune import masks_for_scores
-from ..sparsifier import Sparsifier
+from ..schedules import check_float
+from ..sparsifier import Sparsifier, check_optimizer_owns
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 
 __all__ = [
@@ -122,8 +123,17 @@ def prune_surviving(
 
     Scores are ``|W|``; positions ``current`` prunes get score ``-1`` (below every magnitude), so
     a new mask is a subset of the old one whenever it keeps no more weights. Returns masks and
-    per-layer target sparsities (see :func:`sparseforge.prune.masks_for_scores`).
+    per-layer target sparsities (see :func:`sparseforge.prune.masks_for_scores`). ``current``
+    must hold a mask shaped like every weight of ``params``.
     """
+    if current is not None:
+        for name, weight in params.items():
+            mask = current.get(name) if isinstance(current, Mapping) else None
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(weight.shape):
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise SparseforgeError(
+                    f"current mask for {name!r} is {got}; allowed: a bool tensor of shape {tuple(weight.shape)}"
+                )
     scores: dict[str, torch.Tensor] = {}
     for name, weight in params.items():
         score = weight.detach().abs().float()
@@ -201,8 +211,9 @@ def imp(
     _check_callable(train_fn, "train_fn")
     if eval_fn is not None:
         _check_callable(eval_fn, "eval_fn")
-    if min_density is not None and not (0.0 <= float(min_density) <= 1.0 - final):
-        raise SparseforgeError(f"min_density={min_density!r} is not allowed; allowed: a float in [0, {1 - final:.4g}]")
+    if min_density is not None:
+        min_density = check_float(min_density, "min_density", low=0.0, high=1.0 - final)
+    check_materialized(model)
     params = select_prunable(unwrap(model), exclude=exclude, include_types=include_types, first_last_dense=first_last_dense)
     targets = round_sparsities(final, rounds)
     history = IMPHistory(prune_fraction=1.0 - (1.0 - final) ** (1.0 / rounds), rewind_step=rewind_step)
@@ -211,6 +222,7 @@ def imp(
     optimizer = make_optimizer(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise SparseforgeError(f"make_optimizer returned a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+    check_optimizer_owns(optimizer, params)  # else round 0 would train nothing that is pruned later
     steps = [0]
     if rewind_step == 0:
         history.snapshot = clone_state(model)

@@ -44,7 +44,9 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError
-from ..masks import MaskState, unwrap
+from ..masks import MaskState, check_materialized, unwrap
+from ..schedules import check_float
+from ..sparsifier import attached_owner, check_optimizer_owns
 from ..structures import NM, parse_structure
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 
@@ -71,8 +73,7 @@ class GradientFlowSchedule:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise SparseforgeError(f"total_steps={self.total_steps!r} is not allowed; allowed: an integer >= 1")
         for value, name in ((self.start, "start"), (self.end, "end")):
-            if not (0.0 <= float(value) <= 1.0):
-                raise SparseforgeError(f"{name}={value!r} is outside the allowed range [0, 1]")
+            check_float(value, name, low=0.0, high=1.0)
         if self.kind not in SCHEDULE_KINDS:
             raise SparseforgeError(f"kind={self.kind!r} is not recognised; allowed: {list(SCHEDULE_KINDS)}")
         if self.kind == "exponential" and (self.end <= 0.0 or self.start <= 0.0):
@@ -131,7 +132,17 @@ class NMTraining:
             [0, 1] or a function of the completed step count (e.g. :class:`GradientFlowSchedule`).
         mask_interval: recompute masks from ``|W|`` after every ``mask_interval`` steps (>= 1).
         exclude, first_last_dense, include_types: which layers get N:M (see ``select_prunable``).
+
+    The optimizer must hold every N:M layer's weight, and no other NMTraining or
+    :class:`~sparseforge.sparsifier.Sparsifier` may be attached to it (the Sparsifier zeroes the
+    very weights this class keeps dense); ``finalize()`` or ``remove()`` frees it.
+
+    Not a :class:`~sparseforge.sparsifier.Sparsifier` algorithm, so ``zero_state`` does not
+    apply: pruned weights are *meant* to stay dense here, and nothing masks them per step.
     """
+
+    #: Marks the bound step hook of this class for :func:`sparseforge.sparsifier.attached_owner`.
+    _sparseforge_hook_owner = True
 
     def __init__(
         self,
@@ -156,11 +167,16 @@ class NMTraining:
         if not math.isfinite(decay) or decay < 0:
             raise SparseforgeError(f"decay={decay!r} is not allowed; allowed: a finite float >= 0")
         if not callable(pruned_grad_scale):
-            scale = float(pruned_grad_scale)
-            if not (0.0 <= scale <= 1.0):
-                raise SparseforgeError(f"pruned_grad_scale={pruned_grad_scale!r} is outside the allowed range [0, 1]")
+            check_float(pruned_grad_scale, "pruned_grad_scale", low=0.0, high=1.0)
         if isinstance(mask_interval, bool) or not isinstance(mask_interval, int) or mask_interval < 1:
             raise SparseforgeError(f"mask_interval={mask_interval!r} is not allowed; allowed: an integer >= 1")
+        check_materialized(model)
+        owner = attached_owner(optimizer)
+        if owner is not None:
+            raise SparseforgeError(
+                f"the optimizer already has an attached {type(owner).__name__}; allowed: one at a time "
+                "(call its finalize() first)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.decay = decay
@@ -173,6 +189,7 @@ class NMTraining:
         )
         for name, param in self.params.items():
             self.structure.check_shape(tuple(param.shape), name)
+        check_optimizer_owns(optimizer, self.params)
         owners: dict[int, str] = {id(p): n for n, p in self.params.items()}
         # every module using a selected weight (tied weights: several modules, one parameter)
         self._modules: list[tuple[str, nn.Module]] = []

@@ -34,7 +34,6 @@ Parallelism: ``workers=1`` (default) trains the copies one after another in this
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError, check_sparsity
-from ..masks import MaskState, unwrap
+from ..masks import MaskState, check_materialized, unwrap
+from ..schedules import check_float, check_seed
 from ..sparsifier import Sparsifier
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 from .imp import prune_surviving, round_sparsities
@@ -103,6 +103,12 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     for i, state in enumerate(states[1:], start=1):
         if list(state) != keys:
             raise SparseforgeError(f"state {i} has keys {sorted(state)[:3]}...; expected the keys of state 0")
+        for key in keys:
+            if tuple(state[key].shape) != tuple(states[0][key].shape) or state[key].dtype != states[0][key].dtype:
+                raise SparseforgeError(
+                    f"state {i}[{key!r}] has shape {tuple(state[key].shape)} and dtype {state[key].dtype}; "
+                    f"allowed: those of state 0, {tuple(states[0][key].shape)} and {states[0][key].dtype}"
+                )
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         first = states[0][key]
@@ -239,17 +245,28 @@ def sparse_model_soups(
     for fn, name in ((make_optimizer, "make_optimizer"), (train_fn, "train_fn")):
         if not callable(fn):
             raise SparseforgeError(f"{name}={fn!r} is not callable; allowed: a function")
-    seeds = list(range(ingredients)) if seeds is None else [int(s) for s in seeds]
+    if eval_fn is not None and not callable(eval_fn):
+        raise SparseforgeError(f"eval_fn={eval_fn!r} is not callable; allowed: None or eval_fn(model) -> float")
+    seeds = list(range(ingredients)) if seeds is None else [check_seed(s, "seeds item") for s in seeds]
     if len(seeds) != ingredients:
         raise SparseforgeError(f"seeds has {len(seeds)} entries; allowed: exactly ingredients={ingredients}")
     if weight_decays is not None:
-        weight_decays = [float(w) for w in weight_decays]
-        if len(weight_decays) != ingredients or any(not math.isfinite(w) or w < 0 for w in weight_decays):
+        weight_decays = list(weight_decays)
+        if len(weight_decays) != ingredients:
             raise SparseforgeError(
-                f"weight_decays={weight_decays!r} is not allowed; allowed: {ingredients} finite values >= 0"
+                f"weight_decays has {len(weight_decays)} entries; allowed: exactly ingredients={ingredients}"
             )
-    if min_density is not None and not (0.0 <= float(min_density) <= 1.0 - final):
-        raise SparseforgeError(f"min_density={min_density!r} is not allowed; allowed: a float in [0, {1 - final:.4g}]")
+        weight_decays = [check_float(w, "weight_decays item", low=0.0) for w in weight_decays]
+    recipes = list(zip(seeds, weight_decays or [None] * ingredients))
+    repeated = next((r for i, r in enumerate(recipes) if r in recipes[:i]), None)
+    if repeated is not None:
+        raise SparseforgeError(
+            f"seeds={seeds!r} repeat seed {repeated[0]} with the same weight decay: those ingredients would be "
+            "identical copies; allowed: distinct seeds (or distinct weight_decays)"
+        )
+    if min_density is not None:
+        min_density = check_float(min_density, "min_density", low=0.0, high=1.0 - final)
+    check_materialized(model)
 
     base = unwrap(model)
     params = select_prunable(base, exclude=exclude, include_types=include_types, first_last_dense=first_last_dense)

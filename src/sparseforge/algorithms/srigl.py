@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SparseforgeError
+from ..schedules import check_float
 from ..structures import ConstantFanIn, Structure
 from .dst import RigL, keep_top, round_half_up
 
 if TYPE_CHECKING:
+    from ..masks import MaskState
     from ..sparsifier import Sparsifier
 
 __all__ = ["SRigL"]
@@ -43,18 +45,21 @@ class SRigL(RigL):
     supported_structures = (ConstantFanIn,)
 
     def __init__(self, *, gamma_sal: float = 0.3, structure: Structure = ConstantFanIn(), **dst: Any) -> None:
+        gamma_sal = check_float(gamma_sal, "gamma_sal", low=0.0, high=1.0)
         super().__init__(structure=structure, **dst)
-        if not (0.0 <= float(gamma_sal) <= 1.0):
-            raise SparseforgeError(f"gamma_sal={gamma_sal!r} is outside the allowed range [0, 1]")
-        self.gamma_sal = float(gamma_sal)
+        self.gamma_sal = gamma_sal
         self.budget: dict[str, int] = {}
 
-    def attach(self, sparsifier: Sparsifier) -> None:
-        for name, mask in sparsifier.masks.items():
+    def check(self, masks: MaskState) -> None:
+        """Refuse masks whose live rows do not all keep the same number of weights."""
+        for name, mask in masks.items():
             counts = mask.reshape(mask.shape[0], -1).sum(1)
             if counts[counts > 0].unique().numel() > 1:
                 raise SparseforgeError(f"SRigL needs constant fan-in masks, but {name!r} rows keep {sorted(set(counts.tolist()))[:5]} "
                                        "weights; allowed: init_sparse(model, sparsity, structure='fanin')")
+
+    def attach(self, sparsifier: Sparsifier) -> None:
+        for name, mask in sparsifier.masks.items():
             self.budget.setdefault(name, int(mask.sum()))
 
     def _live_rows(self, alive: torch.Tensor, salient: torch.Tensor, k: int, fan_in: int, budget: int) -> torch.Tensor:
