@@ -27,6 +27,41 @@ def test_bench_on_tiny_model_file(tmp_path):
     md = format_markdown(rows).splitlines()
     assert len(md) == 2 + len(rows) and all(line.count("|") == md[0].count("|") for line in md)
     assert md[2].startswith("| 0.9 | 1 | ")
+    # quick runs skip the busy-machine column: None in the rows, "-" in the tables
+    assert all(r["speedup_busy_converted"] is None and r["busy_vs_idle"] is None for r in rows)
+    assert saved["busy_column"] is False and " - |" in md[2]
+
+
+def test_busy_processes_keep_the_cores_busy_and_are_always_killed():
+    from sparseforge.inference.bench import busy_processes
+
+    with busy_processes(2, settle_s=0.0) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs)
+    with pytest.raises(RuntimeError, match="boom"):
+        with busy_processes(1, settle_s=0.0) as procs:
+            raise RuntimeError("boom")
+    assert procs[0].returncode is not None
+
+
+def test_bench_busy_column_converts_under_load_and_reports_the_ratio(tmp_path):
+    """busy=True: a second conversion while every core runs a busy loop; both models timed
+    afterwards, interleaved; speedup, ratio and flagged layers in the rows, JSON and both tables."""
+    torch.manual_seed(0)
+    save_file({"a.weight": torch.randn(32, 16), "b.weight": torch.randn(8, 32)}, tmp_path / "m.safetensors")
+    rows = run_inference_bench((0.9,), (1,), model_path=tmp_path / "m.safetensors", json_out=tmp_path / "r.json",
+                               quick=True, rounds=2, busy=True)
+    (r,) = rows
+    assert r["busy_sparseforge_ms"] > 0 and r["speedup_busy_converted"] == pytest.approx(r["dense_ms"] / r["busy_sparseforge_ms"])
+    assert r["busy_vs_idle"] == pytest.approx(r["sparseforge_ms"] / r["busy_sparseforge_ms"])
+    assert isinstance(r["busy_under_load_layers"], int) and r["busy_paths"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["busy_column"] is True and saved["rows"][0]["busy_vs_idle"] == pytest.approx(r["busy_vs_idle"])
+    table = format_table(rows)
+    assert "busy-conv" in table and "busy/idle" in table and f"{r['speedup_busy_converted']:.2f}x" in table
+    md = format_markdown(rows).splitlines()
+    assert "busy / idle" in md[0] and all(line.count("|") == md[0].count("|") for line in md)
+    assert f"{r['busy_vs_idle']:.2f}" in md[2]
 
 
 def test_bench_rejects_bad_inputs(tmp_path):

@@ -279,10 +279,10 @@ def test_autotune_keeps_a_second_format_only_where_it_wins_by_the_margin(monkeyp
     def stub(fns, reps):
         b = next(sizes)
         assert set(fns) == set(fake[b])  # dense + csr + bitmask (+ the gather SpMV at batch 1)
-        return dict(fake[b])
+        return autotune.TimingRound({k: [v] for k, v in fake[b].items()}, wait=0.0)  # a quiet round
 
-    monkeypatch.setattr(autotune, "_interleaved_medians", stub)
-    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: medians)  # tested below
+    monkeypatch.setattr(autotune, "_timing_round", stub)
+    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None))  # tested below
     w = pruned(nn.Linear(64, 32), 0.7).weight.detach()
     choice = autotune.measure_layer(w, None, (1, 8, 64))
     assert choice.packed.name == "bitmask" and choice.extra is not None and choice.extra.name == "csr"
@@ -345,33 +345,32 @@ def test_close_calls_are_timed_again_and_the_second_timing_decides(monkeypatch):
 
     def second(fns, reps):
         calls.append((sorted(fns), reps))
-        return {"dense": [10.0, 9.0, 11.0], "csr": [10.5, 10.5, 10.0]}
+        return autotune.TimingRound({"dense": [10.0, 9.0, 11.0], "csr": [10.5, 10.5, 10.0]}, wait=0.0)  # quiet
 
-    monkeypatch.setattr(autotune, "_interleaved_times", second)
+    monkeypatch.setattr(autotune, "_timing_round", second)
     fns = {k: (lambda: None) for k in ("dense", "csr", "bitmask")}
-    got = autotune._confirm_close_calls(fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1)
-    assert calls == [(["csr", "dense"], 5 * autotune.CLOSE_CALL_REPS)]
+    got, note = autotune._confirm_close_calls(fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1)
+    assert calls == [(["csr", "dense"], 5 * autotune.CLOSE_CALL_REPS)] and note is None
     # medians 10.0 vs 10.5 (0.952x), fastest 9.0 vs 10.0 (0.9x): the less favourable 0.9x is kept,
     # recorded against the first pass's dense median as 11.5 / 0.9 ms
     assert got["dense"] == 11.5 and got["bitmask"] == 11.5 / 3
     assert got["csr"] == pytest.approx(11.5 / 0.9)
     calls.clear()
     far = {"dense": 10.0, "csr": 2.0}
-    assert autotune._confirm_close_calls(fns, far, reps=5, margin=0.1) == far and calls == []
+    assert autotune._confirm_close_calls(fns, far, reps=5, margin=0.1) == (far, None) and calls == []
 
 
 def test_close_call_that_wins_on_medians_but_loses_on_fastest_calls_stays_dense(monkeypatch):
     """A busy machine slows dense's rounds more than sparse's: medians say 1.2x, but the fastest
-    calls (the quiet-machine estimate) say 0.9x; the layer must stay dense."""
+    calls (the quiet-machine estimate) say 1.05x; the layer must stay dense."""
     from sparseforge.inference import autotune
 
-    monkeypatch.setattr(autotune, "_interleaved_times",
-                        lambda fns, reps: {k: [9.0, 12.0, 12.0] if k == "dense" else [10.0, 10.0, 10.0] for k in fns})
-    monkeypatch.setattr(autotune, "_interleaved_medians", lambda fns, reps: {k: 12.0 if k == "dense" else 10.0 for k in fns})
+    monkeypatch.setattr(autotune, "_timing_round", lambda fns, reps: autotune.TimingRound(
+        {k: [10.5, 12.0, 12.0] if k == "dense" else [10.0, 10.0, 10.0] for k in fns}, wait=0.0))
     choice = autotune.measure_layer(torch.randn(64, 64) * (torch.rand(64, 64) < 0.5), None, (128,), max_formats=1)
-    # every format's speedup: min(12/10, 9/10) = 0.9 < 1.1 -> dense
-    assert choice.choices == {128: "dense"} and choice.packed is None
-    assert choice.timings_ms["csr"][128] == pytest.approx(12.0 / 0.9)
+    # every format's speedup: min(12/10, 10.5/10) = 1.05 < 1.1 -> dense
+    assert choice.choices == {128: "dense"} and choice.packed is None and not choice.under_load
+    assert choice.timings_ms["csr"][128] == pytest.approx(12.0 / 1.05)
 
 
 def test_channel_pruned_layer_can_run_as_a_compact_dense_matmul(monkeypatch, tmp_path):
@@ -390,9 +389,9 @@ def test_channel_pruned_layer_can_run_as_a_compact_dense_matmul(monkeypatch, tmp
     assert "compact" not in [f.name for f in autotune.candidate_formats(pruned(nn.Linear(40, 32), 0.6).weight)]
 
     def stub(fns, reps):
-        return {k: (1.0 if k == "compact" else 10.0) for k in fns}
+        return autotune.TimingRound({k: [1.0 if k == "compact" else 10.0] for k in fns}, wait=0.0)
 
-    monkeypatch.setattr(autotune, "_interleaved_medians", stub)
+    monkeypatch.setattr(autotune, "_timing_round", stub)
     model = nn.Sequential(lin, nn.ReLU())
     fast, report = convert(model, batch_sizes=(1, 16), max_formats=1)
     layer = fast[0]

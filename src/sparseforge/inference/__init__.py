@@ -11,14 +11,14 @@ Typical use::
     again = load_converted("model.sf.safetensors", make_dense_model())
 """
 
-from .convert import ConversionReport, LayerDecision, convert
+from .convert import ConversionReport, LayerDecision, convert, retune
 from .formats import FORMATS, Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .kernels import kernels_available, sparse_matmul, unavailable_reason
 from .modules import BatchPlan, SparseLinear
 from .serialization import load_converted, save_converted
 
 __all__ = [
-    "convert", "ConversionReport", "LayerDecision",
+    "convert", "retune", "ConversionReport", "LayerDecision",
     "PackedFormat", "CompactCSR", "Bitmask", "PackedNM", "BlockSparse", "CompactDense", "FORMATS",
     "SparseLinear", "BatchPlan",
     "kernels_available", "unavailable_reason", "sparse_matmul",

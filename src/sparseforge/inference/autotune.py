@@ -1,15 +1,27 @@
-"""Choosing a format and a per-batch-size path for one layer: measure, or apply a rule.
+"""Choosing a format and a per-batch-size path for one layer: predict, measure, or apply a rule.
 
 :func:`candidate_formats` packs a weight in every format that fits its zero pattern;
-:func:`measure_layer` times each candidate and ``F.linear`` on random inputs of the requested
-batch sizes (median wall-clock milliseconds, all variants interleaved call by call) and returns a
+:func:`predict_ms` is a byte / multiply-add cost model of every format and of dense ``F.linear``
+(the prior: it orders the candidates, drops the hopeless ones, and decides under load where it is
+confident); :func:`measure_layer` times the remaining candidates and ``F.linear`` on random inputs
+of the requested batch sizes (all variants interleaved call by call) and returns a
 :class:`LayerChoice`; sparse must beat dense by :data:`SPARSE_MARGIN` to be chosen.
-:func:`rule_layer` is the no-measurement fallback (``autotune=False``): a cost rule calibrated
-on a 2-core AMD EPYC (see docs/inference.md), CSR when density <= 0.25, else dense.
+
+Timings taken while other processes compete for the cores are not trusted: every timing round
+records how long this process's threads waited for a CPU (``/proc/self/task/*/schedstat``) and
+how far the median call lies above the fastest one. A noisy round is repeated, spread over time,
+up to :data:`LOAD_ROUNDS` rounds; the first quiet round decides. If none is quiet, the per-variant
+fastest calls of all rounds are the estimate (they approximate the quiet machine), the cost model
+overrides them where it predicts a speedup far above the margin, and the choice is flagged
+``under_load`` so the user knows to re-tune (:func:`~.convert.retune`).
+:func:`rule_layer` is the no-measurement fallback (``autotune=False``): CSR when density <= 0.25,
+else dense.
 """
 
 from __future__ import annotations
 
+import glob
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +33,8 @@ from ..errors import SparseforgeError
 from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul_tensor
 
-__all__ = ["LayerChoice", "candidate_formats", "measure_layer", "rule_layer", "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
+__all__ = ["LayerChoice", "TimingRound", "candidate_formats", "measure_layer", "rule_layer", "predict_ms", "predicted_speedups",
+           "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
 
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
 SPARSE_MARGIN = 0.10
@@ -41,6 +54,71 @@ SHORT_CALL_REPS = 15
 #: With ``autotune=False`` a layer runs sparse (CSR) only at or below this density (kept fraction).
 RULE_MAX_DENSITY = 0.25
 
+# ---------------------------------------------------------------------------------- load detection
+#: A timing round is noisy when this process's threads together waited for a CPU (run queue) for
+#: more than this fraction of the round's wall time. Measured on the 2-vCPU development VM: 0.00-0.02
+#: when nothing else runs, 0.4-1.0 with one or two busy-loop processes beside convert.
+WAIT_LIMIT = 0.10
+#: ... or when some variant's median call is more than this factor above its fastest call (calls
+#: of at least SPREAD_MIN_MS only: below that, timer and interpreter jitter dominate). Quiet
+#: machine, 4096² layers: 1.00-1.10; under load 1.2-7.
+SPREAD_LIMIT = 1.3
+SPREAD_MIN_MS = 0.05
+#: Timing rounds per batch size at most while the rounds stay noisy (the first quiet one decides).
+LOAD_ROUNDS = 3
+#: Pause before a repeated round: the previous round's duration times the round number, within these bounds (s).
+PAUSE_MIN_S = 0.05
+PAUSE_MAX_S = 1.0
+
+# ------------------------------------------------------------------------------------ cost model
+# Predicted time of one call = per-call overhead + bytes streamed / MODEL_GBPS + work / threads,
+# where "work" is format-specific nanoseconds of one thread (per kept weight at batch 1, per kept
+# weight x batch column above). Calibrated on the development machine (2 vCPUs of an Intel Xeon
+# with AVX-512 under KVM, torch 2.13 CPU wheel, gcc -O3 -march=native) with one thread
+# (torch.set_num_threads(1)): the fastest of 5-15 calls of dense F.linear and of every format on
+# one 4096x4096 layer, magnitude-pruned to 50 / 70 / 90 % (CSR, bitmask), 70 % of 8x8 blocks,
+# half the output neurons removed (compact), 2:4 (N:M, Numba), at batch 1, 16 and 128, and a
+# 64x64 layer for the per-call overheads. Other jobs shared the machine (load ~2), so the fastest
+# calls stand for the quiet machine; the work constants are what is left of each time after the
+# bytes at MODEL_GBPS, divided by the work. Fitted times (ms, one thread): dense 2.33 / 8.14 /
+# 27.2 at batch 1 / 16 / 128; CSR at 90 % 1.72 / 1.13 / 9.50, at 50 % 7.76 / 6.45 / 47.8; bitmask
+# at 90 % 1.66 / 2.25 / 12.4, at 50 % 5.31 / 7.47 / 64.8; 8x8 blocks at 70 % 1.10 / 2.29 / 21.8;
+# compact at 50 % 1.17 / 4.28 / 14.5. The model reproduces these within ~15 %; on another CPU it is
+# only a prior (the measurement decides whenever the machine is quiet).
+
+#: Read bandwidth (GB/s): ``Tensor.sum`` over 64 MB on one thread, 29.1 GB/s; dense batch 1 streams 67 MB in 2.33 ms (28.8 GB/s).
+MODEL_GBPS = 29.0
+#: Per-call overhead (ms): a 64x64 layer, F.linear 1.9 us; C kernels 3.3 us at batch 1 and 7.7 us above
+#: (input / output transposes); compact and Numba estimated from their extra torch / thread-pool calls.
+MODEL_OVERHEAD_MS = {"dense": 0.002, "native1": 0.0033, "native": 0.0077, "compact": 0.008, "numba": 0.03}
+#: ns per multiply-add of dense F.linear beyond reading its weight, one thread, by batch (log-interpolated).
+_NS_DENSE = ((1, 0.0), (16, 0.0217), (128, 0.0116))
+#: CSR: ns per kept weight at batch 1 (0.82 / 0.85 / 0.72 at 90 / 70 / 50 %; the AVX2-gather SpMV
+#: measured 5 % faster, modelled alike); per kept weight x batch column (padded to 8) above.
+_NS_CSR_SPMV = 0.80
+_NS_CSR_SPMM = ((16, 0.032), (128, 0.043))
+#: Bitmask: batch 1 costs 0.32 ns per mask byte (8 columns) + 0.41 ns per kept weight; above,
+#: 0.40 ns per mask byte (decoding) + the SpMM cost per kept weight x padded column.
+_NS_BITMASK_SPMV = (0.32, 0.41)
+_NS_BITMASK_DECODE = 0.40
+_NS_BITMASK_SPMM = ((16, 0.040), (128, 0.056))
+#: Block: ns per stored weight (zeros inside kept blocks included) at batch 1, per stored weight x padded column above.
+_NS_BLOCK_SPMV = 0.080
+_NS_BLOCK_SPMM = ((16, 0.020), (128, 0.033))
+#: Numba kernels (N:M, or any format without the C library): per kept weight at batch 1, per kept weight x column above.
+_NS_NUMBA = (2.35, 0.222)
+#: Calls below this many multiply-adds run on one thread (kernels.MIN_PARALLEL_WORK).
+_PARALLEL_WORK = 65536
+
+#: Candidates the model predicts at least this many times slower than dense at every batch size
+#: are not timed (only for layers whose dense call is predicted to take >= PRUNE_MIN_MS: below,
+#: fixed overheads dominate the model and timing is cheap anyway).
+PRUNE_BELOW = 0.4
+PRUNE_MIN_MS = 0.05
+#: Under load, a predicted speedup of at least CONFIDENT x (1 + margin) is trusted over the noisy
+#: measurement (the model's error on the calibration set is ~15 %, on other CPUs it can be ~2x).
+CONFIDENT = 2.0
+
 _NM_PATTERNS = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
 _BLOCKS = ((8, 8), (4, 4), (1, 8))
 _MIN_BLOCK_FILL = 0.6
@@ -53,7 +131,9 @@ class LayerChoice:
     """Outcome for one layer: the kept packed format(s) and the path per batch rows.
 
     ``choices[b]`` is ``"sparse"`` (``packed``), ``"dense"``, or ``extra.name`` (a second format
-    kept for the batch sizes where it beats ``packed`` by the margin).
+    kept for the batch sizes where it beats ``packed`` by the margin). ``predicted`` holds the cost
+    model's speedup over dense per candidate and batch size; ``under_load`` says that some batch
+    size was decided from noisy timings (``load_note`` says which and how).
     """
 
     packed: PackedFormat | None
@@ -61,6 +141,9 @@ class LayerChoice:
     reason: str
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     extra: PackedFormat | None = None
+    predicted: dict[str, dict[int, float]] = field(default_factory=dict)
+    under_load: bool = False
+    load_note: str = ""
 
 
 def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
@@ -81,6 +164,68 @@ def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
     return out
 
 
+# ------------------------------------------------------------------------------------ cost model
+def _interp(table: tuple[tuple[int, float], ...], batch: int) -> float:
+    """``table`` value at ``batch``, linear in log2(batch) between its points, constant beyond them."""
+    if batch <= table[0][0]:
+        return table[0][1]
+    for (b0, v0), (b1, v1) in zip(table, table[1:]):
+        if batch <= b1:
+            t = (math.log2(batch) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+            return v0 + t * (v1 - v0)
+    return table[-1][1]
+
+
+def _dense_ms(rows: int, cols: int, batch: int, threads: int) -> float:
+    work = rows * cols * batch
+    t = threads if work >= _PARALLEL_WORK else 1
+    return (MODEL_OVERHEAD_MS["dense"] + (4 * rows * cols + 4 * batch * (rows + cols)) / (MODEL_GBPS * 1e6)
+            + work * _interp(_NS_DENSE, batch) / t * 1e-6)
+
+
+def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, threads: int | None = None) -> float:
+    """Predicted milliseconds of one call at ``batch`` input rows: dense ``F.linear`` when ``fmt``
+    is ``None``, else ``fmt``'s kernel (bias ignored). See the constants above for the calibration."""
+    rows, cols = int(shape[0]), int(shape[1])
+    batch = max(1, int(batch))
+    threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+    if fmt is None:
+        return _dense_ms(rows, cols, batch, threads)
+    if isinstance(fmt, CompactDense):
+        kr, kc = fmt.weight.shape
+        return MODEL_OVERHEAD_MS["compact"] + _dense_ms(kr, kc, batch, threads) + 8 * batch * (rows + cols) / (MODEL_GBPS * 1e6)
+    kept = int(fmt.nnz)
+    padded = (batch + 7) // 8 * 8
+    io = 4 * batch * (rows + cols) * (1 if batch == 1 else 3)  # x and y; above batch 1 also the transposed copies
+    if not has_native_kernel(fmt):  # Numba (N:M, or no C library)
+        ns = kept * (_NS_NUMBA[0] if batch == 1 else _NS_NUMBA[1] * batch)
+        overhead = MODEL_OVERHEAD_MS["numba"]
+    else:
+        overhead = MODEL_OVERHEAD_MS["native1" if batch == 1 else "native"]
+        if isinstance(fmt, BlockSparse):
+            ns = kept * (_NS_BLOCK_SPMV if batch == 1 else padded * _interp(_NS_BLOCK_SPMM, batch))
+        elif isinstance(fmt, Bitmask):
+            steps = rows * ((cols + 63) // 64) * 8
+            if batch == 1:
+                ns = steps * _NS_BITMASK_SPMV[0] + kept * _NS_BITMASK_SPMV[1]
+            else:
+                ns = steps * _NS_BITMASK_DECODE + kept * padded * _interp(_NS_BITMASK_SPMM, batch)
+        else:  # CSR
+            ns = kept * (_NS_CSR_SPMV if batch == 1 else padded * _interp(_NS_CSR_SPMM, batch))
+    t = threads if kept * batch >= _PARALLEL_WORK else 1
+    return overhead + (fmt.nbytes + io) / (MODEL_GBPS * 1e6) + ns / t * 1e-6
+
+
+def predicted_speedups(shape: tuple[int, int], formats: dict[str, PackedFormat], batch_sizes: tuple[int, ...],
+                       threads: int | None = None) -> dict[str, dict[int, float]]:
+    """``{name: {batch: predicted dense time / format time}}`` for the named formats."""
+    out: dict[str, dict[int, float]] = {}
+    for name, fmt in formats.items():
+        out[name] = {b: predict_ms(None, shape, b, threads) / predict_ms(fmt, shape, b, threads) for b in batch_sizes}
+    return out
+
+
+# ------------------------------------------------------------------------------------ timing
 def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
     """Wall-clock ms of every call of each function, timed round-robin (one call each per round).
 
@@ -110,8 +255,88 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dic
     return {k: float(np.median(v)) for k, v in _interleaved_times(fns, reps).items()}
 
 
+def run_queue_wait_ns() -> dict[str, int] | None:
+    """Nanoseconds each thread of this process has spent runnable but not running (waiting for a
+    CPU), from ``/proc/self/task/*/schedstat``; ``None`` where the kernel does not provide it."""
+    out: dict[str, int] = {}
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                out[path.split("/")[-2]] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return out or None
+
+
+@dataclass
+class TimingRound:
+    """One interleaved timing round: ``times[variant]`` = ms of every call; ``wait`` = run-queue
+    wait of this process's threads over the round's wall time (``None``: unknown); ``wall_s`` = its duration."""
+
+    times: dict[str, list[float]]
+    wait: float | None = None
+    wall_s: float = 0.0
+
+    def medians(self) -> dict[str, float]:
+        return {k: float(np.median(v)) for k, v in self.times.items()}
+
+    def noise(self) -> str | None:
+        """Why these timings cannot be trusted (one phrase), or ``None`` when the round looks quiet."""
+        if self.wait is not None and self.wait > WAIT_LIMIT:
+            return f"threads waited for a CPU {self.wait:.0%} of the time"
+        spreads = {k: float(np.median(v)) / min(v) for k, v in self.times.items()
+                   if v and min(v) > 0 and float(np.median(v)) >= SPREAD_MIN_MS}
+        if spreads:
+            k = max(spreads, key=spreads.get)
+            if spreads[k] > SPREAD_LIMIT:
+                return f"{k}'s median call {spreads[k]:.2f}x its fastest"
+        return None
+
+
+def _timing_round(fns: dict[str, Callable[[], object]], reps: int) -> TimingRound:
+    """Time ``fns`` interleaved (:func:`_interleaved_times`) and record the run-queue wait meanwhile."""
+    before = run_queue_wait_ns()
+    t0 = time.perf_counter()
+    times = _interleaved_times(fns, reps)
+    wall = time.perf_counter() - t0
+    after = run_queue_wait_ns()
+    wait = None
+    if before is not None and after is not None and wall > 0:
+        wait = sum(max(0, ns - before.get(tid, 0)) for tid, ns in after.items()) / 1e9 / wall
+    return TimingRound(times, wait, wall)
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _rounds_until_quiet(fns: dict[str, Callable[[], object]], reps: int) -> tuple[list[TimingRound], bool]:
+    """Timing rounds until one is quiet, at most :data:`LOAD_ROUNDS`, paused in between (longer
+    each time: load from other jobs comes and goes); ``(rounds, whether the last one is quiet)``."""
+    rounds: list[TimingRound] = []
+    for i in range(LOAD_ROUNDS):
+        if i:
+            _pause(min(PAUSE_MAX_S, max(PAUSE_MIN_S, rounds[-1].wall_s * i)))
+        rounds.append(_timing_round(fns, reps))
+        if rounds[-1].noise() is None:
+            return rounds, True
+    return rounds, False
+
+
+def _pooled(rounds: list[TimingRound]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per variant: the fastest call over all rounds and the median of all calls."""
+    keys = rounds[0].times
+    fastest = {k: min(min(r.times[k]) for r in rounds) for k in keys}
+    median = {k: float(np.median([t for r in rounds for t in r.times[k]])) for k in keys}
+    return fastest, median
+
+
+def _is_close(speedup: float, threshold: float) -> bool:
+    return threshold / CLOSE_CALL <= speedup <= threshold * CLOSE_CALL
+
+
 def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int,
-                         margin: float) -> dict[str, float]:
+                         margin: float) -> tuple[dict[str, float], str | None]:
     """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
     times longer, and keep for each the *less favourable* of two estimates of its speedup over
     dense: the ratio of medians and the ratio of fastest calls. A kernel that won by noise must
@@ -119,19 +344,55 @@ def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str
     slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
     alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
     are the quiet-machine estimate. Returned as ms relative to the first pass's dense median
-    (``dense / speedup``), so every candidate is compared with the same dense number."""
+    (``dense / speedup``), so every candidate is compared with the same dense number, with a note
+    when the second timing stayed noisy (its rounds are then pooled)."""
     threshold = 1.0 + margin
-    close = [k for k, v in medians.items()
-             if k != "dense" and v > 0 and threshold / CLOSE_CALL <= medians["dense"] / v <= threshold * CLOSE_CALL]
+    close = [k for k, v in medians.items() if k != "dense" and v > 0 and _is_close(medians["dense"] / v, threshold)]
     if not close:
-        return medians
-    times = _interleaved_times({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
-    d_med, d_min = float(np.median(times["dense"])), min(times["dense"])
+        return medians, None
+    rounds, quiet = _rounds_until_quiet({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
+    fastest, median = _pooled(rounds[-1:] if quiet else rounds)
     out = dict(medians)
     for k in close:
-        speedup = min(d_med / float(np.median(times[k])), d_min / min(times[k]))
+        speedup = min(median["dense"] / median[k], fastest["dense"] / fastest[k])
         out[k] = medians["dense"] / speedup
-    return out
+    note = None if quiet else f"close call {', '.join(close)} timed again under load ({rounds[-1].noise()}, {len(rounds)} rounds)"
+    return out, note
+
+
+def _measure_batch(fns: dict[str, Callable[[], object]], reps: int, margin: float,
+                   predicted: dict[str, float]) -> tuple[dict[str, float], str | None]:
+    """ms per call of every variant at one batch size (dense under ``"dense"``), and a note when
+    the timings were taken under load.
+
+    Quiet round (the first, or a repeat): its medians, close calls confirmed
+    (:func:`_confirm_close_calls`). No quiet round in :data:`LOAD_ROUNDS`: every candidate's
+    speedup is the ratio of fastest calls over all rounds (for a close call, the less favourable of
+    that and the ratio of pooled medians), except where the cost model predicts at least
+    :data:`CONFIDENT` x the threshold: that prediction is used. Times are then dense's fastest
+    call over the speedup.
+    """
+    rounds, quiet = _rounds_until_quiet(fns, reps)
+    if quiet:
+        return _confirm_close_calls(fns, rounds[-1].medians(), reps, margin)
+    threshold = 1.0 + margin
+    fastest, median = _pooled(rounds)
+    out = {"dense": fastest["dense"]}
+    from_model = []
+    for k in fns:
+        if k == "dense":
+            continue
+        speedup = fastest["dense"] / fastest[k] if fastest[k] > 0 else 0.0
+        med = median["dense"] / median[k] if median[k] > 0 else 0.0
+        if _is_close(speedup, threshold) or _is_close(med, threshold):
+            speedup = min(speedup, med)
+        p = predicted.get(k, 0.0)
+        if p >= CONFIDENT * threshold:
+            speedup = p
+            from_model.append(f"{k} {p:.1f}x")
+        out[k] = fastest["dense"] / speedup if speedup > 0 else float("inf")
+    how = f"cost model for {', '.join(from_model)}" if from_model else "fastest calls of all rounds"
+    return out, f"{len(rounds)} noisy rounds ({rounds[-1].noise()}), decided from the {how}"
 
 
 def _describe(fmt: PackedFormat) -> str:
@@ -143,34 +404,50 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
                   margin: float = SPARSE_MARGIN, max_formats: int = 2) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
 
-    Dense and all candidates are timed interleaved, ``reps`` rounds (median ms per call, bias
-    included on both sides). A format *wins* a batch size only when ``dense_ms >= (1 + margin) *
-    sparse_ms``, so measurement noise does not pick a kernel that is really slower than dense;
-    candidates within a factor :data:`CLOSE_CALL` of that threshold are timed again, longer,
-    together with dense, and must win on both the medians and the fastest calls
-    (:func:`_confirm_close_calls`).
+    The cost model (:func:`predict_ms`) first orders the candidates and drops those it predicts
+    :data:`PRUNE_BELOW` x slower than dense at every batch size. Dense and the others are timed
+    interleaved, ``reps`` rounds (median ms per call, bias included on both sides). A format
+    *wins* a batch size only when ``dense_ms >= (1 + margin) * sparse_ms``, so measurement noise
+    does not pick a kernel that is really slower than dense; candidates within a factor
+    :data:`CLOSE_CALL` of that threshold are timed again, longer, together with dense, and must win
+    on both the medians and the fastest calls (:func:`_confirm_close_calls`). Noisy timings
+    (other processes competing for the cores) are repeated and, if they stay noisy, replaced by
+    fastest-call estimates and confident cost-model predictions (:func:`_measure_batch`); the
+    choice is then flagged ``under_load``.
     Keeps the sparse format with the lowest mean time relative to dense over the batch sizes
     (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes. With
     ``max_formats=2`` (default) a second format is kept as well when it beats the first one's
     path by the margin at some batch sizes (those then run it): the format that saves the most
     time relative to the first's path. The other batch sizes run dense.
     """
-    if max_formats not in (1, 2):
+    if max_formats not in (1, 2) or isinstance(max_formats, bool):
         raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
     gen = torch.Generator().manual_seed(seed)
     w = weight.detach().contiguous()
-    cands: list[PackedFormat] = []
-    variants: list[int | None] = []
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    threads = torch.get_num_threads()
+    found: list[tuple[str, PackedFormat, int | None]] = []
     for f in candidate_formats(w):
         if not kernel_available_for(f):
             continue
-        cands.append(f)
-        variants.append(None)
+        found.append((_describe(f), f, None))
         if isinstance(f, CompactCSR) and has_native_kernel(f) and 1 in batch_sizes:
-            cands.append(f)  # the same weight with the AVX2-gather SpMV (batch 1 only differs)
-            variants.append(1)
-    names = [_describe(f) + ("[gather]" if v == 1 else "") for f, v in zip(cands, variants)]
+            found.append((_describe(f) + "[gather]", f, 1))  # the same weight with the AVX2-gather SpMV (batch 1 only differs)
+    predicted = predicted_speedups(shape, {n: f for n, f, _ in found}, tuple(batch_sizes), threads)
+    pruned: list[str] = []
+    if _dense_ms(*shape, max(batch_sizes), threads) >= PRUNE_MIN_MS:
+        pruned = [n for n, _, _ in found if all(predicted[n][b] < PRUNE_BELOW for b in batch_sizes)]
+    # fastest predicted first (mean predicted time relative to dense over the batch sizes)
+    found = sorted((c for c in found if c[0] not in pruned), key=lambda c: sum(1.0 / predicted[c[0]][b] for b in batch_sizes))
+    names = [n for n, _, _ in found]
+    cands = [f for _, f, _ in found]
+    variants = [v for _, _, v in found]
+    pruned_note = (f"; not timed (cost model predicts < {PRUNE_BELOW}x of dense): "
+                   + ", ".join(f"{n} {max(predicted[n].values()):.2f}x" for n in pruned)) if pruned else ""
+    if not found:
+        return LayerChoice(None, {b: "dense" for b in batch_sizes}, "dense: " + pruned_note[2:], {}, predicted=predicted)
     timings: dict[str, dict[int, float]] = {"dense": {}, **{n: {} for n in names}}
+    notes: dict[int, str] = {}
     for b in batch_sizes:
         x = torch.randn(b, w.shape[1], generator=gen)
         fns: dict[str, Callable[[], object]] = {"dense": lambda: torch.nn.functional.linear(x, w, bias)}
@@ -178,11 +455,16 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
             fns[name] = (lambda f=fmt, v=var: _sparse_call(f, x, bias, v))
-        for k, v in _confirm_close_calls(fns, _interleaved_medians(fns, reps), reps, margin).items():
+        ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
+        if note:
+            notes[b] = note
+        for k, v in ms.items():
             timings[k][b] = v
         for name, fmt, var in zip(names, cands, variants):
             if b not in timings[name]:
-                timings[name][b] = timings[_describe(fmt)][b]
+                timings[name][b] = timings[_describe(fmt)][b] if _describe(fmt) in timings else float("inf")
+    load_note = "; ".join(f"batch {b}: {n}" for b, n in notes.items())
+    suffix = pruned_note + (f"; UNDER LOAD, re-tune on a quiet machine: {load_note}" if notes else "")
 
     def wins(name: str, b: int) -> bool:
         return timings["dense"][b] >= (1.0 + margin) * timings[name][b]
@@ -202,11 +484,12 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
         near = [c for c in scored if c[0] <= fastest * (1.0 + TIE_FRACTION)]
         _, _, *rest = min(near, key=lambda c: (c[1], c[0]))
         best = tuple(rest)
+    common = {"predicted": predicted, "under_load": bool(notes), "load_note": load_note}
     if best is None:
         speeds = ", ".join(f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
                            for b in batch_sizes)
         return LayerChoice(None, {b: "dense" for b in batch_sizes},
-                           f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds})", timings)
+                           f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds}){suffix}", timings, **common)
     name, fmt, var = best
     set_spmv_variant(fmt, var)
     choices = {b: ("sparse" if wins(name, b) else "dense") for b in batch_sizes}
@@ -232,8 +515,8 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
     why = ", ".join(f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
                     f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)" for b in batch_sizes)
     kept = name + (f" + {extra[0]}" if extra is not None else "")
-    return LayerChoice(fmt, choices, f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}", timings,
-                       extra=extra[1] if extra is not None else None)
+    return LayerChoice(fmt, choices, f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}", timings,
+                       extra=extra[1] if extra is not None else None, **common)
 
 
 def _sparse_call(fmt: PackedFormat, x: torch.Tensor, bias: torch.Tensor | None, variant: int | None = None) -> None:

@@ -4,15 +4,23 @@
 milliseconds per forward of each variant (variants interleaved call by call in the same run),
 speedups, and achieved weight-read bandwidth (GB/s = weight bytes read per forward / time)
 next to the machine's measured copy bandwidth. :func:`format_table` renders the rows.
+
+The *busy-machine column*: each pattern is converted twice, once as usual and once while
+:func:`busy_processes` keeps every core busy with busy-loop processes; both converted models are
+then timed on the quiet machine, interleaved, so the row shows how much a conversion on a loaded
+machine loses (target: the busy-converted speedup within 15 % of the idle-converted one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,8 @@ from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
 
-__all__ = ["run_inference_bench", "parse_pattern", "DEFAULT_PATTERNS", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp"]
+__all__ = ["run_inference_bench", "parse_pattern", "DEFAULT_PATTERNS", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp",
+           "busy_processes", "BUSY_TARGET"]
 
 
 def _median_s(fn: Callable[[], object], reps: int) -> float:
@@ -218,6 +227,33 @@ def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_secon
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+#: The busy-machine column's target: busy-converted speedup / idle-converted speedup >= this, in every row.
+BUSY_TARGET = 0.85
+
+#: A busy loop that ends by itself when its parent is gone (checked every few million iterations).
+_BUSY_LOOP = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(2000000):\n        pass\n"
+
+
+@contextlib.contextmanager
+def busy_processes(n: int | None = None, settle_s: float = 0.3) -> Iterator[list[subprocess.Popen]]:
+    """Keep ``n`` (default: ``os.cpu_count()``) busy-loop Python processes running inside the
+    ``with`` block: the machine as another user's jobs leave it. They are killed (and reaped) when
+    the block ends, also on an exception; each also ends by itself if this process dies."""
+    n = (os.cpu_count() or 1) if n is None else int(n)
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(settle_s)  # let them start spinning before the measured work begins
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 #: Megabytes read before every call of the cold pass: well above the L3 of ordinary CPUs (32 MB here).
 FLUSH_MB = 128
 
@@ -230,6 +266,7 @@ def run_inference_bench(
     quick: bool = False,
     rounds: int | None = None,
     progress: Callable[[str], None] | None = None,
+    busy: bool | None = None,
 ) -> list[dict]:
     """Benchmark dense vs torch CSR vs sparseforge; returns one dict per (pattern, batch).
 
@@ -243,6 +280,14 @@ def run_inference_bench(
     batch 1 unless given otherwise, and fewer rounds (< 1 minute). Times are median ms per forward.
     ``progress`` (optional) receives one line per finished step. The load average is recorded
     before and after every (pattern, batch) measurement.
+
+    ``busy`` (default: on unless ``quick``): also convert each pattern while
+    ``os.cpu_count()`` busy-loop processes keep every core busy (:func:`busy_processes`), and time
+    that model in the interleaved pass next to the idle-converted one, after the busy loops are
+    gone: ``busy_sparseforge_ms``, ``speedup_busy_converted`` and ``busy_vs_idle`` (=
+    busy-converted speedup / idle-converted speedup, target >= :data:`BUSY_TARGET`), and
+    ``busy_under_load_layers`` (how many layers the busy conversion flagged as decided under load).
+    Off: these keys hold ``None``.
     """
     say = progress or (lambda _msg: None)
     if quick and model_path is None:
@@ -250,6 +295,7 @@ def run_inference_bench(
     else:
         base = load_mlp(model_path) if model_path is not None else build_mlp()
     rounds = rounds or (7 if quick else 25)
+    busy = (not quick) if busy is None else bool(busy)
     copy_gbps = copy_bandwidth_gbps(megabytes=64 if quick else 256)
     read_gbps = read_bandwidth_gbps(megabytes=64 if quick else 256)
     rows_out: list[dict] = []
@@ -261,14 +307,26 @@ def run_inference_bench(
             warnings.simplefilter("always")
             fast, report = convert(pruned, batch_sizes=tuple(batches), reps=3 if quick else 5)
         say(f"pattern {pattern}: converted in {time.perf_counter() - t_conv:.0f} s: {len(report.sparse_layers)}/{len(report.layers)} layers sparse")
+        fast_busy = report_busy = None
+        if busy:
+            t_conv = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught_busy, busy_processes():
+                warnings.simplefilter("always")
+                fast_busy, report_busy = convert(pruned, batch_sizes=tuple(batches), reps=3 if quick else 5)
+            caught.extend(caught_busy)
+            time.sleep(1.0)  # the busy loops are gone; let the machine settle before timing
+            say(f"pattern {pattern}: converted on the busy machine in {time.perf_counter() - t_conv:.0f} s: "
+                f"{len(report_busy.sparse_layers)}/{len(report_busy.layers)} layers sparse, {len(report_busy.under_load_layers)} flagged under load")
         tcsr = _torch_csr_model(pruned)
         formats = sorted({d.format or "dense" for d in report.layers})
         for b in batches:
             x = torch.randn(b, pruned[0].in_features)
             load_before = os.getloadavg()[0]
+            variants = {"dense": lambda: pruned(x), "torch_csr": lambda: tcsr(x), "sparseforge": lambda: fast(x)}
+            if fast_busy is not None:
+                variants["sparseforge_busy"] = lambda: fast_busy(x)
             with torch.inference_mode():
-                ms = _interleaved_ms({"dense": lambda: pruned(x), "torch_csr": lambda: tcsr(x), "sparseforge": lambda: fast(x)}, rounds,
-                                     min_seconds=0.0 if quick else MIN_TIMED_S)
+                ms = _interleaved_ms(variants, rounds, min_seconds=0.0 if quick else MIN_TIMED_S)
                 junk = torch.ones((FLUSH_MB // 8 if quick else FLUSH_MB) * 2**20 // 4)
                 cold = _interleaved_ms({"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)}, max(5, rounds // 2) if quick else rounds,
                                        before=junk.sum)
@@ -285,6 +343,11 @@ def run_inference_bench(
                 "dense_cold_ms": cold["dense"],
                 "sparseforge_cold_ms": cold["sparseforge"],
                 "speedup_cold": cold["dense"] / cold["sparseforge"],
+                "busy_sparseforge_ms": ms.get("sparseforge_busy"),
+                "speedup_busy_converted": ms["dense"] / ms["sparseforge_busy"] if fast_busy is not None else None,
+                "busy_vs_idle": ms["sparseforge"] / ms["sparseforge_busy"] if fast_busy is not None else None,
+                "busy_under_load_layers": len(report_busy.under_load_layers) if report_busy is not None else None,
+                "busy_paths": ", ".join(sorted({_runs(fast_busy.get_submodule(d.name), b) for d in report_busy.layers})) if fast_busy is not None else None,
                 "dense_gbps": dense_bytes / ms["dense"] / 1e6,
                 "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,
                 "sparseforge_weight_mb": sf_bytes / 1e6,
@@ -299,26 +362,41 @@ def run_inference_bench(
                 "load_avg_1min": (load_before, os.getloadavg()[0]),
             })
             r = rows_out[-1]
+            busy_text = (f"; busy-converted {r['busy_sparseforge_ms']:.2f} ms ({r['speedup_busy_converted']:.2f}x, {r['busy_vs_idle']:.2f} of idle)"
+                         if fast_busy is not None else "")
             say(f"  {r['pattern']} batch {b}: dense {r['dense_ms']:.2f} ms, sparseforge {r['sparseforge_ms']:.2f} ms "
-                f"({r['speedup_vs_dense']:.2f}x; cold {r['dense_cold_ms']:.2f} / {r['sparseforge_cold_ms']:.2f} ms, {r['speedup_cold']:.2f}x), "
+                f"({r['speedup_vs_dense']:.2f}x; cold {r['dense_cold_ms']:.2f} / {r['sparseforge_cold_ms']:.2f} ms, {r['speedup_cold']:.2f}x{busy_text}), "
                 f"load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
-                                              "load_avg": os.getloadavg(), "rows": rows_out}, indent=2))
+                                              "load_avg": os.getloadavg(), "busy_column": busy, "busy_target": BUSY_TARGET, "rows": rows_out}, indent=2))
     return rows_out
 
 
+def _busy_cells(r: dict) -> tuple[str, str]:
+    """(busy-converted speedup, busy / idle ratio with a mark when under :data:`BUSY_TARGET`), ``-`` when not measured."""
+    if r.get("speedup_busy_converted") is None:
+        return "-", "-"
+    ratio = r["busy_vs_idle"]
+    return f"{r['speedup_busy_converted']:.2f}x", f"{ratio:.2f}{'' if ratio >= BUSY_TARGET else ' (!)'}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table of :func:`run_inference_bench` rows (ms = median ms per forward)."""
+    """A plain-text table of :func:`run_inference_bench` rows (ms = median ms per forward).
+
+    ``busy-conv``: speedup over dense of the model converted while every core was busy (timed on
+    the quiet machine); ``busy/idle``: that over the idle-converted speedup, ``(!)`` below :data:`BUSY_TARGET`."""
     pw = max([8] + [len(str(r["pattern"])) for r in rows])
     head = (f"{'pattern':>{pw}} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} "
-            f"{'cold: dense':>11} {'sf ms':>7} {'vs dense':>8} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths")
+            f"{'cold: dense':>11} {'sf ms':>7} {'vs dense':>8} {'busy-conv':>9} {'busy/idle':>9} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths")
     lines = [head, "-" * len(head)]
     for r in rows:
+        busy_speedup, busy_ratio = _busy_cells(r)
         lines.append(f"{r['pattern']:>{pw}} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
                      f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x "
                      f"{r['dense_cold_ms']:>11.2f} {r['sparseforge_cold_ms']:>7.2f} {r['speedup_cold']:>7.2f}x "
+                     f"{busy_speedup:>9} {busy_ratio:>9} "
                      f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
                      f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}")
     if rows:
@@ -330,10 +408,12 @@ def format_table(rows: list[dict]) -> str:
 def format_markdown(rows: list[dict]) -> str:
     """The rows of :func:`run_inference_bench` as a Markdown table (for the README and docs)."""
     lines = ["| pattern | batch | dense ms | torch CSR ms | sparseforge ms | vs dense | vs torch CSR | cold: dense ms | cold: sf ms "
-             "| cold: vs dense | dense GB/s | sf GB/s | sf MB | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| cold: vs dense | busy-converted: vs dense | busy / idle | dense GB/s | sf GB/s | sf MB | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        busy_speedup, busy_ratio = _busy_cells(r)
         lines.append(f"| {r['pattern']} | {r['batch']} | {r['dense_ms']:.2f} | {r['torch_csr_ms']:.2f} | {r['sparseforge_ms']:.2f} "
                      f"| {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_torch_csr']:.2f}x | {r['dense_cold_ms']:.2f} | {r['sparseforge_cold_ms']:.2f} "
-                     f"| {r['speedup_cold']:.2f}x | {r['dense_gbps']:.1f} | {r['sparseforge_gbps']:.1f} | {r['sparseforge_weight_mb']:.0f} | {r['paths']} |")
+                     f"| {r['speedup_cold']:.2f}x | {busy_speedup} | {busy_ratio} | {r['dense_gbps']:.1f} | {r['sparseforge_gbps']:.1f} "
+                     f"| {r['sparseforge_weight_mb']:.0f} | {r['paths']} |")
     return "\n".join(lines)

@@ -7,11 +7,16 @@ float32 weights on CPU) becomes a :class:`~.modules.SparseLinear` whose path per
 Layers where dense wins everywhere stay ``nn.Linear``/``nn.Conv`` and are listed in the report
 with the reason (a warning also says how many). Layers of other types or dtypes are listed as
 skipped. A model with no Linear / Conv layer at all raises :class:`SparseforgeError`.
+
+Decisions timed while other processes kept the cores busy are flagged in the report
+(``LayerDecision.under_load``) and by a warning; :func:`retune` measures a converted model again
+(every ``SparseLinear`` and every dense-kept layer with zeros) and rebuilds it with the new choices.
 """
 
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,15 +25,23 @@ from torch import nn
 
 from ..errors import SparseforgeError
 from .autotune import LayerChoice, measure_layer, rule_layer
-from .kernels import kernels_available, unavailable_reason
+from .kernels import unavailable_reason
 from .modules import BatchPlan, SparseLinear
 
-__all__ = ["LayerDecision", "ConversionReport", "convert"]
+__all__ = ["LayerDecision", "ConversionReport", "convert", "retune", "check_model"]
+
+#: Upper bound of ``reps`` (timed calls per candidate and batch size).
+MAX_REPS = 1000
 
 
 @dataclass(frozen=True)
 class LayerDecision:
-    """What convert did with one layer: ``action`` is ``"sparse"``, ``"dense"`` or ``"skipped"``."""
+    """What convert did with one layer: ``action`` is ``"sparse"``, ``"dense"`` or ``"skipped"``.
+
+    ``under_load``: some batch size was decided from noisy timings (other processes competing for
+    the cores); re-tune on a quiet machine. ``predicted``: the cost model's speedup over dense per
+    candidate format and batch size.
+    """
 
     name: str
     layer_type: str
@@ -39,6 +52,8 @@ class LayerDecision:
     plan: str
     reason: str
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    under_load: bool = False
+    predicted: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,15 +72,61 @@ class ConversionReport:
     def dense_layers(self) -> list[str]:
         return [d.name for d in self.layers if d.action != "sparse"]
 
+    @property
+    def under_load_layers(self) -> list[str]:
+        """Layers decided from noisy timings: re-tune them on a quiet machine (:func:`retune`)."""
+        return [d.name for d in self.layers if d.under_load]
+
     def __str__(self) -> str:
         head = f"sparseforge.convert: {len(self.sparse_layers)} of {len(self.layers)} layers run sparse (batch sizes {list(self.batch_sizes)}, {'measured autotune' if self.autotune else 'rule, no measurement'})"
+        if self.under_load_layers:
+            head += f"; {len(self.under_load_layers)} decided under load (re-tune on a quiet machine: sparseforge.inference.retune)"
         lines = [head]
         for d in self.layers:
             lines.append(f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}] -> {d.action.upper()}"
-                         f"{' ' + d.format if d.format else ''}: {d.reason}")
+                         f"{' ' + d.format if d.format else ''}{' (UNDER LOAD)' if d.under_load else ''}: {d.reason}")
         return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------- argument checks
+def check_model(model: object, name: str = "model") -> nn.Module:
+    """``model`` if it is a ``torch.nn.Module`` with real tensors; else a one-line :class:`SparseforgeError`."""
+    if not isinstance(model, nn.Module):
+        raise SparseforgeError(f"{name} is a {type(model).__name__}; allowed: a torch.nn.Module")
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, t in items:
+            if t is not None and t.is_meta:
+                raise SparseforgeError(f"{name} has {kind} {key!r} on the meta device (no values); allowed: a model with real weights (load its state dict first)")
+    return model
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_batch_sizes(batch_sizes: object) -> tuple[int, ...]:
+    allowed = "a non-empty tuple or list of ints >= 1"
+    if not isinstance(batch_sizes, (tuple, list)) or not batch_sizes:
+        raise SparseforgeError(f"batch_sizes={batch_sizes!r} is not allowed; allowed: {allowed}")
+    for b in batch_sizes:
+        if not _is_int(b) or int(b) < 1:
+            raise SparseforgeError(f"batch_sizes={batch_sizes!r} is not allowed ({b!r}); allowed: {allowed}")
+    return tuple(sorted({int(b) for b in batch_sizes}))
+
+
+def _check_args(*, reps: object, max_formats: object, min_sparsity: object, **flags: object) -> None:
+    if not _is_int(reps) or not 1 <= int(reps) <= MAX_REPS:
+        raise SparseforgeError(f"reps={reps!r} is not allowed; allowed: an int in [1, {MAX_REPS}]")
+    if not _is_int(max_formats) or int(max_formats) not in (1, 2):
+        raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
+    if not isinstance(min_sparsity, numbers.Real) or isinstance(min_sparsity, bool) or not (0.0 <= float(min_sparsity) < 1.0):
+        raise SparseforgeError(f"min_sparsity={min_sparsity!r} is outside the allowed range [0, 1)")
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise SparseforgeError(f"{key}={value!r} is not allowed; allowed: True or False")
+
+
+# ------------------------------------------------------------------------------------ layers
 def _conv_is_pointwise(m: nn.Module) -> bool:
     k = m.kernel_size
     return (all(s == 1 for s in k) and all(s == 1 for s in m.stride) and all(d == 1 for d in m.dilation)
@@ -73,11 +134,22 @@ def _conv_is_pointwise(m: nn.Module) -> bool:
 
 
 def _weight_2d(m: nn.Module) -> torch.Tensor:
+    if isinstance(m, SparseLinear):
+        w = m.dense_weight if m.dense_weight is not None else m.packed.to_dense()
+        return w.detach()
     w = m.weight.detach()
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
+def _layout(m: nn.Module) -> str:
+    if isinstance(m, SparseLinear):
+        return m.layout
+    return "linear" if isinstance(m, nn.Linear) else ("conv1d" if isinstance(m, nn.Conv1d) else "conv2d")
+
+
 def _skip_reason(m: nn.Module) -> str | None:
+    if isinstance(m, SparseLinear):
+        return None  # float32 on CPU by construction
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not _conv_is_pointwise(m):
         return "only 1x1 convolutions with stride 1, padding 0, dilation 1, groups 1 are converted"
     if m.weight.dtype != torch.float32:
@@ -95,13 +167,100 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_module(m: nn.Module, choice: LayerChoice) -> SparseLinear:
-    """A :class:`SparseLinear` for layer ``m`` following ``choice`` (keeps the dense weight only if needed)."""
+def build_module(m: nn.Module, choice: LayerChoice, batch_sizes: tuple[int, ...] | None = None) -> SparseLinear:
+    """A :class:`SparseLinear` for layer ``m`` (a Linear / 1x1 conv or a SparseLinear) following
+    ``choice`` (keeps the dense weight only if needed); ``batch_sizes`` are recorded for :func:`retune`."""
     plan = BatchPlan.from_choices(choice.choices)
     w = _weight_2d(m)
-    layout = "linear" if isinstance(m, nn.Linear) else ("conv1d" if isinstance(m, nn.Conv1d) else "conv2d")
     dense = w.clone().contiguous() if "dense" in plan.paths else None
-    return SparseLinear(choice.packed, dense, m.bias, plan, layout, shape=tuple(w.shape), extra=choice.extra)
+    new = SparseLinear(choice.packed, dense, m.bias, plan, _layout(m), shape=tuple(w.shape), extra=choice.extra)
+    new.tuned_batch_sizes = tuple(batch_sizes) if batch_sizes is not None else tuple(sorted(choice.choices))
+    return new
+
+
+def _dense_module(m: SparseLinear) -> nn.Module:
+    """The plain ``nn.Linear`` / 1x1 ``nn.Conv1d`` / ``nn.Conv2d`` that ``m`` computes (for a layer
+    that :func:`retune` now keeps dense)."""
+    w = _weight_2d(m).clone()
+    has_bias = m.bias is not None
+    if m.layout == "linear":
+        new: nn.Module = nn.Linear(m.in_features, m.out_features, bias=has_bias)
+    elif m.layout == "conv1d":
+        new, w = nn.Conv1d(m.in_features, m.out_features, 1, bias=has_bias), w[:, :, None]
+    else:
+        new, w = nn.Conv2d(m.in_features, m.out_features, 1, bias=has_bias), w[:, :, None, None]
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if has_bias:
+            new.bias.copy_(m.bias)
+    return new.eval()
+
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)
+
+
+def _convert_layers(out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps: int, min_sparsity: float,
+                    max_formats: int) -> tuple[nn.Module, list[LayerDecision]]:
+    """Decide and rebuild every Linear / conv / SparseLinear layer of ``out`` in place (the root too: returned)."""
+    layers = [n for n, m in out.named_modules() if isinstance(m, _LAYER_TYPES)]
+    decisions: list[LayerDecision] = []
+    kernel_problem = unavailable_reason()
+    if kernel_problem:
+        warnings.warn(f"sparseforge.convert: kernels unavailable, every layer stays dense: {kernel_problem}", stacklevel=3)
+    with torch.inference_mode():
+        for name in layers:
+            m = out.get_submodule(name) if name else out
+            was_sparse = isinstance(m, SparseLinear)
+            kind = f"SparseLinear({m.layout})" if was_sparse else type(m).__name__
+            skip = _skip_reason(m)
+            w = _weight_2d(m)
+            shape = (m.out_features, m.in_features) if was_sparse else tuple(m.weight.shape)
+            sparsity = float((w == 0).float().mean()) if w.numel() else float("nan")
+            new: nn.Module | None = None
+            if skip is not None:
+                decisions.append(LayerDecision(name, kind, shape, sparsity, "skipped", None, "-", skip))
+                continue
+            if kernel_problem:
+                decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", kernel_problem)
+            elif sparsity <= min_sparsity or sparsity == 0.0:
+                decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense",
+                                         f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)")
+            else:
+                try:
+                    choice = measure_layer(w, m.bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(w, sizes)
+                except Exception as exc:  # a kernel that fails to compile must never crash convert
+                    warnings.warn(f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=3)
+                    choice = None
+                    decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}")
+                if choice is not None and choice.packed is None:
+                    decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", choice.reason, choice.timings_ms,
+                                             choice.under_load, choice.predicted)
+                elif choice is not None:
+                    new = build_module(m, choice, sizes)
+                    decision = LayerDecision(name, kind, shape, sparsity, "sparse", new.format_names, new.describe_plan(), choice.reason,
+                                             choice.timings_ms, choice.under_load, choice.predicted)
+            if new is None and was_sparse:
+                new = _dense_module(m)  # a re-tuned layer that now runs dense everywhere
+            if new is not None:
+                if name:
+                    _set_submodule(out, name, new)
+                else:
+                    out = new
+            decisions.append(decision)
+    return out, decisions
+
+
+def _warn_summary(report: ConversionReport, what: str) -> None:
+    n_dense = len(report.dense_layers)
+    if not report.sparse_layers:
+        warnings.warn(f"sparseforge.{what}: nothing converted, all {n_dense} layers run dense (see report)", stacklevel=3)
+    elif n_dense:
+        warnings.warn(f"sparseforge.{what}: {n_dense} of {len(report.layers)} layers run dense: {', '.join(report.dense_layers)} (see report)", stacklevel=3)
+    busy = report.under_load_layers
+    if busy:
+        warnings.warn(f"sparseforge.{what}: {len(busy)} of {len(report.layers)} layers were decided while other processes kept the CPU busy "
+                      f"(noisy timings): {', '.join(n or '<root>' for n in busy)}; re-tune them on a quiet machine with "
+                      f"sparseforge.inference.retune(model)", stacklevel=3)
 
 
 def convert(
@@ -117,74 +276,74 @@ def convert(
     """Return ``(converted_model, report)`` with pruned layers packed for fast CPU inference.
 
     Args:
-        model: a model whose ``nn.Linear`` / 1x1 conv weights contain exact zeros.
+        model: a model whose ``nn.Linear`` / 1x1 conv weights contain exact zeros (not on the meta device).
         batch_sizes: input rows per call to tune for (batch x leading dims); each one is measured.
         autotune: measure every candidate format against dense (``True``) or use the rule in
             :func:`.autotune.rule_layer` (``False``).
         inplace: modify ``model`` itself instead of a deep copy.
-        reps: timed calls per candidate and batch size (median is used).
+        reps: timed calls per candidate and batch size (median is used), 1 to 1000.
         min_sparsity: layers with a lower sparsity (fraction of zeros) stay dense without timing.
         max_formats: packed formats a layer may keep (1 or 2): with 2, a second format is kept
             for the batch sizes where it beats the first by the margin (more memory, faster).
 
+    Layers decided from noisy timings (the machine busy with other processes) are flagged in the
+    report (``under_load``) and by a warning; :func:`retune` re-measures them later.
+
     Raises:
         SparseforgeError: if the model has no Linear / Conv layer, or an argument is invalid.
     """
-    sizes = tuple(int(b) for b in batch_sizes)
-    if not sizes or any(b < 1 for b in sizes):
-        raise SparseforgeError(f"batch_sizes={batch_sizes!r} is not allowed; allowed: a non-empty tuple of ints >= 1")
-    if reps < 1:
-        raise SparseforgeError(f"reps={reps!r} is not allowed; allowed: an int >= 1")
-    if max_formats not in (1, 2):
-        raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
-    if not (0.0 <= float(min_sparsity) < 1.0):
-        raise SparseforgeError(f"min_sparsity={min_sparsity!r} is outside the allowed range [0, 1)")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    if not layers:
+    check_model(model)
+    sizes = _check_batch_sizes(batch_sizes)
+    _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, autotune=autotune, inplace=inplace)
+    if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
         raise SparseforgeError(f"nothing to convert: {type(model).__name__} has no nn.Linear or 1x1 nn.Conv1d/Conv2d layer")
     out = model if inplace else copy.deepcopy(model)
-    decisions: list[LayerDecision] = []
-    kernel_problem = unavailable_reason()
-    if kernel_problem:
-        warnings.warn(f"sparseforge.convert: kernels unavailable, every layer stays dense: {kernel_problem}", stacklevel=2)
-    with torch.inference_mode():
-        for name, _ in layers:
-            m = out.get_submodule(name) if name else out
-            w = m.weight
-            shape = tuple(w.shape)
-            kind = type(m).__name__
-            skip = _skip_reason(m)
-            # reported for skipped layers too (fp16, GPU, 3x3 conv); nan only where it cannot be read
-            sparsity = float((w == 0).float().mean()) if w.numel() and w.device.type != "meta" else float("nan")
-            if skip is not None:
-                decisions.append(LayerDecision(name, kind, shape, sparsity, "skipped", None, "-", skip))
-                continue
-            if kernel_problem:
-                decisions.append(LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", kernel_problem))
-                continue
-            if sparsity <= min_sparsity or sparsity == 0.0:
-                decisions.append(LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense",
-                                               f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)"))
-                continue
-            try:
-                choice = measure_layer(_weight_2d(m), m.bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(_weight_2d(m), sizes)
-            except Exception as exc:  # a kernel that fails to compile must never crash convert
-                warnings.warn(f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=2)
-                decisions.append(LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}"))
-                continue
-            if choice.packed is None:
-                decisions.append(LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", choice.reason, choice.timings_ms))
-                continue
-            new = build_module(m, choice)
-            if name:
-                _set_submodule(out, name, new)
-            else:
-                out = new
-            decisions.append(LayerDecision(name, kind, shape, sparsity, "sparse", new.format_names, new.describe_plan(), choice.reason, choice.timings_ms))
+    out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
     report = ConversionReport(decisions, sizes, autotune)
-    n_dense = len(report.dense_layers)
-    if not report.sparse_layers:
-        warnings.warn(f"sparseforge.convert: nothing converted, all {n_dense} layers run dense (see report)", stacklevel=2)
-    elif n_dense:
-        warnings.warn(f"sparseforge.convert: {n_dense} of {len(decisions)} layers run dense: {', '.join(report.dense_layers)} (see report)", stacklevel=2)
+    _warn_summary(report, "convert")
+    return out, report
+
+
+def retune(
+    model: nn.Module,
+    *,
+    batch_sizes: tuple[int, ...] | None = None,
+    inplace: bool = True,
+    reps: int = 5,
+    min_sparsity: float = 0.0,
+    max_formats: int = 2,
+) -> tuple[nn.Module, ConversionReport]:
+    """Measure a converted model again and rebuild its layers with the new choices.
+
+    Every :class:`SparseLinear` (from :func:`convert` or :func:`~.serialization.load_converted`)
+    and every ``nn.Linear`` / 1x1 conv that has zeros (a layer ``convert`` kept dense) is timed
+    as :func:`convert` would; a SparseLinear that now runs dense everywhere becomes a plain
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` again. Use it after a conversion on a busy machine
+    (``report.under_load_layers``), or on a different machine.
+
+    Args:
+        batch_sizes: default: the batch sizes the layers were tuned for (the bounds of their
+            plans after :func:`~.serialization.load_converted`).
+        inplace: modify ``model`` (default) or a deep copy. The model is returned either way (a
+            root layer is replaced, not modified).
+        reps, min_sparsity, max_formats: as for :func:`convert`.
+
+    Returns ``(model, report)``; raises :class:`SparseforgeError` for invalid arguments.
+    """
+    check_model(model)
+    if batch_sizes is None:
+        found: set[int] = set()
+        for m in model.modules():
+            if isinstance(m, SparseLinear):
+                found.update(getattr(m, "tuned_batch_sizes", None) or (bound for bound, _ in m.plan.steps))
+        sizes = tuple(sorted(found)) or (1,)
+    else:
+        sizes = _check_batch_sizes(batch_sizes)
+    _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, inplace=inplace)
+    if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
+        raise SparseforgeError(f"nothing to re-tune: {type(model).__name__} has no SparseLinear, nn.Linear or 1x1 nn.Conv1d/Conv2d layer")
+    out = model if inplace else copy.deepcopy(model)
+    out, decisions = _convert_layers(out, sizes, True, int(reps), float(min_sparsity), int(max_formats))
+    report = ConversionReport(decisions, sizes, True)
+    _warn_summary(report, "retune")
     return out, report

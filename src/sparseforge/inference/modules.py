@@ -77,6 +77,9 @@ class SparseLinear(nn.Module):
         shape: ``(out_features, in_features)`` when neither weight gives it.
         extra: a second packing of the same weight in another format, for the batch sizes where
             it is faster (say bitmask at batch 1 and CSR above); plan path ``extra.name``.
+
+    ``tuned_batch_sizes`` (attribute, not saved) holds the batch sizes ``convert`` measured, which
+    :func:`~.convert.retune` measures again by default; ``None`` when unknown (then the plan's bounds).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class SparseLinear(nn.Module):
             raise SparseforgeError("plan uses the dense path but no dense weight was given")
         self.packed = packed
         self.extra = extra
+        self.tuned_batch_sizes: tuple[int, ...] | None = None
         self.plan = plan
         self.layout = layout
         self.out_features, self.in_features = shape or (packed.shape if packed is not None else tuple(dense_weight.shape))
