@@ -56,12 +56,15 @@ RULE_MAX_DENSITY = 0.25
 
 # ---------------------------------------------------------------------------------- load detection
 #: A timing round is noisy when this process's threads together waited for a CPU (run queue) for
-#: more than this fraction of the round's wall time. Measured on the 2-vCPU development VM: 0.00-0.02
-#: when nothing else runs, 0.4-1.0 with one or two busy-loop processes beside convert.
+#: more than this fraction of the round's wall time (summed over threads, so it can exceed 1).
+#: Measured on the 2-vCPU development VM, one 4096² layer at 90 %, dense and CSR interleaved:
+#: 0.8-1.2 while other users' jobs ran (load ~2), 1.3-1.6 with two busy-loop processes added;
+#: a lone spinning thread on that VM waited 0.01 % of its time. The limit is a judgement call.
 WAIT_LIMIT = 0.10
 #: ... or when some variant's median call is more than this factor above its fastest call (calls
-#: of at least SPREAD_MIN_MS only: below that, timer and interpreter jitter dominate). Quiet
-#: machine, 4096² layers: 1.00-1.10; under load 1.2-7.
+#: of at least SPREAD_MIN_MS only: below that, timer and interpreter jitter dominate). Under the
+#: loads above the spread reached 1.1-60 (single OpenMP calls between 1 and 60 ms), so this is
+#: the second line of defence where the run-queue wait is unavailable (no /proc).
 SPREAD_LIMIT = 1.3
 SPREAD_MIN_MS = 0.05
 #: Timing rounds per batch size at most while the rounds stay noisy (the first quiet one decides).
