@@ -255,7 +255,7 @@ def test_interrupt_in_a_real_process_exits_130_with_one_line(tmp_path) -> None:
     import time
 
     out_dir = tmp_path / "demo"
-    for delay in (0.2, 4.0):  # during start-up (imports) and during training
+    for delay in (0.6, 5.0):  # during start-up (importing torch) and during training
         proc = subprocess.Popen(
             [sys.executable, "-c", "from sparseforge.cli import main; main()", "demo", "--out", str(out_dir),
              "--epochs", "500", "--no-progress"],
@@ -309,3 +309,25 @@ def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys) -> N
             ran += 1
             capsys.readouterr()
     assert ran >= 3
+
+
+def test_import_is_lazy_and_the_prune_function_wins_over_its_module() -> None:
+    """`import sparseforge` does not import torch (so the command line handles Ctrl-C from its
+    first moment), and `sparseforge.prune` stays the function whatever was imported before."""
+    code = (
+        "import sys, sparseforge\n"
+        "assert 'torch' not in sys.modules, 'torch imported by import sparseforge'\n"
+        "import sparseforge.pruning, sparseforge.cli.prune\n"
+        "from sparseforge import prune, NM, Sparsifier\n"
+        "assert callable(prune) and prune.__module__ == 'sparseforge.pruning', prune\n"
+        "assert sparseforge.prune is prune and NM(2, 4).n_keep == 2\n"
+        "assert set(sparseforge.__all__) <= set(dir(sparseforge))\n"
+        "try:\n"
+        "    sparseforge.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

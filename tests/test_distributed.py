@@ -28,7 +28,7 @@ from sparseforge.distributed import (
 )
 from sparseforge.errors import SparseforgeError
 from sparseforge.masks import MaskState
-from sparseforge.prune import masks_for_scores
+from sparseforge.pruning import masks_for_scores
 from sparseforge.scores import random_scores
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import select_prunable

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparseforge import SparseforgeError, Unstructured, er, erk, global_sparsities, layer_sparsities, uniform
-from sparseforge.prune import masks_for_scores
+from sparseforge.pruning import masks_for_scores
 
 
 def half_up(x: float) -> int:

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import SparseforgeError, check_sparsity
 from ..masks import MaskState, check_materialized, unwrap
-from ..prune import masks_for_scores
+from ..pruning import masks_for_scores
 from ..schedules import check_float
 from ..sparsifier import Sparsifier, check_optimizer_owns
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
@@ -123,7 +123,7 @@ def prune_surviving(
 
     Scores are ``|W|``; positions ``current`` prunes get score ``-1`` (below every magnitude), so
     a new mask is a subset of the old one whenever it keeps no more weights. Returns masks and
-    per-layer target sparsities (see :func:`sparseforge.prune.masks_for_scores`). ``current``
+    per-layer target sparsities (see :func:`sparseforge.pruning.masks_for_scores`). ``current``
     must hold a mask shaped like every weight of ``params``.
     """
     if current is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..masks import MaskState
-from ..prune import prune
+from ..pruning import prune
 from ..structures import Structure
 from .base import Algorithm
 

@@ -8,14 +8,13 @@ so an interrupted command never leaves half a file.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
+from typing import Any, NoReturn
 
-from .app import app
-from .outputs import Outputs
-
-__all__ = ["app", "main", "Interrupted"]
+__all__ = ["main", "Interrupted"]
 
 
 class Interrupted(BaseException):
@@ -23,30 +22,51 @@ class Interrupted(BaseException):
     typer turns those into a return value, which would end the process with status 0)."""
 
 
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted()
+def _interrupted(outputs: Any, argv: list[str] | None) -> NoReturn:
+    """One line saying what was kept, then exit status 130."""
+    print(f"interrupted; {outputs.summary() if outputs is not None else 'nothing was written'}", file=sys.stderr)
+    if argv is None:  # a real process: leave at once; an interrupted import (torch, numpy) can leave modules
+        # half-initialised that exit-time handlers would then trip over. Our own temporary files were
+        # already removed while the interrupt unwound the stack.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
 
 
-def _register_commands() -> None:
+def _app():  # type: ignore[no-untyped-def]
+    """The typer app with every command registered (imported after the SIGINT handler is set)."""
     from . import bench, demo, prune, report  # noqa: F401  (each module adds its command to `app`)
+    from .app import app
+
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run one command; one line and exit status 2 on bad input, 130 on Ctrl-C."""
-    outputs = Outputs()
+    received: list[int] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise Interrupted()
+
     previous = signal.getsignal(signal.SIGINT)
     handler_installed = previous is not signal.SIG_IGN  # an ignored SIGINT (background job) stays ignored
     if handler_installed:
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGINT, on_sigint)
+    outputs = None
     try:
-        _register_commands()
-        status = app(args=argv, standalone_mode=False, obj=outputs)
+        from .outputs import Outputs
+
+        outputs = Outputs()
+        status = _app()(args=argv, standalone_mode=False, obj=outputs)
         if status == 130:  # typer's own answer to a KeyboardInterrupt that did not come through our handler
             raise Interrupted()
     except (Interrupted, KeyboardInterrupt):
-        print(f"interrupted; {outputs.summary()}", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(outputs, argv)
     except Exception as exc:
+        if received:  # the interrupt surfaced as another error (e.g. from a half-imported module)
+            _interrupted(outputs, argv)
         from ..errors import SparseforgeError
 
         if isinstance(exc, SparseforgeError):

@@ -41,7 +41,7 @@ def demo(
     from ..experiments.essential import EssentialConfig, format_table, plot, run_essential_sparsity, save_json
     from ..experiments.models import MODELS
     from ..fileio import check_output_dir
-    from ..prune import METHODS
+    from ..pruning import METHODS
 
     # everything that can be checked is checked before the training starts
     if model not in MODELS:

@@ -54,7 +54,7 @@ def prune_cmd(
     from ..experiments.models import model_from_spec
     from ..fileio import check_input_file, check_output_file
     from ..distributions import DISTRIBUTIONS
-    from ..prune import METHODS, prune, validate_options
+    from ..pruning import METHODS, prune, validate_options
     from ..report import sparsity_report
     from ..structures import parse_structure
     from ..targets import select_prunable

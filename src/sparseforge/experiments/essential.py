@@ -20,7 +20,7 @@ import torch
 
 from ..fileio import atomic_write
 from ..errors import SparseforgeError
-from ..prune import METHODS, prune
+from ..pruning import METHODS, prune
 from ..structures import NM
 from ..targets import select_prunable
 from ..training import evaluate, train
