@@ -302,7 +302,7 @@ def test_convert_refuses_what_is_not_a_module_or_has_no_values():
     assert one_line(e) == "model is a list; allowed: a torch.nn.Module"
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(SparseforgeError, match=r"parameter '0.weight' on the meta device") as e:
+    with pytest.raises(SparseforgeError, match=r"parameter '0.weight' is on the meta device") as e:
         convert(meta)
     one_line(e)
     with pytest.raises(SparseforgeError, match="meta device"):

@@ -48,3 +48,10 @@ def test_a_matching_skeleton_gets_the_same_outputs(tmp_path):
     with torch.inference_mode():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
     assert isinstance(loaded[0], SparseLinear) and isinstance(loaded[2], SparseLinear)
+
+
+def test_save_converted_refuses_what_is_not_a_module(tmp_path):
+    for bad, needle in ((None, "model is a NoneType"), ({"0.weight": torch.ones(2, 2)}, "model is a dict")):
+        with pytest.raises(SparseforgeError, match=needle):
+            save_converted(tmp_path / "m.safetensors", bad)
+    assert not list(tmp_path.iterdir())

@@ -24,7 +24,8 @@ from sparseforge.algorithms.imp import prune_surviving
 from sparseforge.algorithms.soups import average_states
 from sparseforge.distributed import all_reduce_scores, broadcast_masks, shared_seed
 from sparseforge.distributions import erk, kept_counts_from_densities, uniform
-from sparseforge.schedules import check_float, check_int, cosine_drop_fraction, cubic_sparsity
+from sparseforge.errors import check_float, check_int
+from sparseforge.schedules import cosine_drop_fraction, cubic_sparsity
 from sparseforge.scores import random_scores
 from sparseforge.structures import topk_mask
 from sparseforge.training import batches, evaluate, train

@@ -32,9 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import SparseforgeError
+from .errors import SparseforgeError, check_int, check_seed
 from .masks import MaskState
-from .schedules import check_int, check_seed
 
 __all__ = [
     "is_distributed",

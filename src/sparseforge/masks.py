@@ -63,12 +63,13 @@ def check_materialized(model: nn.Module, name: str = "model") -> None:
     masks to it does nothing, so models built with ``torch.device("meta")`` must be loaded first.
     """
     check_module(model, name)
-    for pname, param in model.named_parameters():
-        if param.is_meta:
-            raise SparseforgeError(
-                f"parameter {canonical_name(pname)!r} is on the meta device; load real weights first "
-                "(e.g. model.to_empty(device=...) then load_state_dict)"
-            )
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, tensor in items:
+            if tensor is not None and tensor.is_meta:
+                raise SparseforgeError(
+                    f"{kind} {canonical_name(key)!r} is on the meta device; load real weights first "
+                    "(e.g. model.to_empty(device=...) then load_state_dict)"
+                )
 
 
 def _check_step(step: object) -> int:

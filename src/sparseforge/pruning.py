@@ -15,9 +15,8 @@ from torch import nn
 
 from . import scores as score_fns
 from .distributions import DISTRIBUTIONS, global_masks, layer_sparsities
-from .errors import SparseforgeError, check_sparsity
+from .errors import SparseforgeError, check_float, check_int, check_seed, check_sparsity
 from .masks import MaskState, check_materialized
-from .schedules import check_float, check_int, check_seed
 from .structures import Structure, Unstructured, parse_structure
 from .targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 

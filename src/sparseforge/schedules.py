@@ -18,65 +18,12 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .errors import SparseforgeError
+from .errors import SparseforgeError, check_float, check_int, check_seed
 
 __all__ = [
     "UpdateSchedule", "check_drop_fraction", "check_float", "check_int", "check_seed", "check_window",
     "cosine_drop_fraction", "cubic_sparsity",
 ]
-
-
-def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    """Return ``value`` as an ``int`` if it is an integer (not a bool) in ``[minimum, maximum]``, else raise.
-
-    NumPy integers are accepted; floats (even ``2.0``), bools, strings and ``None`` are not.
-    """
-    if minimum is not None and maximum is not None:
-        allowed = f"an integer in [{minimum}, {maximum}]"
-    else:
-        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-        allowed += f" <= {maximum}" if maximum is not None else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: {allowed}")
-    out = int(value)
-    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
-        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: {allowed}")
-    return out
-
-
-_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
-def check_seed(value: object, name: str = "seed") -> int:
-    """Return a random seed as an ``int``; anything but an integer (not a bool) in
-    ``[-2**63, 2**64 - 1]`` (torch's seed range) raises."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SparseforgeError(f"{name}={value!r} is not an integer; allowed: an int seed")
-    if not _SEED_RANGE[0] <= int(value) <= _SEED_RANGE[1]:
-        raise SparseforgeError(f"{name}={value!r} is out of range; allowed: an int in [-2**63, 2**64 - 1]")
-    return int(value)
-
-
-def check_float(
-    value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
-    low_open: bool = False, high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float if it is a real number (not a bool, not NaN) in the given interval.
-
-    The interval is ``[low, high]`` with either end open on request; with the default infinite
-    ends, only finite values pass.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        v = math.nan
-    else:
-        v = float(value)
-    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high) and math.isfinite(v)
-    if not ok:
-        lo = "(-inf" if low == -math.inf else f"{'(' if low_open else '['}{low:g}"
-        hi = "inf)" if high == math.inf else f"{high:g}{')' if high_open else ']'}"
-        allowed = f"{lo}, {hi}"
-        raise SparseforgeError(f"{name}={value!r} is not allowed; allowed: a finite number in {allowed}")
-    return v
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:

@@ -48,8 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SparseforgeError, check_density
-from .schedules import check_seed
+from .errors import SparseforgeError, check_density, check_seed
 
 __all__ = [
     "Batch",

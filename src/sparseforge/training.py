@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SparseforgeError
+from .errors import SparseforgeError, check_int, check_seed
 from .masks import check_module
-from .schedules import check_int, check_seed
 
 __all__ = ["EpochMetrics", "TrainHistory", "batches", "evaluate", "train"]
 

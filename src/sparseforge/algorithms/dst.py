@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import SparseforgeError
-from ..schedules import UpdateSchedule, check_drop_fraction, check_seed, cosine_drop_fraction
+from ..errors import SparseforgeError, check_seed
+from ..schedules import UpdateSchedule, check_drop_fraction, cosine_drop_fraction
 from ..structures import Structure, Unstructured, topk_mask
 from .base import Algorithm
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..distributions import DISTRIBUTIONS, global_sparsities, layer_sparsities
-from ..errors import SparseforgeError, check_sparsity
+from ..errors import SparseforgeError, check_float, check_int, check_sparsity
 from ..masks import MaskState
-from ..schedules import UpdateSchedule, check_float, check_int, check_window, cubic_sparsity
+from ..schedules import UpdateSchedule, check_window, cubic_sparsity
 from .base import Algorithm
 from .dst import keep_top, round_half_up
 

@@ -44,10 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SparseforgeError, check_sparsity
+from ..errors import SparseforgeError, check_float, check_sparsity
 from ..masks import MaskState, check_materialized, unwrap
 from ..pruning import masks_for_scores
-from ..schedules import check_float
 from ..sparsifier import Sparsifier, check_optimizer_owns
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 

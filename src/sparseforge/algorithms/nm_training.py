@@ -43,9 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SparseforgeError
+from ..errors import SparseforgeError, check_float
 from ..masks import MaskState, check_materialized, unwrap
-from ..schedules import check_float
 from ..sparsifier import attached_owner, check_optimizer_owns
 from ..structures import NM, parse_structure
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable

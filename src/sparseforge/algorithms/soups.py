@@ -41,9 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SparseforgeError, check_sparsity
+from ..errors import SparseforgeError, check_float, check_seed, check_sparsity
 from ..masks import MaskState, check_materialized, unwrap
-from ..schedules import check_float, check_seed
 from ..sparsifier import Sparsifier
 from ..targets import DEFAULT_PRUNABLE_TYPES, ExcludeItem, select_prunable
 from .imp import prune_surviving, round_sparsities

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import SparseforgeError
-from ..schedules import check_float
+from ..errors import SparseforgeError, check_float
 from ..structures import ConstantFanIn, Structure
 from .dst import RigL, keep_top, round_half_up
 

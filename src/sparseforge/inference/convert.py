@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError
+from ..masks import check_materialized
 from .autotune import LayerChoice, measure_layer, rule_layer
 from .kernels import unavailable_reason
 from .modules import BatchPlan, SparseLinear
@@ -91,13 +92,8 @@ class ConversionReport:
 # ------------------------------------------------------------------------------- argument checks
 def check_model(model: object, name: str = "model") -> nn.Module:
     """``model`` if it is a ``torch.nn.Module`` with real tensors; else a one-line :class:`SparseforgeError`."""
-    if not isinstance(model, nn.Module):
-        raise SparseforgeError(f"{name} is a {type(model).__name__}; allowed: a torch.nn.Module")
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for key, t in items:
-            if t is not None and t.is_meta:
-                raise SparseforgeError(f"{name} has {kind} {key!r} on the meta device (no values); allowed: a model with real weights (load its state dict first)")
-    return model
+    check_materialized(model, name)  # type: ignore[arg-type]  (it checks the type first)
+    return model  # type: ignore[return-value]
 
 
 def _is_int(v: object) -> bool:

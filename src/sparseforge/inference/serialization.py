@@ -61,6 +61,9 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
     directory, permission denied, disk full) raises a one-line :class:`SparseforgeError`, and an
     existing file at ``path`` keeps its old content then.
     """
+    from .convert import check_model
+
+    check_model(model)
     path = check_output_file(path, _WHAT)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
