@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.fileio import write_text
 from sparseforge.inference.bench import DEFAULT_PATTERNS, format_markdown, format_table, parse_pattern, run_inference_bench
 
 
@@ -49,7 +50,7 @@ def main() -> None:
                                progress=lambda msg: print(msg, file=sys.stderr, flush=True), busy=a.busy)
     print(format_table(rows))
     md = Path(a.json).with_suffix(".md")
-    md.write_text(format_markdown(rows) + "\n")
+    write_text(md, format_markdown(rows) + "\n")
     print(f"saved {a.json} and {md}")
 
 

@@ -134,7 +134,9 @@ def main() -> None:
     meta = {"sizes": sizes, "batch": batch, "steps": steps, "chunk": args.chunk, "every": every,
             "sparsity": args.sparsity, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "python": platform.python_version()}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    from sparseforge.fileio import write_text
+
+    write_text(out, json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {out}")
 
 

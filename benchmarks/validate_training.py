@@ -258,16 +258,16 @@ def main() -> None:
             print(f"[{i}/{len(todo)}] {row['method']:>14} {row['setting']:>5} seed {row['seed']}: "
                   f"{row['accuracy']:.3f} ({row['seconds']} s)", file=sys.stderr, flush=True)
     rows.sort(key=lambda r: (r["method"], r["setting"], r["seed"]))
-    from sparseforge.checkpoint import atomic_write
+    from sparseforge.fileio import write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"epochs": args.epochs, "seeds": args.seeds, "lr": LR, "momentum": MOMENTUM, "weight_decay": WD,
                "batch": BATCH, "width": WIDTH, "seconds": round(time.perf_counter() - t0, 1),
                "torch": torch.__version__, "rows": rows}
-    atomic_write(RESULTS / "training_validation.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    write_text(RESULTS / "training_validation.json", json.dumps(payload, indent=2))
     if not args.only:
         table = markdown(rows)
-        atomic_write(RESULTS / "training_validation.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+        write_text(RESULTS / "training_validation.md", table + "\n")
         plot(rows, ROOT / "docs" / "training_validation.png")
         print(table)
     print(f"total {payload['seconds']} s", file=sys.stderr)

@@ -31,7 +31,12 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "training", "train": "training",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Block", "Channel", "ConstantFanIn", "METHODS", "MaskState", "NM", "SparseforgeError", "Sparsifier",
+    "SparsityReport", "Structure", "Unstructured", "er", "erk", "evaluate", "global_sparsities", "layer_sparsities",
+    "load", "parse_structure", "prune", "save", "select_prunable", "sparsity_report", "train", "uniform",
+]
+assert sorted(__all__) == sorted(_EXPORTS)  # one list of public names, spelled out for readers and linters
 
 
 def __getattr__(name: str) -> Any:

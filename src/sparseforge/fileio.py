@@ -44,6 +44,7 @@ __all__ = [
     "checksum_table",
     "clean_stale_temps",
     "describe_os_error",
+    "write_text",
     "tensor_checksum",
     "verify_checksums",
 ]
@@ -286,3 +287,8 @@ def verify_checksums(
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise SparseforgeError(f"{source}: {label(bad[0])} fails its checksum{more} (the file is corrupted)")
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, what: str = "output") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns the path."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what=what)

@@ -20,6 +20,7 @@ def bench(
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (input rows per forward).")] = "1,16,128",
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path("bench_inference.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")] = False,
+    busy: Annotated[Optional[bool], typer.Option("--busy/--no-busy", help="Also convert while busy-loop processes keep every core busy, then time both models on the quiet machine (default: on, off with --quick).")] = None,
 ) -> None:
     """Time dense torch vs torch CSR vs sparseforge's packed kernels, with the machine's bandwidth."""
     from ..fileio import check_input_file, check_output_file
@@ -41,7 +42,7 @@ def bench(
         check_input_file(model, "model file")
     json_out = check_output_file(json_out, "--json output", suffixes=(".json",))
     with err_console.status("benchmarking ...") as status:
-        rows = run_inference_bench(tuple(patterns), tuple(sizes), model_path=model, json_out=json_out, quick=quick,
+        rows = run_inference_bench(tuple(patterns), tuple(sizes), model_path=model, json_out=json_out, quick=quick, busy=busy,
                                    progress=lambda msg: status.update(f"benchmarking: {msg}"))
     outputs_of(ctx).wrote(json_out)
     console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import write_text
 from ..errors import SparseforgeError
 from ..pruning import METHODS, prune
 from ..structures import NM
@@ -250,5 +250,4 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 
 def save_json(result: dict[str, Any], path: str | Path) -> Path:
     """Write the result as JSON, atomically."""
-    text = json.dumps(result, indent=2)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, json.dumps(result, indent=2))

@@ -21,13 +21,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
+
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import SparseforgeError
+from ..fileio import write_text
 from ..structures import NM, Block, Channel, Unstructured, parse_structure
 from .convert import convert
 from .modules import SparseLinear
@@ -368,9 +369,8 @@ def run_inference_bench(
                 f"({r['speedup_vs_dense']:.2f}x; cold {r['dense_cold_ms']:.2f} / {r['sparseforge_cold_ms']:.2f} ms, {r['speedup_cold']:.2f}x{busy_text}), "
                 f"load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
     if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
-                                              "load_avg": os.getloadavg(), "busy_column": busy, "busy_target": BUSY_TARGET, "rows": rows_out}, indent=2))
+        write_text(json_out, json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
+                                              "load_avg": os.getloadavg(), "busy_column": busy, "busy_target": BUSY_TARGET, "rows": rows_out}, indent=2), what="--json output")
     return rows_out
 
 
