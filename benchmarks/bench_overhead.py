@@ -12,8 +12,8 @@ Reported per variant (milliseconds per step):
   all steps -- the honest per-step cost with mask updates included.
 * ratios of both to dense.
 
-Sparsifier mode: the sparse variants use ``zero_state="grads"``, which is what the Sparsifier's
-default ``zero_state="auto"`` picks for this SGD: one elementwise pass per step (gradients times
+Sparsifier mode: the sparse variants use the Sparsifier's default, ``zero_state="auto"``, which
+picks ``"grads"`` for this SGD: one elementwise pass per step (gradients times
 masks); weights and optimizer state are masked when masks change. It is exact for SGD/Adam/AdamW
 (a zero gradient, zero state and zero weight give a zero update, weight decay included), which
 the Sparsifier checks. ``RigL(step)`` runs ``zero_state="step"`` (the default for other
@@ -56,8 +56,11 @@ def build(variant: str, sizes: tuple[int, ...], sparsity: float, every: int, ste
         "GMP": lambda: GMP(sparsity, start=0, end=steps, every=every),
     }
     masks = init_sparse(model, 0.0 if variant == "GMP" else sparsity)
-    zero_state = "step" if variant == "RigL(step)" else "grads"
-    sparsifier = Sparsifier(model, opt, masks, algorithms[variant](), zero_state=zero_state)
+    if variant == "RigL(step)":
+        sparsifier = Sparsifier(model, opt, masks, algorithms[variant](), zero_state="step")
+    else:  # the default, as a new user gets it
+        sparsifier = Sparsifier(model, opt, masks, algorithms[variant]())
+        assert sparsifier.zero_state == "grads", repr(sparsifier)
     return model, opt, sparsifier
 
 

@@ -334,3 +334,17 @@ def test_convert_and_retune_refuse_bad_arguments(kwargs, match):
     if "autotune" not in kwargs:
         with pytest.raises(SparseforgeError, match=match.split("=")[0]):
             retune(model, **kwargs)
+
+
+def test_under_load_a_measurement_far_above_the_model_is_capped(stub):
+    """A busy machine inflates measured speedups (dense suffers more); under load a measurement is
+    trusted up to MODEL_SLACK x the prediction, so it cannot pick one sparse format over another
+    that the model rates higher. On a quiet machine the measurement stands as it is."""
+    stub(({"dense": [30.0, 40.0, 40.0], "*": [10.0, 12.0, 12.0]}, BUSY), predicted=1.6)  # measured 3x
+    choice = autotune.measure_layer(weight(), None, (16,), max_formats=1)
+    name = next(n for n in choice.timings_ms if n != "dense")
+    assert choice.under_load and "capped" in choice.load_note
+    assert choice.timings_ms[name][16] == pytest.approx(30.0 / (autotune.MODEL_SLACK * 1.6))
+    stub(({"dense": [30.0, 30.0, 30.0], "*": [10.0, 10.0, 10.0]}, QUIET), predicted=1.6)
+    quiet = autotune.measure_layer(weight(), None, (16,), max_formats=1)
+    assert not quiet.under_load and quiet.timings_ms[name][16] == pytest.approx(10.0)
