@@ -51,6 +51,7 @@ def test_help_lists_every_command(capsys) -> None:
         (["demo", "--sparsities", "0.1,abc"], "sparsities='0.1,abc'"),
         (["demo", "--methods", "magnitude,psychic"], "method='psychic'"),
         (["bench", "--batches", "0,1"], "batches='0,1'"),
+        (["bench", "--batches", "99999999999999999999"], "allowed: comma-separated integers in [1, 65536]"),
         (["bench", "--sparsities", "0.9,3:2"], "n_keep=3"),
         (["bench", "--sparsities", "1.2"], "1.2"),
         (["bench", "--sparsities", "0.9,abc"], "pattern='abc' is not allowed; allowed: a fraction of zeros"),
@@ -331,3 +332,24 @@ def test_import_is_lazy_and_the_prune_function_wins_over_its_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_builtin_model_takes_the_datas_features_and_a_mismatch_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from sparseforge.checkpoint import load
+    from sparseforge.experiments.models import build_model
+
+    out = tmp_path / "digits.safetensors"
+    main(["prune", str(out), "--model", "mlp", "--sparsity", "0.5", "--method", "snip", "--data", "digits", "--samples", "64"])
+    masks = load(out, build_model("mlp", 64, 10))  # built for digits' 64 features
+    assert masks is not None and masks.sparsity() == pytest.approx(0.5)
+    capsys.readouterr()
+    # a user's model that cannot take the data: one line, before any scoring, nothing written
+    (tmp_path / "net.py").write_text("import torch\ndef build():\n    return torch.nn.Linear(5, 3)\n")
+    save_file({"inputs": torch.randn(8, 7), "targets": torch.zeros(8, dtype=torch.long)}, str(tmp_path / "d.safetensors"))
+    code, line = _exit_line(["prune", str(tmp_path / "x.pt"), "--model", f"{tmp_path / 'net.py'}:build", "--sparsity", "0.5",
+                             "--method", "snip", "--data", str(tmp_path / "d.safetensors")], capsys)
+    assert code == 2 and "cannot run on" in line and "inputs of shape (7,)" in line and "RuntimeError" in line
+    assert not (tmp_path / "x.pt").exists()

@@ -30,6 +30,7 @@ from .fileio import (
     check_output_file,
     checksum_table,
     describe_os_error,
+    describe_read_error,
     verify_checksums,
 )
 from .masks import MaskState, canonical_name, named_parameters
@@ -96,9 +97,7 @@ def save(
 def _unreadable(path: Path, fmt: str, exc: BaseException) -> SparseforgeError:
     if isinstance(exc, OSError) and exc.errno is not None:
         return describe_os_error(exc, path, _WHAT)
-    text = str(exc).strip()
-    reason = text.splitlines()[0][:160] if text else type(exc).__name__
-    return SparseforgeError(f"{_WHAT} {str(path)!r} cannot be read as {fmt} ({reason})")
+    return SparseforgeError(f"{_WHAT} {str(path)!r} cannot be read as {fmt} ({describe_read_error(exc)})")
 
 
 def _read(path: Path, fmt: str) -> tuple[Any, Any, Any]:

@@ -44,6 +44,7 @@ __all__ = [
     "checksum_table",
     "clean_stale_temps",
     "describe_os_error",
+    "describe_read_error",
     "write_text",
     "tensor_checksum",
     "verify_checksums",
@@ -292,3 +293,23 @@ def verify_checksums(
 def write_text(path: str | os.PathLike[str], text: str, *, what: str = "output") -> Path:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns the path."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what=what)
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load(..., weights_only=True)`` or safetensors read.
+
+    torch's refusal of a file it will not unpickle is several lines of advice to load it unsafely;
+    this keeps what went wrong, in one line.
+    """
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it holds a Python object ({found.group(1)}) besides tensors, which is never unpickled"
+        operand = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+        detail = operand.group(1).strip() if operand and operand.group(1).strip() else ""
+        if not detail:
+            later = [ln.strip() for ln in text.splitlines() if ln.strip() and "WeightsUnpickler" not in ln and "Check the doc" not in ln]
+            detail = later[-1] if later else ""
+        return "not a torch file of tensors" + (f": {detail[:80]}" if detail else "")
+    return text.splitlines()[0][:160] if text else type(exc).__name__

@@ -12,6 +12,10 @@ from .app import app, console, err_console
 from .outputs import outputs_of
 
 
+#: Largest batch the benchmark accepts (a 4096-wide fp32 input of this many rows is 1 GiB).
+MAX_BATCH = 65536
+
+
 @app.command()
 def bench(
     ctx: typer.Context,
@@ -29,8 +33,8 @@ def bench(
     patterns = [parse_pattern(item) for item in (v.strip() for v in sparsities.split(",")) if item] or list(DEFAULT_PATTERNS)
     sizes = []
     for item in (v.strip() for v in batches.split(",") if v.strip()):
-        if not item.isdigit() or int(item) < 1:
-            raise SparseforgeError(f"batches={batches!r} must be comma-separated positive integers")
+        if not item.isdigit() or not 1 <= int(item) <= MAX_BATCH:
+            raise SparseforgeError(f"batches={batches!r} is not allowed; allowed: comma-separated integers in [1, {MAX_BATCH}]")
         sizes.append(int(item))
     if not sizes:
         raise SparseforgeError(f"batches={batches!r} names no batch size; allowed: comma-separated positive integers")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -15,9 +15,27 @@ _SUFFIXES = (".safetensors", ".pt", ".pth")
 _NEEDS_DATA = ("snip", "grasp", "movement")
 
 MODEL_HELP = (
-    "The model to prune: a built-in name (mlp, cnn: MNIST-1D shapes, 40 inputs, 10 classes) or a factory "
+    "The model to prune: a built-in name (mlp, cnn: built for the inputs of --data, MNIST-1D's 40 by default) or a factory "
     "given by import path, package.module:factory or path/to/file.py:factory (called with no arguments)."
 )
+
+
+def _check_forward(net: Any, x: Any, model: str, data: str) -> None:
+    """Run ``net`` once on ``x`` (no gradients); a failure is one line naming model and data."""
+    import torch
+
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(x)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise SparseforgeError(
+            f"--model {model} cannot run on {data} (inputs of shape {tuple(x.shape[1:])}): {type(exc).__name__}: {reason}"
+        ) from None
+    finally:
+        net.train(was_training)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -50,8 +68,8 @@ def prune_cmd(
     import torch
 
     from ..checkpoint import load, save
-    from ..experiments.datasets import load_batch
-    from ..experiments.models import model_from_spec
+    from ..experiments.datasets import DATASET_SHAPES, load_batch
+    from ..experiments.models import MODELS, model_from_spec
     from ..fileio import check_input_file, check_output_file
     from ..distributions import DISTRIBUTIONS
     from ..pruning import METHODS, prune, validate_options
@@ -88,20 +106,27 @@ def prune_cmd(
     if checkpoint is not None:
         check_input_file(checkpoint, "checkpoint")
 
-    # 2. the model and its weights; then structure and exclude patterns against every layer
-    net = model_from_spec(model, seed=seed)
+    # 2. the model and its weights; then structure and exclude patterns against every layer.
+    # A built-in model is built for the data's features (a data file is read now for that).
+    batch = None
+    features, classes = 40, 10
+    if data is not None and model in MODELS:
+        if data in DATASET_SHAPES:
+            features, classes = DATASET_SHAPES[data]
+        else:
+            batch = load_batch(data, samples=samples, seed=seed)
+            features = int(batch[0][0].numel())
+            classes = max(10, int(batch[1].max()) + 1) if not batch[1].is_floating_point() else 10
+    net = model_from_spec(model, in_features=features, num_classes=classes, seed=seed)
     before = None
     if checkpoint is not None:
         before = load(checkpoint, net)
     prunable = select_prunable(net, exclude=exclude or ())
     for name, param in prunable.items():
         parsed.check_shape(tuple(param.shape), name)
-    if checkpoint is None:
-        err_console.print("note: no --checkpoint, so the model's initial weights are pruned (pruning at initialisation)",
-                          soft_wrap=True)
     if method == "synflow" and shape is None and data is None:
-        if model in ("mlp", "cnn"):
-            shape = (40,)
+        if model in MODELS:
+            shape = (features,)
         else:
             raise SparseforgeError("--method synflow needs the input shape: --input-shape (e.g. 3,32,32) or --data")
     zeros = sum(int((p == 0).sum()) for p in prunable.values())
@@ -112,16 +137,23 @@ def prune_cmd(
         else "dense"
     )
 
-    # 3. the work
-    batch = load_batch(data, samples=samples, seed=seed) if data is not None else None
+    # 3. the data, and one forward pass on two samples: model and data must agree before the work
+    if data is not None and batch is None:
+        batch = load_batch(data, samples=samples, seed=seed)
+    probe = batch[0][:2] if batch is not None else (torch.zeros(2, *shape) if shape is not None else None)
+    if probe is not None:
+        _check_forward(net, probe, model, data if data is not None else f"--input-shape {input_shape}")
+    if checkpoint is None:
+        err_console.print("note: no --checkpoint, so the model's initial weights are pruned (pruning at initialisation)",
+                          soft_wrap=True)
     with err_console.status(f"scoring {len(prunable)} layers with {method} ..."):
         masks = prune(
             net, sparsity, method=method, structure=parsed, distribution=distribution, exclude=exclude or (),
             data=batch, input_shape=shape, seed=seed,
         )
     example = batch[0][:1] if batch is not None else (torch.zeros(1, *shape) if shape is not None else None)
-    if example is None and model in ("mlp", "cnn"):
-        example = torch.zeros(1, 40)
+    if example is None and model in MODELS:
+        example = torch.zeros(1, features)
     sparsity_report(net, example, masks=masks)
     path = outputs_of(ctx).wrote(save(out, net, masks))
     console.print(f"pruned {model} ({start} before) to sparsity {masks.sparsity():.4f} over {len(masks)} masked layers; wrote {path}")

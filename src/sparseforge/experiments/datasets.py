@@ -14,7 +14,7 @@ import torch
 
 from ..errors import SparseforgeError
 
-__all__ = ["Dataset", "DATASETS", "load_batch", "load_dataset"]
+__all__ = ["Dataset", "DATASETS", "DATASET_SHAPES", "load_batch", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def _digits(seed: int, num_samples: int) -> Dataset:
 
 
 DATASETS = {"mnist1d": _mnist1d, "digits": _digits}
+#: (features, classes) of each built-in dataset, known without building it
+DATASET_SHAPES = {"mnist1d": (40, 10), "digits": (64, 10)}
 
 
 def load_dataset(name: str = "mnist1d", *, seed: int = 42, num_samples: int = 5000) -> Dataset:
@@ -93,7 +95,7 @@ def load_batch(spec: str, *, samples: int = 512, seed: int = 42) -> tuple[torch.
     """
     from pathlib import Path
 
-    from ..fileio import check_input_file
+    from ..fileio import check_input_file, describe_read_error
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise SparseforgeError(f"samples={samples!r} is not allowed; allowed: an integer >= 1")
@@ -115,8 +117,7 @@ def load_batch(spec: str, *, samples: int = 512, seed: int = 42) -> tuple[torch.
         else:
             tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise SparseforgeError(f"data file {str(path)!r} cannot be read ({reason})") from None
+        raise SparseforgeError(f"data file {str(path)!r} cannot be read ({describe_read_error(exc)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor) for k in ("inputs", "targets")):
         found = sorted(tensors)[:5] if isinstance(tensors, dict) else type(tensors).__name__
         raise SparseforgeError(f"data file {str(path)!r} has no tensors 'inputs' and 'targets' (found {found})")
