@@ -108,3 +108,52 @@ def test_prunable_totals_follow_the_masks_when_given():
     assert [layer.prunable for layer in r.layers] == [True, False]
     assert r.dense_flops == 2 * (200 + 80)  # FLOPs still count the excluded layer
     assert r.sparse_flops == 2 * (20 + 80)
+
+
+def _table_text(report) -> str:
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(report.to_table())
+    return console.export_text()
+
+
+def test_a_report_without_masks_does_not_pass_for_the_pruned_sparsity():
+    """Pruned 0.9 with the classifier excluded: with masks the budget total is 0.9; without masks
+    the total covers every Linear/Conv layer and is labelled so, never as the prunable budget."""
+    import sparseforge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
+    masks = sparseforge.prune(model, 0.9, exclude=["2"])
+    with_masks = sparsity_report(model, masks=masks, show=False)
+    without = sparsity_report(model, show=False)
+    assert with_masks.budget == "masked layers" and with_masks.prunable_sparsity == pytest.approx(0.9)
+    assert without.budget == "all Linear/Conv layers"
+    assert without.prunable_sparsity == pytest.approx(180 / 280)  # the excluded layer's 80 weights count
+    text = _table_text(without)
+    assert "all Linear/Conv weights" in text and "masked layers total" not in text and "prunable total" not in text
+    assert "No masks given" in text and "kept (mask)" not in text
+    masked_text = _table_text(with_masks)
+    assert "masked layers total" in masked_text and "kept (mask)" in masked_text and "nonzero" in masked_text
+
+
+def test_mask_counts_and_nonzeros_are_separate_and_unapplied_masks_are_flagged():
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 3.0], [0.0, 0.0, 4.0, 5.0]]))  # 5 nonzero
+    mask = torch.tensor([[True, False, False, True], [False, False, True, False]])  # keeps 3
+    r = sparsity_report(model, masks=MaskState({"0.weight": mask}), show=False)
+    layer = r.layers[0]
+    assert (layer.mask_kept, layer.nonzero, layer.nnz) == (3, 5, 3)
+    assert r.unapplied == ["0.weight"] and "WARNING" in _table_text(r)
+
+
+def test_checkpoint_report_reads_kept_and_nonzero_from_the_file_alone():
+    from sparseforge.report import checkpoint_report
+
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    r = checkpoint_report({"fc.weight": w, "fc.bias": torch.ones(2)},
+                          MaskState({"fc.weight": torch.tensor([[True, True], [False, False]])}), show=False)
+    assert [(x.name, x.mask_kept, x.nonzero) for x in r.layers] == [("fc.weight", 2, 1)]
+    assert r.prunable_sparsity == pytest.approx(0.5) and r.total_params == 6 and r.total_nnz == 3
