@@ -20,7 +20,13 @@ from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.fileio import write_text
-from sparseforge.inference.bench import DEFAULT_PATTERNS, format_markdown, format_table, parse_pattern, run_inference_bench
+from sparseforge.inference.bench import (
+    DEFAULT_PATTERNS,
+    format_markdown,
+    format_table,
+    parse_pattern,
+    run_inference_bench,
+)
 
 
 def _pattern(text: str) -> float | str:
@@ -33,12 +39,18 @@ def _pattern(text: str) -> float | str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros, n:m, block:RxC:S or channel:S")
+    p.add_argument(
+        "--sparsities", nargs="+", type=_pattern, default=None, help="fractions of zeros, n:m, block:RxC:S or channel:S"
+    )
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--model", default=None, help="safetensors state dict of Linear layers")
     p.add_argument("--json", default="bench_inference.json")
-    p.add_argument("--busy", action=argparse.BooleanOptionalAction, default=None,
-                   help="also convert on a machine kept busy by busy-loop processes (default: on, off with --quick)")
+    p.add_argument(
+        "--busy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also convert on a machine kept busy by busy-loop processes (default: on, off with --quick)",
+    )
     a = p.parse_args()
     sparsities = tuple(a.sparsities) if a.sparsities else ((0.9,) if a.quick else DEFAULT_PATTERNS)
     batches = tuple(a.batches) if a.batches else ((1, 16) if a.quick else (1, 16, 128))
@@ -46,8 +58,15 @@ def main() -> None:
     import sys
 
     print(f"load average before: {os.getloadavg()}", file=sys.stderr, flush=True)
-    rows = run_inference_bench(sparsities, batches, model_path=a.model, json_out=a.json, quick=a.quick,
-                               progress=lambda msg: print(msg, file=sys.stderr, flush=True), busy=a.busy)
+    rows = run_inference_bench(
+        sparsities,
+        batches,
+        model_path=a.model,
+        json_out=a.json,
+        quick=a.quick,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        busy=a.busy,
+    )
     print(format_table(rows))
     md = Path(a.json).with_suffix(".md")
     write_text(md, format_markdown(rows) + "\n")

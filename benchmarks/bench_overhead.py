@@ -126,17 +126,32 @@ def main() -> None:
         r["median_ratio"] = r["median_ms"] / base["median_ms"]
         r["amortized_ratio"] = r["amortized_ms"] / base["amortized_ms"]
 
-    print(f"MLP {'-'.join(map(str, sizes))}, batch {batch}, SGD momentum, sparsity {args.sparsity}, "
-          f"{steps} steps/variant in chunks of {args.chunk}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<12}{'median ms':>11}{'x dense':>9}{'amort. ms':>11}{'x dense':>9}{'updates':>9}{'ms/update':>11}")
+    print(
+        f"MLP {'-'.join(map(str, sizes))}, batch {batch}, SGD momentum, sparsity {args.sparsity}, "
+        f"{steps} steps/variant in chunks of {args.chunk}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'variant':<12}{'median ms':>11}{'x dense':>9}{'amort. ms':>11}{'x dense':>9}{'updates':>9}{'ms/update':>11}"
+    )
     for v, r in results.items():
-        print(f"{v:<12}{r['median_ms']:>11.2f}{r['median_ratio']:>9.3f}{r['amortized_ms']:>11.2f}"
-              f"{r['amortized_ratio']:>9.3f}{r['updates']:>9d}{r['update_extra_ms']:>11.1f}")
+        print(
+            f"{v:<12}{r['median_ms']:>11.2f}{r['median_ratio']:>9.3f}{r['amortized_ms']:>11.2f}"
+            f"{r['amortized_ratio']:>9.3f}{r['updates']:>9d}{r['update_extra_ms']:>11.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"sizes": sizes, "batch": batch, "steps": steps, "chunk": args.chunk, "every": every,
-            "sparsity": args.sparsity, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "python": platform.python_version()}
+    meta = {
+        "sizes": sizes,
+        "batch": batch,
+        "steps": steps,
+        "chunk": args.chunk,
+        "every": every,
+        "sparsity": args.sparsity,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
     from sparseforge.fileio import write_text
 
     write_text(out, json.dumps({"meta": meta, "results": results}, indent=2))

@@ -57,8 +57,16 @@ def _fit(model, data, optimizer, epochs: int, seed: int) -> None:  # type: ignor
     from sparseforge.training import train
 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    train(model, (data.x_train, data.y_train), epochs=epochs, optimizer=optimizer, batch_size=BATCH,
-          scheduler=sched, seed=seed, progress=False)
+    train(
+        model,
+        (data.x_train, data.y_train),
+        epochs=epochs,
+        optimizer=optimizer,
+        batch_size=BATCH,
+        scheduler=sched,
+        seed=seed,
+        progress=False,
+    )
 
 
 def _acc(model, data) -> float:  # type: ignore[no-untyped-def]
@@ -131,13 +139,24 @@ def run_job(method: str, setting: str, seed: int, epochs: int) -> dict[str, Any]
             _fit(m, data, opt, epochs, ing.seed)
 
         masks, history = alg.sparse_model_soups(
-            model, make_opt, train_fn, final_sparsity=sparsity, cycles=3, ingredients=3,
-            eval_fn=lambda m: _acc(m, data), seeds=[seed * 10 + i for i in range(3)], weight_decays=decays,
+            model,
+            make_opt,
+            train_fn,
+            final_sparsity=sparsity,
+            cycles=3,
+            ingredients=3,
+            eval_fn=lambda m: _acc(m, data),
+            seeds=[seed * 10 + i for i in range(3)],
+            weight_decays=decays,
         )
         last = history.cycles[-1]
-        extra.update(sparsity=round(masks.sparsity(), 6), trainings=1 + 3 * 3,
-                     ingredients=last.ingredient_metrics, best_ingredient=max(last.ingredient_metrics),
-                     mean_ingredient=statistics.fmean(last.ingredient_metrics))
+        extra.update(
+            sparsity=round(masks.sparsity(), 6),
+            trainings=1 + 3 * 3,
+            ingredients=last.ingredient_metrics,
+            best_ingredient=max(last.ingredient_metrics),
+            mean_ingredient=statistics.fmean(last.ingredient_metrics),
+        )
     elif method in ("sr-ste", "pgf"):
         opt = _optimizer(model)
         if method == "sr-ste":
@@ -149,8 +168,14 @@ def run_job(method: str, setting: str, seed: int, epochs: int) -> dict[str, Any]
         extra["sparsity"] = round(masks.sparsity(), 6)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return {"method": method, "setting": setting, "seed": seed, "accuracy": _acc(model, data),
-            "seconds": round(time.perf_counter() - t0, 2), **extra}
+    return {
+        "method": method,
+        "setting": setting,
+        "seed": seed,
+        "accuracy": _acc(model, data),
+        "seconds": round(time.perf_counter() - t0, 2),
+        **extra,
+    }
 
 
 METHODS = ["static-uniform", "static-erk", "gmp", "set", "rigl", "snfs", "granet", "srigl", "oneshot", "imp", "soups"]
@@ -173,9 +198,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, 
 def markdown(rows: list[dict[str, Any]]) -> str:
     s = summarise(rows)
     dense = s[("dense", "dense")]
-    lines = [f"Dense: **{dense[0]:.3f} ± {dense[1]:.3f}** (n={dense[2]})", "",
-             "| method | training runs | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
-             "|---|---:|" + "---:|" * len(SPARSITIES)]
+    lines = [
+        f"Dense: **{dense[0]:.3f} ± {dense[1]:.3f}** (n={dense[2]})",
+        "",
+        "| method | training runs | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
+        "|---|---:|" + "---:|" * len(SPARSITIES),
+    ]
     runs = {"imp": "4 (dense + 3 rounds)", "oneshot": "2 (dense + 1 round)", "soups": "10 (dense + 3 cycles x 3)"}
     for m in METHODS:
         cells = []
@@ -185,10 +213,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {m} | {runs.get(m, '1')} | " + " | ".join(cells) + " |")
     soup_rows = [r for r in rows if r["method"] == "soups"]
     if soup_rows:
-        lines += ["", "| soups vs their last-cycle ingredients | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
-                  "|---|" + "---:|" * len(SPARSITIES)]
-        for label, key in (("soup", "accuracy"), ("best ingredient", "best_ingredient"), ("mean ingredient", "mean_ingredient")):
-            cells = [f"{statistics.fmean(r[key] for r in soup_rows if r['setting'] == str(sp)):.3f}" for sp in SPARSITIES]
+        lines += [
+            "",
+            "| soups vs their last-cycle ingredients | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
+            "|---|" + "---:|" * len(SPARSITIES),
+        ]
+        for label, key in (
+            ("soup", "accuracy"),
+            ("best ingredient", "best_ingredient"),
+            ("mean ingredient", "mean_ingredient"),
+        ):
+            cells = [
+                f"{statistics.fmean(r[key] for r in soup_rows if r['setting'] == str(sp)):.3f}" for sp in SPARSITIES
+            ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| N:M recipe | " + " | ".join(NM_PATTERNS) + " |", "|---|" + "---:|" * len(NM_PATTERNS)]
     for m in ("sr-ste", "pgf"):
@@ -211,12 +248,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for i, m in enumerate(METHODS):
         means = [s[(m, str(sp))][0] for sp in SPARSITIES]
         stds = [s[(m, str(sp))][1] for sp in SPARSITIES]
-        ax.errorbar(SPARSITIES, means, yerr=stds, marker="os^D"[i % 4], ms=3, capsize=2, label=m,
-                    color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1], ls="-" if i < 8 else "--")
+        ax.errorbar(
+            SPARSITIES,
+            means,
+            yerr=stds,
+            marker="os^D"[i % 4],
+            ms=3,
+            capsize=2,
+            label=m,
+            color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1],
+            ls="-" if i < 8 else "--",
+        )
     for j, recipe in enumerate(("sr-ste", "pgf")):  # N:M points, each labelled with its pattern
         xs = [1.0 - int(p.split(":")[0]) / int(p.split(":")[1]) for p in NM_PATTERNS]
         ys = [s[(recipe, p)][0] for p in NM_PATTERNS]
-        ax.scatter(xs, ys, marker="*^"[j], s=40, color="black" if j == 0 else "dimgrey", zorder=3, label=f"{recipe} (N:M)")
+        ax.scatter(
+            xs, ys, marker="*^"[j], s=40, color="black" if j == 0 else "dimgrey", zorder=3, label=f"{recipe} (N:M)"
+        )
         for x, y, p in zip(xs, ys, NM_PATTERNS):
             ax.annotate(p, (x, y), textcoords="offset points", xytext=(4, -9 if j else 3), fontsize=6)
     dense = s[("dense", "dense")][0]
@@ -255,15 +303,28 @@ def main() -> None:
         for i, fut in enumerate(as_completed(futures), 1):
             row = fut.result()
             rows.append(row)
-            print(f"[{i}/{len(todo)}] {row['method']:>14} {row['setting']:>5} seed {row['seed']}: "
-                  f"{row['accuracy']:.3f} ({row['seconds']} s)", file=sys.stderr, flush=True)
+            print(
+                f"[{i}/{len(todo)}] {row['method']:>14} {row['setting']:>5} seed {row['seed']}: "
+                f"{row['accuracy']:.3f} ({row['seconds']} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     rows.sort(key=lambda r: (r["method"], r["setting"], r["seed"]))
     from sparseforge.fileio import write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"epochs": args.epochs, "seeds": args.seeds, "lr": LR, "momentum": MOMENTUM, "weight_decay": WD,
-               "batch": BATCH, "width": WIDTH, "seconds": round(time.perf_counter() - t0, 1),
-               "torch": torch.__version__, "rows": rows}
+    payload = {
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "weight_decay": WD,
+        "batch": BATCH,
+        "width": WIDTH,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     write_text(RESULTS / "training_validation.json", json.dumps(payload, indent=2))
     if not args.only:
         table = markdown(rows)

@@ -73,8 +73,11 @@ def stub(monkeypatch):
         r = Rounds(*rounds, default=default)
         monkeypatch.setattr(autotune, "_timing_round", r)
         if predicted is not None:
-            monkeypatch.setattr(autotune, "predicted_speedups",
-                                lambda shape, formats, sizes, threads=None: {n: {b: predicted for b in sizes} for n in formats})
+            monkeypatch.setattr(
+                autotune,
+                "predicted_speedups",
+                lambda shape, formats, sizes, threads=None: {n: {b: predicted for b in sizes} for n in formats},
+            )
         r.pauses = pauses
         return r
 
@@ -88,17 +91,25 @@ QUIET, BUSY = 0.0, 0.9  # run-queue wait fractions
 def test_cost_model_follows_bytes_and_multiply_adds():
     shape = (1024, 1024)
     dense1, dense64 = (autotune.predict_ms(None, shape, b, threads=1) for b in (1, 64))
-    assert dense1 == pytest.approx((4 * 1024 * 1024 + 4 * 2048) / 29e6 + 0.002, rel=0.05)  # dense batch 1: streaming 4 MB
+    assert dense1 == pytest.approx(
+        (4 * 1024 * 1024 + 4 * 2048) / 29e6 + 0.002, rel=0.05
+    )  # dense batch 1: streaming 4 MB
     assert dense64 > 4 * dense1  # multiply-adds grow with the batch
-    times = {s: autotune.predict_ms(CompactCSR.from_dense(weight(s, *shape)), shape, 1, threads=2) for s in (0.5, 0.9, 0.97)}
+    times = {
+        s: autotune.predict_ms(CompactCSR.from_dense(weight(s, *shape)), shape, 1, threads=2) for s in (0.5, 0.9, 0.97)
+    }
     assert times[0.97] < times[0.9] < times[0.5]
-    assert dense1 / times[0.9] > 1.8 and dense1 / times[0.5] < 1.0  # 2 threads: 90 % wins at batch 1, 50 % loses (as calibrated)
+    assert (
+        dense1 / times[0.9] > 1.8 and dense1 / times[0.5] < 1.0
+    )  # 2 threads: 90 % wins at batch 1, 50 % loses (as calibrated)
     w = weight(0.9, *shape)
     two = autotune.predict_ms(CompactCSR.from_dense(w), shape, 64, threads=2)
     assert two < autotune.predict_ms(CompactCSR.from_dense(w), shape, 64, threads=1)  # work is shared by the threads
     # bitmask streams fewer bytes than CSR at 50 %: the model predicts it faster at batch 1
     w50 = weight(0.5, *shape)
-    assert autotune.predict_ms(Bitmask.from_dense(w50), shape, 1, 1) < autotune.predict_ms(CompactCSR.from_dense(w50), shape, 1, 1)
+    assert autotune.predict_ms(Bitmask.from_dense(w50), shape, 1, 1) < autotune.predict_ms(
+        CompactCSR.from_dense(w50), shape, 1, 1
+    )
     sp = autotune.predicted_speedups(shape, {"csr": CompactCSR.from_dense(w)}, (1, 16))
     assert set(sp["csr"]) == {1, 16} and all(v > 0 for v in sp["csr"].values())
 
@@ -198,7 +209,10 @@ def test_always_noisy_and_unconfident_model_keeps_the_fastest_call_estimate(stub
 @pytest.mark.parametrize("fastest, median, expect", [(1.25, 1.0, "dense"), (1.25, 1.2, "sparse"), (1.05, 1.3, "dense")])
 def test_close_calls_under_load_must_win_on_both_estimates(stub, fastest, median, expect):
     """Near the threshold under load the less favourable of the fastest-call and the median ratio counts."""
-    stub(({"dense": [10.0 * fastest, 10.0 * median * 1.5, 10.0 * median * 1.5], "*": [10.0, 15.0, 15.0]}, BUSY), predicted=1.2)
+    stub(
+        ({"dense": [10.0 * fastest, 10.0 * median * 1.5, 10.0 * median * 1.5], "*": [10.0, 15.0, 15.0]}, BUSY),
+        predicted=1.2,
+    )
     choice = autotune.measure_layer(weight(), None, (16,), max_formats=1)
     assert choice.choices == {16: expect} and choice.under_load
 
@@ -309,23 +323,29 @@ def test_convert_refuses_what_is_not_a_module_or_has_no_values():
         retune(meta)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"batch_sizes": (1.5,)}, r"batch_sizes=\(1.5,\) is not allowed \(1.5\); allowed: a non-empty tuple or list of ints >= 1"),
-    ({"batch_sizes": ("16",)}, "batch_sizes"),
-    ({"batch_sizes": (True,)}, "batch_sizes"),
-    ({"batch_sizes": 16}, r"batch_sizes=16 is not allowed; allowed: a non-empty tuple"),
-    ({"batch_sizes": ()}, "batch_sizes"),
-    ({"batch_sizes": (0, 4)}, "batch_sizes"),
-    ({"reps": True}, r"reps=True is not allowed; allowed: an int in \[1, 1000\]"),
-    ({"reps": 0}, "reps=0"),
-    ({"reps": 2.0}, "reps=2.0"),
-    ({"reps": 10**6}, "reps=1000000"),
-    ({"max_formats": True}, r"max_formats=True is not allowed; allowed: 1 or 2"),
-    ({"min_sparsity": math.nan}, r"min_sparsity=nan is outside the allowed range \[0, 1\)"),
-    ({"min_sparsity": True}, "min_sparsity=True"),
-    ({"autotune": "yes"}, r"autotune='yes' is not allowed; allowed: True or False"),
-    ({"inplace": 1}, r"inplace=1 is not allowed; allowed: True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"batch_sizes": (1.5,)},
+            r"batch_sizes=\(1.5,\) is not allowed \(1.5\); allowed: a non-empty tuple or list of ints >= 1",
+        ),
+        ({"batch_sizes": ("16",)}, "batch_sizes"),
+        ({"batch_sizes": (True,)}, "batch_sizes"),
+        ({"batch_sizes": 16}, r"batch_sizes=16 is not allowed; allowed: a non-empty tuple"),
+        ({"batch_sizes": ()}, "batch_sizes"),
+        ({"batch_sizes": (0, 4)}, "batch_sizes"),
+        ({"reps": True}, r"reps=True is not allowed; allowed: an int in \[1, 1000\]"),
+        ({"reps": 0}, "reps=0"),
+        ({"reps": 2.0}, "reps=2.0"),
+        ({"reps": 10**6}, "reps=1000000"),
+        ({"max_formats": True}, r"max_formats=True is not allowed; allowed: 1 or 2"),
+        ({"min_sparsity": math.nan}, r"min_sparsity=nan is outside the allowed range \[0, 1\)"),
+        ({"min_sparsity": True}, "min_sparsity=True"),
+        ({"autotune": "yes"}, r"autotune='yes' is not allowed; allowed: True or False"),
+        ({"inplace": 1}, r"inplace=1 is not allowed; allowed: True or False"),
+    ],
+)
 def test_convert_and_retune_refuse_bad_arguments(kwargs, match):
     model = mlp()
     with pytest.raises(SparseforgeError, match=match) as e:

@@ -15,7 +15,9 @@ from sparseforge.experiments.essential import EssentialConfig, dropping_point, r
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from sparseforge.cli import main; main()", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -39,11 +41,20 @@ def test_help_lists_every_command(capsys) -> None:
         (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.9", "--structure", "2:4"], "omit --sparsity"),
         (["prune", "x.pt", "--model", "mlp"], "--structure unstructured needs --sparsity"),
         (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--method", "snip"], "--method snip needs --data"),
-        (["prune", "x.pt", "--model", "no_such_module_xyz:build", "--sparsity", "0.5"], "cannot import module 'no_such_module_xyz'"),
+        (
+            ["prune", "x.pt", "--model", "no_such_module_xyz:build", "--sparsity", "0.5"],
+            "cannot import module 'no_such_module_xyz'",
+        ),
         (["prune", "x.pt", "--model", "resnet", "--sparsity", "0.5"], "neither a built-in model"),
         (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--input-shape", "3,x"], "--input-shape '3,x'"),
-        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--checkpoint", "missing.pt"], "'missing.pt' does not exist"),
-        (["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--exclude", "nothing_here"], "'nothing_here' matches no prunable layer"),
+        (
+            ["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--checkpoint", "missing.pt"],
+            "'missing.pt' does not exist",
+        ),
+        (
+            ["prune", "x.pt", "--model", "mlp", "--sparsity", "0.5", "--exclude", "nothing_here"],
+            "'nothing_here' matches no prunable layer",
+        ),
         (["prune", "x.pt", "--model", "cnn", "--structure", "1:8"], "cannot split into groups of m=8"),
         (["demo", "--epochs", "0"], "epochs=0"),
         (["demo", "--model", "resnet"], "--model 'resnet'"),
@@ -97,7 +108,9 @@ def test_prune_then_report_roundtrip(tmp_path, capsys) -> None:
     from sparseforge.experiments.models import build_model
 
     save(tmp_path / "init.safetensors", build_model("mlp", 40, 10))
-    main(["prune", str(path), "--model", "mlp", "--sparsity", "0.75", "--checkpoint", str(tmp_path / "init.safetensors")])
+    main(
+        ["prune", str(path), "--model", "mlp", "--sparsity", "0.75", "--checkpoint", str(tmp_path / "init.safetensors")]
+    )
     assert path.exists()
     capsys.readouterr()
     main(["report", str(path), "--model", "mlp"])
@@ -114,8 +127,14 @@ def test_dropping_point_by_hand() -> None:
 
 
 def test_essential_sweep_small(tmp_path) -> None:
-    cfg = EssentialConfig(model="mlp", width=64, epochs=3, sparsities=(0.0, 0.5, 0.9),
-                          methods=("magnitude", "random"), nm_patterns=((2, 4),))
+    cfg = EssentialConfig(
+        model="mlp",
+        width=64,
+        epochs=3,
+        sparsities=(0.0, 0.5, 0.9),
+        methods=("magnitude", "random"),
+        nm_patterns=((2, 4),),
+    )
     result = run_essential_sparsity(cfg, progress=False)
     rows = result["results"]
     assert len(rows) == 2 * 3 + 2
@@ -145,6 +164,7 @@ def test_demo_keeps_layers_dense_that_some_nm_pattern_cannot_tile() -> None:
 
 # -- file-system errors, validation before work, the user's own model ---------------------------
 
+
 def _exit_line(args: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -160,7 +180,11 @@ def test_output_path_errors_name_the_path_and_the_problem(tmp_path, capsys) -> N
     assert code == 2 and "no such directory" in line
     code, line = _exit_line(["report", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in line and "does not exist" not in line
-    code, line = _exit_line(["demo", "--out", str(tmp_path / "f.txt"), "--epochs", "1"], capsys) if (tmp_path / "f.txt").write_text("x") else (0, "")
+    code, line = (
+        _exit_line(["demo", "--out", str(tmp_path / "f.txt"), "--epochs", "1"], capsys)
+        if (tmp_path / "f.txt").write_text("x")
+        else (0, "")
+    )
     assert code == 2 and "is a file" in line
 
 
@@ -212,8 +236,20 @@ def test_prune_the_users_model_by_import_path(tmp_path, monkeypatch, capsys) -> 
         trained[0].weight.mul_(10)  # "trained" weights differ from the factory's
     save(tmp_path / "trained.safetensors", trained)
     out = tmp_path / "pruned.safetensors"
-    main(["prune", str(out), "--model", f"{module}:build", "--checkpoint", str(tmp_path / "trained.safetensors"),
-          "--sparsity", "0.75", "--exclude", "2"])
+    main(
+        [
+            "prune",
+            str(out),
+            "--model",
+            f"{module}:build",
+            "--checkpoint",
+            str(tmp_path / "trained.safetensors"),
+            "--sparsity",
+            "0.75",
+            "--exclude",
+            "2",
+        ]
+    )
     fresh = importlib.import_module(module).build()
     masks = load(out, fresh)
     assert masks is not None and masks.names() == ["0.weight"] and masks.sparsity() == pytest.approx(0.75)
@@ -238,8 +274,22 @@ def test_prune_with_data_file_and_already_sparse_checkpoint(tmp_path, capsys) ->
 
     save_file({"inputs": torch.randn(64, 40), "targets": torch.randint(0, 10, (64,))}, str(tmp_path / "d.safetensors"))
     first = tmp_path / "p50.safetensors"
-    main(["prune", str(first), "--model", "mlp", "--sparsity", "0.5", "--method", "snip",
-          "--data", str(tmp_path / "d.safetensors"), "--samples", "32"])
+    main(
+        [
+            "prune",
+            str(first),
+            "--model",
+            "mlp",
+            "--sparsity",
+            "0.5",
+            "--method",
+            "snip",
+            "--data",
+            str(tmp_path / "d.safetensors"),
+            "--samples",
+            "32",
+        ]
+    )
     capsys.readouterr()
     second = tmp_path / "p80.pt"
     main(["prune", str(second), "--model", "mlp", "--checkpoint", str(first), "--sparsity", "0.8"])
@@ -258,9 +308,20 @@ def test_interrupt_in_a_real_process_exits_130_with_one_line(tmp_path) -> None:
     out_dir = tmp_path / "demo"
     for delay in (0.6, 5.0):  # during start-up (importing torch) and during training
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from sparseforge.cli import main; main()", "demo", "--out", str(out_dir),
-             "--epochs", "500", "--no-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                "from sparseforge.cli import main; main()",
+                "demo",
+                "--out",
+                str(out_dir),
+                "--epochs",
+                "500",
+                "--no-progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(delay)
@@ -279,8 +340,24 @@ def test_interrupt_after_a_file_was_written_says_what_was_kept(tmp_path, monkeyp
 
     monkeypatch.setattr(essential, "plot", interrupted_plot)
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--out", str(tmp_path), "--model", "mlp", "--width", "8", "--epochs", "1",
-              "--sparsities", "0,0.5", "--methods", "magnitude", "--no-progress"])
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--model",
+                "mlp",
+                "--width",
+                "8",
+                "--epochs",
+                "1",
+                "--sparsities",
+                "0,0.5",
+                "--methods",
+                "magnitude",
+                "--no-progress",
+            ]
+        )
     assert exit_info.value.code == 130
     err = capsys.readouterr().err.strip()
     assert err == f"interrupted; kept (complete): {tmp_path / 'essential_sparsity.json'}; nothing else was written"
@@ -342,14 +419,44 @@ def test_builtin_model_takes_the_datas_features_and_a_mismatch_is_one_line(tmp_p
     from sparseforge.experiments.models import build_model
 
     out = tmp_path / "digits.safetensors"
-    main(["prune", str(out), "--model", "mlp", "--sparsity", "0.5", "--method", "snip", "--data", "digits", "--samples", "64"])
+    main(
+        [
+            "prune",
+            str(out),
+            "--model",
+            "mlp",
+            "--sparsity",
+            "0.5",
+            "--method",
+            "snip",
+            "--data",
+            "digits",
+            "--samples",
+            "64",
+        ]
+    )
     masks = load(out, build_model("mlp", 64, 10))  # built for digits' 64 features
     assert masks is not None and masks.sparsity() == pytest.approx(0.5)
     capsys.readouterr()
     # a user's model that cannot take the data: one line, before any scoring, nothing written
     (tmp_path / "net.py").write_text("import torch\ndef build():\n    return torch.nn.Linear(5, 3)\n")
-    save_file({"inputs": torch.randn(8, 7), "targets": torch.zeros(8, dtype=torch.long)}, str(tmp_path / "d.safetensors"))
-    code, line = _exit_line(["prune", str(tmp_path / "x.pt"), "--model", f"{tmp_path / 'net.py'}:build", "--sparsity", "0.5",
-                             "--method", "snip", "--data", str(tmp_path / "d.safetensors")], capsys)
+    save_file(
+        {"inputs": torch.randn(8, 7), "targets": torch.zeros(8, dtype=torch.long)}, str(tmp_path / "d.safetensors")
+    )
+    code, line = _exit_line(
+        [
+            "prune",
+            str(tmp_path / "x.pt"),
+            "--model",
+            f"{tmp_path / 'net.py'}:build",
+            "--sparsity",
+            "0.5",
+            "--method",
+            "snip",
+            "--data",
+            str(tmp_path / "d.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 2 and "cannot run on" in line and "inputs of shape (7,)" in line and "RuntimeError" in line
     assert not (tmp_path / "x.pt").exists()

@@ -107,8 +107,10 @@ def _train(rank: int, algorithm_name: str) -> dict[str, Any]:
         opt.step()
     final = sparsifier.finalize()
     check_masks_in_sync(final)
-    changes = algorithm.changes if algorithm_name == "local" else sum(
-        d + g for _, c in algorithm.history for d, g in c.values()
+    changes = (
+        algorithm.changes
+        if algorithm_name == "local"
+        else sum(d + g for _, c in algorithm.history for d, g in c.values())
     )
     return {
         "masks": {n: m.clone() for n, m in final.items()},

@@ -135,7 +135,9 @@ def test_dst_invariants(method: str, optimizer: str) -> None:
             assert {n: sp.masks.nnz(n) for n in sp.masks} == initial_counts
 
     torch.manual_seed(0)
-    initial_counts = {n: m.nnz(n) for m in [init_sparse(MLP(16, 4, hidden=(32, 32)), 0.8, structure=structure)] for n in m}
+    initial_counts = {
+        n: m.nnz(n) for m in [init_sparse(MLP(16, 4, hidden=(32, 32)), 0.8, structure=structure)] for n in m
+    }
     sp, rec, initial = _run(DST_FACTORIES[method], optimizer=optimizer, structure=structure, after_step=exact)
     assert initial == initial_counts
     # total_steps=60 -> end=45; updates every 4 steps strictly before end (drop fraction 0 at end)
@@ -223,7 +225,11 @@ def test_set_grows_among_inactive_only_and_is_seeded() -> None:
         sp, layer, old = _hand_layer(weights, mask, SET(end=1000, every=1, alpha=0.5, seed=seed), torch.randn(8, 8))
         new = sp.masks["0.weight"]
         grown, dropped = new & ~old, old & ~new
-        assert int(grown.sum()) == int(dropped.sum()) == _round(cosine_drop_fraction(1, alpha=0.5, end=1000) * int(old.sum()))
+        assert (
+            int(grown.sum())
+            == int(dropped.sum())
+            == _round(cosine_drop_fraction(1, alpha=0.5, end=1000) * int(old.sum()))
+        )
         assert not (grown & old).any()
         kept_magnitudes = weights[old & new].abs()
         assert kept_magnitudes.min() >= weights[dropped].abs().max()  # dropped the smallest
@@ -234,6 +240,7 @@ def test_set_grows_among_inactive_only_and_is_seeded() -> None:
 
 def test_grown_weights_then_train() -> None:
     """Grown positions must receive gradient after the update (the mask really opened)."""
+
     def check(sp: Sparsifier, step: int) -> None:
         if step == 9:  # one step after the update at step 8
             for _, record in rec_holder[0].changes[-1:]:
@@ -263,8 +270,12 @@ def test_grown_weights_then_train() -> None:
 def test_gmp_cubic_targets_and_monotone(distribution: str) -> None:
     start, end, every, final = 10, 40, 5, 0.8
     totals: dict[int, int] = {}
-    sp, rec, initial = _run(lambda s: GMP(final, start=start, end=end, every=every, distribution=distribution),
-                            sparsity=0.0, steps=50, after_step=lambda sp, t: totals.__setitem__(t, sp.masks.nnz()))
+    sp, rec, initial = _run(
+        lambda s: GMP(final, start=start, end=end, every=every, distribution=distribution),
+        sparsity=0.0,
+        steps=50,
+        after_step=lambda sp, t: totals.__setitem__(t, sp.masks.nnz()),
+    )
     assert all(initial[n] == sp.masks[n].numel() for n in initial)  # started dense
     assert rec.update_steps == list(range(start, end + 1, every))
     for _, record in rec.changes:
@@ -280,7 +291,9 @@ def test_gmp_cubic_targets_and_monotone(distribution: str) -> None:
         for step, record in rec.changes:
             for name, r in record.items():
                 final_l = sp.masks.targets[name]
-                expect = _round((1 - cubic_sparsity(step, initial=0.0, final=final_l, start=start, end=end)) * r["new"].numel())
+                expect = _round(
+                    (1 - cubic_sparsity(step, initial=0.0, final=final_l, start=start, end=end)) * r["new"].numel()
+                )
                 assert int(r["new"].sum()) == expect
         assert sp.masks.sparsity() == pytest.approx(final, abs=1e-3)
 
@@ -303,8 +316,12 @@ def test_gmp_prunes_smallest_surviving_weights() -> None:
 def test_granet_prunes_gradually_and_regenerates() -> None:
     final, prune_end = 0.9, 30
     totals: dict[int, int] = {}
-    sp, rec, initial = _run(lambda s: GraNet(final, prune_start=0, prune_end=prune_end, total_steps=s, every=5),
-                            sparsity=0.5, steps=60, after_step=lambda sp, step: totals.__setitem__(step, sp.masks.nnz()))
+    sp, rec, initial = _run(
+        lambda s: GraNet(final, prune_start=0, prune_end=prune_end, total_steps=s, every=5),
+        sparsity=0.5,
+        steps=60,
+        after_step=lambda sp, step: totals.__setitem__(step, sp.masks.nnz()),
+    )
     total = sum(sp.masks[n].numel() for n in sp.masks)
     s0 = 1 - sum(initial.values()) / total
     assert rec.update_steps == list(range(5, 45, 5))  # every 5 steps up to end = 75% of 60
@@ -317,7 +334,11 @@ def test_granet_prunes_gradually_and_regenerates() -> None:
             assert not (r["grown"] & r["old"]).any()
             regrown += int(r["grown"].sum())
         if step > prune_end:  # pure regeneration: drop and regrow the same number
-            assert sum(int(r["grown"].sum()) for r in record.values()) == sum(int(r["dropped"].sum()) for r in record.values()) > 0
+            assert (
+                sum(int(r["grown"].sum()) for r in record.values())
+                == sum(int(r["dropped"].sum()) for r in record.values())
+                > 0
+            )
     assert regrown > 0
 
 
@@ -419,8 +440,15 @@ def test_convergence_on_digits(method: str, digits) -> None:
     epochs, batch = 8, 64
     steps = epochs * math.ceil(len(digits.y_train) / batch)
     sp = Sparsifier(model, opt, masks, factory(steps))
-    history = train(model, (digits.x_train, digits.y_train), epochs=epochs, optimizer=opt, batch_size=batch,
-                    eval_data=(digits.x_test, digits.y_test), progress=False)
+    history = train(
+        model,
+        (digits.x_train, digits.y_train),
+        epochs=epochs,
+        optimizer=opt,
+        batch_size=batch,
+        eval_data=(digits.x_test, digits.y_test),
+        progress=False,
+    )
     assert sp.masks.sparsity() == pytest.approx(0.8, abs=0.01)
     assert history.final_accuracy >= 0.85, f"{method}: accuracy {history.final_accuracy:.3f}"
     _check_zero(sp)

@@ -207,7 +207,9 @@ def test_check_output_file_messages(tmp_path):
     a_file.write_text("x")
     cases = {
         folder: f"output {str(folder)!r} is a directory; allowed: a file path",
-        tmp_path / "no" / "o.pt": f"output {str(tmp_path / 'no' / 'o.pt')!r}: no such directory {str(tmp_path / 'no')!r}",
+        tmp_path
+        / "no"
+        / "o.pt": f"output {str(tmp_path / 'no' / 'o.pt')!r}: no such directory {str(tmp_path / 'no')!r}",
         a_file / "o.pt": f"output {str(a_file / 'o.pt')!r}: {str(a_file)!r} is not a directory",
     }
     for path, message in cases.items():
@@ -236,7 +238,9 @@ def test_check_input_file_messages(tmp_path):
     cases = {
         folder: f"input {str(folder)!r} is a directory; allowed: a file",
         tmp_path / "none.pt": f"input {str(tmp_path / 'none.pt')!r} does not exist",
-        tmp_path / "no" / "x.pt": f"input {str(tmp_path / 'no' / 'x.pt')!r} does not exist (no such directory {str(tmp_path / 'no')!r})",
+        tmp_path
+        / "no"
+        / "x.pt": f"input {str(tmp_path / 'no' / 'x.pt')!r} does not exist (no such directory {str(tmp_path / 'no')!r})",
         a_file / "x.pt": f"input {str(a_file / 'x.pt')!r} does not exist ({str(a_file)!r} is a file, not a directory)",
     }
     for path, message in cases.items():
@@ -288,7 +292,9 @@ def test_tensor_checksum_is_the_crc32_of_the_bytes_then_dtype_and_shape():
     assert tensor_checksum(t.t(), layout=False) == zlib.crc32(t.t().contiguous().numpy().tobytes())
     assert tensor_checksum(t.reshape(4, 3)) != tensor_checksum(t)  # same bytes, other shape
     assert tensor_checksum(t.view(torch.int32)) != tensor_checksum(t)  # same bytes, other dtype
-    assert tensor_checksum(torch.tensor(7, dtype=torch.int64)) == zlib.crc32(b"int64[]", zlib.crc32((7).to_bytes(8, "little")))
+    assert tensor_checksum(torch.tensor(7, dtype=torch.int64)) == zlib.crc32(
+        b"int64[]", zlib.crc32((7).to_bytes(8, "little"))
+    )
     assert tensor_checksum(torch.tensor([True, False]), layout=False) == zlib.crc32(b"\x01\x00")
     assert tensor_checksum(torch.zeros(0, 3), layout=False) == 0
     assert tensor_checksum(torch.zeros(0, 3)) == zlib.crc32(b"float32[0, 3]")

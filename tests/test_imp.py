@@ -224,8 +224,14 @@ def test_bad_arguments_raise_before_training(kwargs):
 
 def test_rewind_step_never_reached(digits):
     with pytest.raises(SparseforgeError, match="rewind_step=50"):
-        imp(_model(), _sgd, _train_steps((digits.x_train, digits.y_train), 3), final_sparsity=0.5, rounds=1,
-            rewind_step=50)
+        imp(
+            _model(),
+            _sgd,
+            _train_steps((digits.x_train, digits.y_train), 3),
+            final_sparsity=0.5,
+            rounds=1,
+            rewind_step=50,
+        )
 
 
 def test_prune_surviving_never_regrows():
@@ -250,8 +256,9 @@ def test_imp_converges_on_digits(digits):
     def train_fn(m, opt, info):
         train(m, data, epochs=6, optimizer=opt, batch_size=64, seed=info.round, progress=False)
 
-    masks, history = imp(model, _sgd, train_fn, final_sparsity=0.8, rounds=2, rewind_step=10,
-                         eval_fn=lambda m: evaluate(m, test)[1])
+    masks, history = imp(
+        model, _sgd, train_fn, final_sparsity=0.8, rounds=2, rewind_step=10, eval_fn=lambda m: evaluate(m, test)[1]
+    )
     accs = [r.eval_result for r in history.rounds]
     assert accs[0] > 0.9
     assert accs[-1] > 0.9, accs

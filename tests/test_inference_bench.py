@@ -14,12 +14,19 @@ from sparseforge.inference.bench import format_markdown, format_table, load_mlp,
 
 def test_bench_on_tiny_model_file(tmp_path):
     torch.manual_seed(0)
-    save_file({"a.weight": torch.randn(32, 16), "a.bias": torch.randn(32), "b.weight": torch.randn(8, 32)}, tmp_path / "m.safetensors")
-    rows = run_inference_bench((0.9, "2:4"), (1, 3), model_path=tmp_path / "m.safetensors", json_out=tmp_path / "r.json", quick=True, rounds=2)
+    save_file(
+        {"a.weight": torch.randn(32, 16), "a.bias": torch.randn(32), "b.weight": torch.randn(8, 32)},
+        tmp_path / "m.safetensors",
+    )
+    rows = run_inference_bench(
+        (0.9, "2:4"), (1, 3), model_path=tmp_path / "m.safetensors", json_out=tmp_path / "r.json", quick=True, rounds=2
+    )
     assert [(r["pattern"], r["batch"]) for r in rows] == [("0.9", 1), ("0.9", 3), ("2:4", 1), ("2:4", 3)]
     for r in rows:
         assert r["dense_ms"] > 0 and r["sparseforge_ms"] > 0 and r["copy_gbps"] > 0
-        assert r["dense_cold_ms"] > 0 and r["speedup_cold"] == pytest.approx(r["dense_cold_ms"] / r["sparseforge_cold_ms"])
+        assert r["dense_cold_ms"] > 0 and r["speedup_cold"] == pytest.approx(
+            r["dense_cold_ms"] / r["sparseforge_cold_ms"]
+        )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["rows"]) == 4
     table = format_table(rows)
@@ -49,10 +56,19 @@ def test_bench_busy_column_converts_under_load_and_reports_the_ratio(tmp_path):
     afterwards, interleaved; speedup, ratio and flagged layers in the rows, JSON and both tables."""
     torch.manual_seed(0)
     save_file({"a.weight": torch.randn(32, 16), "b.weight": torch.randn(8, 32)}, tmp_path / "m.safetensors")
-    rows = run_inference_bench((0.9,), (1,), model_path=tmp_path / "m.safetensors", json_out=tmp_path / "r.json",
-                               quick=True, rounds=2, busy=True)
+    rows = run_inference_bench(
+        (0.9,),
+        (1,),
+        model_path=tmp_path / "m.safetensors",
+        json_out=tmp_path / "r.json",
+        quick=True,
+        rounds=2,
+        busy=True,
+    )
     (r,) = rows
-    assert r["busy_sparseforge_ms"] > 0 and r["speedup_busy_converted"] == pytest.approx(r["dense_ms"] / r["busy_sparseforge_ms"])
+    assert r["busy_sparseforge_ms"] > 0 and r["speedup_busy_converted"] == pytest.approx(
+        r["dense_ms"] / r["busy_sparseforge_ms"]
+    )
     assert r["busy_vs_idle"] == pytest.approx(r["sparseforge_ms"] / r["busy_sparseforge_ms"])
     assert isinstance(r["busy_under_load_layers"], int) and r["busy_paths"]
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -76,7 +92,11 @@ def test_bench_rejects_bad_inputs(tmp_path):
 def test_block_pattern_prunes_whole_blocks_and_runs(tmp_path):
     from sparseforge.inference.bench import _prune, build_mlp, parse_pattern
 
-    assert parse_pattern(" Block:8x4:0.75 ") == "block:8x4:0.75" and parse_pattern("2:4") == "2:4" and parse_pattern("0.5") == 0.5
+    assert (
+        parse_pattern(" Block:8x4:0.75 ") == "block:8x4:0.75"
+        and parse_pattern("2:4") == "2:4"
+        and parse_pattern("0.5") == 0.5
+    )
     assert parse_pattern("channel:0.50") == "channel:0.5"
     for bad in ("channel:", "channel:1.0", "block:8x8", "channel"):
         with pytest.raises(SparseforgeError):

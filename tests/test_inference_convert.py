@@ -89,7 +89,9 @@ def test_plan_switches_between_sparse_and_dense_paths():
     model = mlp()
     w, b = model[0].weight.detach(), model[0].bias.detach()
     layer = SparseLinear(CompactCSR.from_dense(w), w.clone(), b, BatchPlan.from_choices({1: "sparse", 16: "dense"}))
-    assert layer.plan.path_for(1) == "sparse" and layer.plan.path_for(2) == "dense" and layer.plan.path_for(500) == "dense"
+    assert (
+        layer.plan.path_for(1) == "sparse" and layer.plan.path_for(2) == "dense" and layer.plan.path_for(500) == "dense"
+    )
     with torch.inference_mode():
         for rows in (1, 4, 100):
             x = torch.randn(rows, 48)
@@ -99,8 +101,7 @@ def test_plan_switches_between_sparse_and_dense_paths():
 @needs_kernels
 def test_pointwise_convs_are_converted_and_others_skipped():
     torch.manual_seed(0)
-    model = nn.Sequential(pruned(nn.Conv2d(16, 8, 1), 0.9), nn.ReLU(), nn.Identity(),
-                          pruned(nn.Conv2d(8, 4, 3), 0.9))
+    model = nn.Sequential(pruned(nn.Conv2d(16, 8, 1), 0.9), nn.ReLU(), nn.Identity(), pruned(nn.Conv2d(8, 4, 3), 0.9))
     fast, report = convert(model, autotune=False)
     actions = {d.name: d.action for d in report.layers}
     assert actions == {"0": "sparse", "3": "skipped"}
@@ -258,7 +259,9 @@ def test_sparse_linear_refuses_a_bad_extra_format_or_plan():
     with pytest.raises(SparseforgeError, match="extra format 'csr' is not allowed"):
         SparseLinear(csr, None, None, BatchPlan.from_choices({1: "sparse"}), extra=CompactCSR.from_dense(w))
     with pytest.raises(SparseforgeError, match="extra format 'bitmask' is not allowed"):
-        SparseLinear(csr, None, None, BatchPlan.from_choices({1: "sparse"}), extra=Bitmask.from_dense(torch.zeros(8, 17)))
+        SparseLinear(
+            csr, None, None, BatchPlan.from_choices({1: "sparse"}), extra=Bitmask.from_dense(torch.zeros(8, 17))
+        )
     with pytest.raises(SparseforgeError, match=r"plan paths \['bitmask'\] are not allowed"):
         SparseLinear(csr, None, None, BatchPlan.from_choices({1: "bitmask", 2: "sparse"}))
 
@@ -271,9 +274,11 @@ def test_autotune_keeps_a_second_format_only_where_it_wins_by_the_margin(monkeyp
     batch 8 it is 5 % faster (8.0 < 1.1 * 7.6): bitmask runs there."""
     from sparseforge.inference import autotune
 
-    fake = {1: {"dense": 10.0, "csr": 4.0, "csr[gather]": 4.4, "bitmask": 1.0},
-            8: {"dense": 10.0, "csr": 7.6, "bitmask": 8.0},
-            64: {"dense": 10.0, "csr": 6.4, "bitmask": 8.0}}
+    fake = {
+        1: {"dense": 10.0, "csr": 4.0, "csr[gather]": 4.4, "bitmask": 1.0},
+        8: {"dense": 10.0, "csr": 7.6, "bitmask": 8.0},
+        64: {"dense": 10.0, "csr": 6.4, "bitmask": 8.0},
+    }
     sizes = iter((1, 8, 64))
 
     def stub(fns, reps):
@@ -282,7 +287,9 @@ def test_autotune_keeps_a_second_format_only_where_it_wins_by_the_margin(monkeyp
         return autotune.TimingRound({k: [v] for k, v in fake[b].items()}, wait=0.0)  # a quiet round
 
     monkeypatch.setattr(autotune, "_timing_round", stub)
-    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None))  # tested below
+    monkeypatch.setattr(
+        autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None)
+    )  # tested below
     w = pruned(nn.Linear(64, 32), 0.7).weight.detach()
     choice = autotune.measure_layer(w, None, (1, 8, 64))
     assert choice.packed.name == "bitmask" and choice.extra is not None and choice.extra.name == "csr"
@@ -349,7 +356,9 @@ def test_close_calls_are_timed_again_and_the_second_timing_decides(monkeypatch):
 
     monkeypatch.setattr(autotune, "_timing_round", second)
     fns = {k: (lambda: None) for k in ("dense", "csr", "bitmask")}
-    got, note = autotune._confirm_close_calls(fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1)
+    got, note = autotune._confirm_close_calls(
+        fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1
+    )
     assert calls == [(["csr", "dense"], 5 * autotune.CLOSE_CALL_REPS)] and note is None
     # medians 10.0 vs 10.5 (0.952x), fastest 9.0 vs 10.0 (0.9x): the less favourable 0.9x is kept,
     # recorded against the first pass's dense median as 11.5 / 0.9 ms
@@ -365,8 +374,13 @@ def test_close_call_that_wins_on_medians_but_loses_on_fastest_calls_stays_dense(
     calls (the quiet-machine estimate) say 1.05x; the layer must stay dense."""
     from sparseforge.inference import autotune
 
-    monkeypatch.setattr(autotune, "_timing_round", lambda fns, reps: autotune.TimingRound(
-        {k: [10.5, 12.0, 12.0] if k == "dense" else [10.0, 10.0, 10.0] for k in fns}, wait=0.0))
+    monkeypatch.setattr(
+        autotune,
+        "_timing_round",
+        lambda fns, reps: autotune.TimingRound(
+            {k: [10.5, 12.0, 12.0] if k == "dense" else [10.0, 10.0, 10.0] for k in fns}, wait=0.0
+        ),
+    )
     choice = autotune.measure_layer(torch.randn(64, 64) * (torch.rand(64, 64) < 0.5), None, (128,), max_formats=1)
     # every format's speedup: min(12/10, 10.5/10) = 1.05 < 1.1 -> dense
     assert choice.choices == {128: "dense"} and choice.packed is None and not choice.under_load
@@ -382,7 +396,7 @@ def test_channel_pruned_layer_can_run_as_a_compact_dense_matmul(monkeypatch, tmp
     torch.manual_seed(2)
     lin = nn.Linear(40, 32)
     with torch.no_grad():
-        lin.weight[::2] = 0.0     # half the output neurons
+        lin.weight[::2] = 0.0  # half the output neurons
         lin.weight[:, :10] = 0.0  # a quarter of the inputs
     names = [f.name for f in autotune.candidate_formats(lin.weight)]
     assert "compact" in names
@@ -434,8 +448,13 @@ def test_save_converted_stores_the_crc32_of_every_tensor_and_leaves_no_temporary
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    data = {k: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0 for k, t in tensors.items()}
-    full = {k: zlib.crc32(f"{str(t.dtype).split('.')[-1]}{list(t.shape)}".encode(), data[k]) for k, t in tensors.items()}
+    data = {
+        k: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+        for k, t in tensors.items()
+    }
+    full = {
+        k: zlib.crc32(f"{str(t.dtype).split('.')[-1]}{list(t.shape)}".encode(), data[k]) for k, t in tensors.items()
+    }
     assert json.loads(meta["sparseforge.tensor_crc32"]) == full and len(full) >= 5
     # the bytes-only table that earlier releases wrote and read is still there
     assert json.loads(meta["sparseforge.crc32"]) == data
@@ -460,7 +479,10 @@ def test_converted_file_with_only_the_old_bytes_only_table_still_loads_and_is_ch
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(SparseforgeError) as e:
         load_converted(path, _skeleton())
-    assert str(e.value) == f"converted model file {str(path)!r}: tensor '1.bias' fails its checksum (the file is corrupted)"
+    assert (
+        str(e.value)
+        == f"converted model file {str(path)!r}: tensor '1.bias' fails its checksum (the file is corrupted)"
+    )
 
 
 def test_flipped_byte_in_a_converted_file_is_refused_naming_the_tensor(tmp_path):
@@ -478,7 +500,10 @@ def test_flipped_byte_in_a_converted_file_is_refused_naming_the_tensor(tmp_path)
     before = {k: v.clone() for k, v in skeleton.state_dict().items()}
     with pytest.raises(SparseforgeError) as e:
         load_converted(path, skeleton)
-    assert str(e.value) == f"converted model file {str(path)!r}: tensor '1.weight' fails its checksum (the file is corrupted)"
+    assert (
+        str(e.value)
+        == f"converted model file {str(path)!r}: tensor '1.weight' fails its checksum (the file is corrupted)"
+    )
     assert [type(m) for m in skeleton] == [nn.Linear, nn.LayerNorm, nn.Linear]
     for k, v in skeleton.state_dict().items():
         assert torch.equal(v, before[k]), k

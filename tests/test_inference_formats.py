@@ -88,10 +88,12 @@ def test_compact_dense_round_trip(w, seed):
 def test_compact_dense_inconsistent_arrays_are_refused():
     fmt = CompactDense.from_dense(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 4.0]]))
     assert fmt.rows.tolist() == [0, 2] and fmt.cols.tolist() == [0, 1, 2]
-    for bad in ({"rows": np.array([2, 0], dtype=np.uint16)},            # not increasing
-                {"cols": np.array([0, 1, 3], dtype=np.uint16)},         # out of range
-                {"weight": fmt.weight[:, :2].copy()},                    # wrong shape
-                {"rows": fmt.rows.astype(np.int32)}):                    # wrong index dtype
+    for bad in (
+        {"rows": np.array([2, 0], dtype=np.uint16)},  # not increasing
+        {"cols": np.array([0, 1, 3], dtype=np.uint16)},  # out of range
+        {"weight": fmt.weight[:, :2].copy()},  # wrong shape
+        {"rows": fmt.rows.astype(np.int32)},
+    ):  # wrong index dtype
         with pytest.raises(SparseforgeError, match="compact arrays are inconsistent"):
             CompactDense.from_arrays(fmt.shape, fmt.arrays() | bad, {})
 

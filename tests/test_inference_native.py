@@ -34,7 +34,9 @@ def _check(fmt, x: np.ndarray, w: np.ndarray, **kw) -> np.ndarray:
     got = sparse_matmul(fmt, x, **kw)
     ref = (torch.from_numpy(x).double() @ torch.from_numpy(w).double().T).float().numpy()
     assert got.shape == ref.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(x).max()) * np.sqrt(w.shape[1])), err_msg=fmt.name)
+    np.testing.assert_allclose(
+        got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(x).max()) * np.sqrt(w.shape[1])), err_msg=fmt.name
+    )
     return got
 
 
@@ -127,7 +129,10 @@ def test_both_threading_runtimes_give_identical_results(monkeypatch):
             native.set_threading(mode)
             for batch in (1, 5, 40):
                 x = np.random.default_rng(batch).standard_normal((batch, 257)).astype(np.float32)
-                outs[mode, batch] = [sparse_matmul(f, x, KernelRunner(threads=2)) for f in (CompactCSR.from_dense(w), Bitmask.from_dense(w))]
+                outs[mode, batch] = [
+                    sparse_matmul(f, x, KernelRunner(threads=2))
+                    for f in (CompactCSR.from_dense(w), Bitmask.from_dense(w))
+                ]
         for batch in (1, 5, 40):
             for a, b in zip(outs["pool", batch], outs["openmp", batch]):
                 np.testing.assert_array_equal(a, b)
@@ -192,7 +197,9 @@ def test_build_without_openmp_when_the_compiler_lacks_it(tmp_path):
     """A compiler that rejects -fopenmp still gets a library (pool only)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     fake = tmp_path / "cc-no-openmp"
-    fake.write_text(f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "error: unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n')
+    fake.write_text(
+        f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "error: unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n'
+    )
     fake.chmod(0o755)
     out_dir = tmp_path / "cache"
     path = native.build_library(compiler=[str(fake)], directory=out_dir)
@@ -300,11 +307,17 @@ def test_failing_compile_is_reported_in_one_line(tmp_path):
 
 @needs_native
 def test_concurrent_first_compile_is_safe(tmp_path):
-    code = ("import sys; from pathlib import Path; from sparseforge.inference import native; "
-            "p = native.build_library(directory=Path(sys.argv[1])); lib = native.load_library(p); "
-            "print(p.name, lib.sf_has_avx2())")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    code = (
+        "import sys; from pathlib import Path; from sparseforge.inference import native; "
+        "p = native.build_library(directory=Path(sys.argv[1])); lib = native.load_library(p); "
+        "print(p.name, lib.sf_has_avx2())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
     names = {o[0].split()[0] for o in outs}

@@ -23,8 +23,14 @@ def _converted(tmp_path):
 @pytest.mark.parametrize(
     ("skeleton", "needle"),
     [
-        (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 9), nn.LayerNorm(8)), "the file expects (8, 16)"),
-        (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(9)), "has shape (8,), the skeleton expects (9,)"),
+        (
+            lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 9), nn.LayerNorm(8)),
+            "the file expects (8, 16)",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(9)),
+            "has shape (8,), the skeleton expects (9,)",
+        ),
         (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.Identity()), "differing entries"),
     ],
 )

@@ -253,8 +253,11 @@ def test_masks_resolve_through_module_prefix():
 
 
 def test_mask_state_basics_and_round_trip():
-    m = MaskState({"a": torch.tensor([[1, 0, 1], [0, 0, 1]]), "b": torch.tensor([True, False])}, step=3,
-                  targets={"a": 0.5, "b": 0.5})
+    m = MaskState(
+        {"a": torch.tensor([[1, 0, 1], [0, 0, 1]]), "b": torch.tensor([True, False])},
+        step=3,
+        targets={"a": 0.5, "b": 0.5},
+    )
     assert m["a"].dtype == torch.bool
     assert m.nnz("a") == 3 and m.nnz() == 4 and m.numel() == 8
     assert m.sparsity("a") == 0.5 and m.sparsity() == 0.5
@@ -330,12 +333,19 @@ class PlainSGDSubclass(torch.optim.SGD):
 @pytest.mark.parametrize(
     ("make", "mode", "reason"),
     [
-        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), "grads",
-         "auto: exact for SGD"),
+        (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+            "grads",
+            "auto: exact for SGD",
+        ),
         (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True), "grads", "auto: exact for Adam"),
         (lambda ps: torch.optim.AdamW(ps, lr=1e-2), "grads", "auto: exact for AdamW"),
         (lambda ps: torch.optim.RMSprop(ps, lr=1e-2), "step", "auto: RMSprop is not SGD, Adam or AdamW"),
-        (lambda ps: PlainSGDSubclass(ps, lr=0.1), "step", "auto: PlainSGDSubclass subclasses SGD and may change step()"),
+        (
+            lambda ps: PlainSGDSubclass(ps, lr=0.1),
+            "step",
+            "auto: PlainSGDSubclass subclasses SGD and may change step()",
+        ),
         (lambda ps: NoisyOnes(ps), "step", "auto: NoisyOnes is not SGD, Adam or AdamW"),
     ],
 )
@@ -344,8 +354,9 @@ def test_default_zero_state_picks_grads_only_for_exact_sgd_adam_adamw(make, mode
     sp = Sparsifier(model, make(model.parameters()), sparseforge.prune(model, sparsity=0.75))
     assert sp.zero_state == mode and sp.zero_state_reason == reason
     algo = "None"
-    assert repr(sp) == (f"Sparsifier(2 masks, sparsity=0.7500, step=0, zero_state={mode!r} ({reason}), "
-                        f"algorithm={algo}, attached)")
+    assert repr(sp) == (
+        f"Sparsifier(2 masks, sparsity=0.7500, step=0, zero_state={mode!r} ({reason}), algorithm={algo}, attached)"
+    )
     sp.finalize()
     assert repr(sp).endswith(", finalized)")
 
@@ -353,8 +364,7 @@ def test_default_zero_state_picks_grads_only_for_exact_sgd_adam_adamw(make, mode
 def test_explicit_zero_state_is_kept_and_reported():
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = Sparsifier(model, opt, sparseforge.prune(model, sparsity=0.5), RigL(end=50, every=5),
-                    zero_state="step")
+    sp = Sparsifier(model, opt, sparseforge.prune(model, sparsity=0.5), RigL(end=50, every=5), zero_state="step")
     assert sp.zero_state == "step"
     assert "zero_state='step' (explicit), algorithm=RigL, attached" in repr(sp)
     sp.finalize()
@@ -376,7 +386,9 @@ def test_default_mode_skips_per_step_masking_yet_zeros_stay_exact(opt_name):
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(8, 6, generator=g)), torch.randint(0, 4, (8,), generator=g)).backward()
+        nn.functional.cross_entropy(
+            model(torch.randn(8, 6, generator=g)), torch.randint(0, 4, (8,), generator=g)
+        ).backward()
         opt.step()
         for name, param in weights_of(model).items():
             assert (param[~masks[name]] == 0).all()

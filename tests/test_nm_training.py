@@ -33,8 +33,7 @@ def _check_nm(mask: torch.Tensor, n: int, m: int) -> None:
 
 def test_srste_gradient_hand_computed():
     lin = nn.Linear(8, 2, bias=False)
-    w = torch.tensor([[0.1, -0.9, 0.3, 0.2, 0.5, -0.05, 0.6, -0.7],
-                      [1.0, 0.2, -0.3, 0.25, -0.4, 0.45, 0.1, 0.0]])
+    w = torch.tensor([[0.1, -0.9, 0.3, 0.2, 0.5, -0.05, 0.6, -0.7], [1.0, 0.2, -0.3, 0.25, -0.4, 0.45, 0.1, 0.0]])
     with torch.no_grad():
         lin.weight.copy_(w)
     opt = torch.optim.SGD(lin.parameters(), lr=0.0)
@@ -43,8 +42,7 @@ def test_srste_gradient_hand_computed():
     # groups of 4 inputs, keep the 2 largest |w|:
     # row 0: [.1, -.9, .3, .2] -> -.9, .3;   [.5, -.05, .6, -.7] -> .6, -.7
     # row 1: [1, .2, -.3, .25] -> 1, -.3;    [-.4, .45, .1, 0]   -> -.4, .45
-    mask = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 1],
-                         [1, 0, 1, 0, 1, 1, 0, 0]], dtype=torch.float32)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 1], [1, 0, 1, 0, 1, 1, 0, 0]], dtype=torch.float32)
     assert torch.equal(trainer.masks["weight"].float(), mask)
     x = torch.tensor([[1.0, 2.0, -1.0, 0.5, 0.3, -0.2, 1.5, 2.5]])
     c = torch.tensor([[2.0, -3.0]])

@@ -16,9 +16,13 @@ from sparseforge.experiments.plotting import chance_line, legend_outside  # noqa
 def _result() -> dict:
     rows = [
         {"structure": "unstructured", "method": m, "sparsity": s, "accuracy": a}
-        for m in ("magnitude", "random") for s, a in ((0.0, 0.9), (0.5, 0.85), (0.9, 0.3))
+        for m in ("magnitude", "random")
+        for s, a in ((0.0, 0.9), (0.5, 0.85), (0.9, 0.3))
     ]
-    rows += [{"structure": p, "method": "magnitude", "sparsity": s, "accuracy": 0.8} for p, s in (("2:4", 0.5), ("1:8", 0.875))]
+    rows += [
+        {"structure": p, "method": "magnitude", "sparsity": s, "accuracy": 0.8}
+        for p, s in (("2:4", 0.5), ("1:8", 0.875))
+    ]
     return {"results": rows, "dense_accuracy": 0.9, "num_classes": 10, "model": "mlp", "dataset": "mnist1d"}
 
 

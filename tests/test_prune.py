@@ -20,9 +20,7 @@ def half_up(x: float) -> int:
 def conv_net(seed: int = 0) -> nn.Module:
     """conv 4x3x3x3 (108 weights) -> 4x6x6 = 144 -> linear 16x144 (2304) -> linear 5x16 (80)."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 16), nn.ReLU(), nn.Linear(16, 5)
-    )
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
 SIZES = {"0.weight": 108, "3.weight": 2304, "5.weight": 80}

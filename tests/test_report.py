@@ -153,7 +153,10 @@ def test_checkpoint_report_reads_kept_and_nonzero_from_the_file_alone():
     from sparseforge.report import checkpoint_report
 
     w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    r = checkpoint_report({"fc.weight": w, "fc.bias": torch.ones(2)},
-                          MaskState({"fc.weight": torch.tensor([[True, True], [False, False]])}), show=False)
+    r = checkpoint_report(
+        {"fc.weight": w, "fc.bias": torch.ones(2)},
+        MaskState({"fc.weight": torch.tensor([[True, True], [False, False]])}),
+        show=False,
+    )
     assert [(x.name, x.mask_kept, x.nonzero) for x in r.layers] == [("fc.weight", 2, 1)]
     assert r.prunable_sparsity == pytest.approx(0.5) and r.total_params == 6 and r.total_nnz == 3

@@ -57,8 +57,14 @@ def test_soup_is_mean_of_ingredients_and_keeps_mask(digits):
     data = (digits.x_train, digits.y_train)
     total = sum(p.numel() for p in _weights(model).values())
     masks, history = sparse_model_soups(
-        model, _make_opt, _train_fn(data), final_sparsity=0.75, cycles=2, ingredients=3,
-        weight_decays=[0.0, 1e-4, 5e-4], eval_fn=lambda m: evaluate(m, (digits.x_test, digits.y_test))[1],
+        model,
+        _make_opt,
+        _train_fn(data),
+        final_sparsity=0.75,
+        cycles=2,
+        ingredients=3,
+        weight_decays=[0.0, 1e-4, 5e-4],
+        eval_fn=lambda m: evaluate(m, (digits.x_test, digits.y_test))[1],
     )
     assert len(history.cycles) == 2
     last = history.cycles[-1]
@@ -100,8 +106,9 @@ def test_cycles_start_from_the_soup(digits):
         seen_soups.append({k: v.detach().clone() for k, v in m.state_dict().items()})
         return 0.0
 
-    masks, history = sparse_model_soups(model, _make_opt, fn, final_sparsity=0.75, cycles=2, ingredients=2,
-                                        eval_fn=eval_fn)
+    masks, history = sparse_model_soups(
+        model, _make_opt, fn, final_sparsity=0.75, cycles=2, ingredients=2, eval_fn=eval_fn
+    )
     soup1 = seen_soups[2]  # evaluations: ingredient 0, ingredient 1, soup of cycle 1, ...
     for k, v in starts[(2, 0)].items():
         if k in masks:
@@ -119,8 +126,9 @@ def test_parallel_matches_sequential(digits):
     results = []
     for workers in (1, 2):
         model = _model(2)
-        _, history = sparse_model_soups(model, _make_opt, _train_fn(data), final_sparsity=0.5, cycles=1,
-                                        ingredients=2, workers=workers)
+        _, history = sparse_model_soups(
+            model, _make_opt, _train_fn(data), final_sparsity=0.5, cycles=1, ingredients=2, workers=workers
+        )
         results.append((model.state_dict(), history))
     (s1, h1), (s2, h2) = results
     for k in s1:
@@ -133,8 +141,16 @@ def test_greedy_soup_not_worse_than_best_ingredient(digits):
     data = (digits.x_train, digits.y_train)
     val = (digits.x_test, digits.y_test)
     model = _model(3)
-    _, history = sparse_model_soups(model, _make_opt, _train_fn(data), final_sparsity=0.5, cycles=1,
-                                    ingredients=3, soup="greedy", eval_fn=lambda m: evaluate(m, val)[1])
+    _, history = sparse_model_soups(
+        model,
+        _make_opt,
+        _train_fn(data),
+        final_sparsity=0.5,
+        cycles=1,
+        ingredients=3,
+        soup="greedy",
+        eval_fn=lambda m: evaluate(m, val)[1],
+    )
     c = history.cycles[0]
     assert c.soup_metric >= c.best_ingredient_metric
     assert set(c.in_soup) <= {0, 1, 2} and len(c.in_soup) >= 1
@@ -166,10 +182,23 @@ def test_soups_converge_and_beat_ingredients_on_digits(digits):
     data = (digits.x_train, digits.y_train)
     test = (digits.x_test, digits.y_test)
     model = _model(4, hidden=(64, 64))
-    train(model, data, epochs=5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-          batch_size=64, progress=False)
-    _, history = sparse_model_soups(model, _make_opt, _train_fn(data, epochs=3), final_sparsity=0.8, cycles=2,
-                                    ingredients=3, eval_fn=lambda m: evaluate(m, test)[1])
+    train(
+        model,
+        data,
+        epochs=5,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        batch_size=64,
+        progress=False,
+    )
+    _, history = sparse_model_soups(
+        model,
+        _make_opt,
+        _train_fn(data, epochs=3),
+        final_sparsity=0.8,
+        cycles=2,
+        ingredients=3,
+        eval_fn=lambda m: evaluate(m, test)[1],
+    )
     for c in history.cycles:
         mean_ing = sum(c.ingredient_metrics) / len(c.ingredient_metrics)
         assert c.soup_metric >= mean_ing - 0.01, (c.soup_metric, c.ingredient_metrics)

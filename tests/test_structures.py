@@ -88,8 +88,14 @@ def test_constant_fan_in_exact_per_row(shape, density, seed, ties):
 nm_pairs = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))  # n_keep = 0 is refused
 
 
-@given(nm=nm_pairs, out=st.integers(1, 6), groups=st.integers(1, 4), kernel=st.sampled_from([(), (1,), (3,), (2, 2)]),
-       seed=seeds, ties=st.booleans())
+@given(
+    nm=nm_pairs,
+    out=st.integers(1, 6),
+    groups=st.integers(1, 4),
+    kernel=st.sampled_from([(), (1,), (3,), (2, 2)]),
+    seed=seeds,
+    ties=st.booleans(),
+)
 def test_nm_every_group_keeps_exactly_n(nm, out, groups, kernel, seed, ties):
     n, m = nm
     k = math.prod(kernel)
@@ -124,8 +130,16 @@ def test_nm_groups_run_along_input_dim_of_conv():
     assert NM(1, 2).mask_from_scores(w).tolist() == [[False, True, True, False], [True, False, False, True]]
 
 
-@given(rows=st.integers(1, 4), cols=st.integers(1, 4), br=st.integers(1, 4), bc=st.integers(1, 4),
-       kernel=st.sampled_from([(), (1,), (2,)]), density=densities, seed=seeds, ties=st.booleans())
+@given(
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 4),
+    br=st.integers(1, 4),
+    bc=st.integers(1, 4),
+    kernel=st.sampled_from([(), (1,), (2,)]),
+    density=densities,
+    seed=seeds,
+    ties=st.booleans(),
+)
 def test_block_exact_nnz_whole_blocks_highest(rows, cols, br, bc, kernel, density, seed, ties):
     k = math.prod(kernel)
     fan_in = bc * cols * (2 if kernel == (2,) else 1)  # keep divisible by cols

@@ -201,8 +201,11 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("prune model not a module", lambda: sf.prune("net", 0.5), "model is a str"),
     ("prune include_types names", lambda: sf.prune(model(), 0.5, include_types=("Linear",)), "include_types"),
     ("prune exclude single str", lambda: sf.prune(model(), 0.5, exclude="0"), "exclude='0'"),
-    ("prune empties a layer", lambda: sf.prune(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 200)), 0.9),
-     "keeps no weight of '0.weight'"),
+    (
+        "prune empties a layer",
+        lambda: sf.prune(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 200)), 0.9),
+        "keeps no weight of '0.weight'",
+    ),
     # MaskState
     ("MaskState step < 0", lambda: MaskState(step=-1), "step=-1"),
     ("MaskState step float", lambda: MaskState(step=1.5), "step=1.5"),
@@ -217,8 +220,13 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("Sparsifier empty MaskState", lambda: _sparsifier(masks=MaskState()), "masks has no layer"),
     ("zero_state unknown", lambda: _sparsifier(zero_state="fast"), "zero_state='fast'"),
     ("change_masks non-tensor", lambda: _sparsifier().change_masks({"0.weight": [True]}), "'0.weight'"),
-    ("change_masks stray grown_values", lambda: _sparsifier().change_masks(
-        {"0.weight": torch.ones(8, 8, dtype=torch.bool)}, {"2.weight": torch.ones(4, 8)}), "grown_values names '2.weight'"),
+    (
+        "change_masks stray grown_values",
+        lambda: _sparsifier().change_masks(
+            {"0.weight": torch.ones(8, 8, dtype=torch.bool)}, {"2.weight": torch.ones(4, 8)}
+        ),
+        "grown_values names '2.weight'",
+    ),
     ("load_state_dict not a dict", lambda: _sparsifier().load_state_dict([1]), "Sparsifier.state_dict()"),
     # schedules
     ("cubic step NaN", lambda: cubic_sparsity(math.nan, initial=0, final=0.5, start=0, end=10), "step=nan"),
@@ -230,13 +238,19 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("SET every >= end", lambda: SET(end=10, every=10), "allowed: every < 10"),
     ("SRigL gamma str", lambda: SRigL(end=10, every=2, gamma_sal="a"), "gamma_sal='a'"),
     ("GMP end float", lambda: GMP(0.5, start=0, end=1.5), "end=1.5"),
-    ("GMP min_density > 1 - final", lambda: GMP(0.5, start=0, end=10, distribution="global", min_density=0.6),
-     "min_density=0.6"),
+    (
+        "GMP min_density > 1 - final",
+        lambda: GMP(0.5, start=0, end=10, distribution="global", min_density=0.6),
+        "min_density=0.6",
+    ),
     ("GMP min_density NaN", lambda: GMP(0.5, start=0, end=10, min_density=math.nan), "min_density=nan"),
     ("GMP final below start", _gmp_from_sparser, "final_sparsity=0.5 is below"),
     ("GraNet prune_end 0", lambda: GraNet(0.5, prune_end=0, end=10, every=2), "prune_end=0"),
-    ("GraNet names its window", lambda: GraNet(0.5, prune_start=10, prune_end=5, end=20, every=2),
-     "prune_end=5 is before prune_start=10"),
+    (
+        "GraNet names its window",
+        lambda: GraNet(0.5, prune_start=10, prune_end=5, end=20, every=2),
+        "prune_end=5 is before prune_start=10",
+    ),
     # distributions
     ("uniform negative dim", lambda: uniform({"a": (-2, -2)}, 0.5), "(-2, -2)"),
     ("erk empty shape", lambda: erk({"a": ()}, 0.5), "shape ()"),
@@ -269,10 +283,16 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("all_reduce int scores", lambda: all_reduce_scores({"a": torch.ones(2, dtype=torch.long)}), "torch.int64"),
     ("all_reduce a list", lambda: all_reduce_scores([torch.ones(2)]), "scores is a list"),
     # IMP / soups / N:M training
-    ("imp min_density str", lambda: imp(model(), sgd, lambda *a: None, final_sparsity=0.5, rounds=1, min_density="a"),
-     "min_density='a'"),
-    ("imp foreign optimizer", lambda: imp(model(), lambda m: sgd(model(1)), lambda *a: None, final_sparsity=0.5, rounds=1),
-     "param_groups"),
+    (
+        "imp min_density str",
+        lambda: imp(model(), sgd, lambda *a: None, final_sparsity=0.5, rounds=1, min_density="a"),
+        "min_density='a'",
+    ),
+    (
+        "imp foreign optimizer",
+        lambda: imp(model(), lambda m: sgd(model(1)), lambda *a: None, final_sparsity=0.5, rounds=1),
+        "param_groups",
+    ),
     ("prune_surviving missing mask", lambda: prune_surviving({"a": torch.rand(4, 4)}, {}, 0.5), "'a'"),
     ("soups float seeds", lambda: _soups(seeds=[1.5, 2.5]), "seeds item=1.5"),
     ("soups identical ingredients", lambda: _soups(seeds=[1, 1]), "repeat seed 1"),
@@ -298,8 +318,9 @@ def _with_lr(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 
 def _soups(**kw: Any) -> object:
-    return sparse_model_soups(model(), lambda m, i: sgd(m), lambda m, o, i: None, final_sparsity=0.5, cycles=1,
-                              ingredients=2, **kw)
+    return sparse_model_soups(
+        model(), lambda m, i: sgd(m), lambda m, o, i: None, final_sparsity=0.5, cycles=1, ingredients=2, **kw
+    )
 
 
 @pytest.mark.parametrize(("label", "call", "needle"), CASES, ids=[c[0] for c in CASES])
@@ -373,8 +394,10 @@ def test_algorithm_that_writes_weights_forces_step_mode() -> None:
     for name, mask in sp.masks.items():
         assert torch.all(sp.params[name][~mask] == 0)
     m2 = model()
-    refused(lambda: Sparsifier(m2, torch.optim.AdamW(m2.parameters()), sf.prune(m2, 0.5), Noisy(), zero_state="grads"),
-            "needs weights masked every step")
+    refused(
+        lambda: Sparsifier(m2, torch.optim.AdamW(m2.parameters()), sf.prune(m2, 0.5), Noisy(), zero_state="grads"),
+        "needs weights masked every step",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +410,9 @@ def test_requires_marker_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("CI", raising=False)
     missing = requires(False, "numba kernels unavailable")
-    assert missing.name == "skipif" and missing.args == (True,) and missing.kwargs["reason"] == "numba kernels unavailable"
+    assert (
+        missing.name == "skipif" and missing.args == (True,) and missing.kwargs["reason"] == "numba kernels unavailable"
+    )
     present = requires(True, "numba kernels unavailable")
     assert present.name == "skipif" and present.args == (False,)
     monkeypatch.setenv("CI", "true")
@@ -398,7 +423,9 @@ def test_requires_marker_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert requires(False, "x").name == "skipif"
 
 
-def test_requires_fails_under_ci_and_skips_otherwise(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requires_fails_under_ci_and_skips_otherwise(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pathlib import Path
 
     pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())

@@ -112,26 +112,35 @@ def _read(path: Path, fmt: str) -> tuple[Any, Any, Any]:
                 meta = f.metadata() or {}
                 for key in f.keys():
                     if key.startswith(_MASK_PREFIX):
-                        masks[key[len(_MASK_PREFIX):]] = f.get_tensor(key)
+                        masks[key[len(_MASK_PREFIX) :]] = f.get_tensor(key)
                     else:
                         weights[key] = f.get_tensor(key)
             mask_state = None
             if masks or meta.get("masks") == "1":
-                mask_state = {"masks": masks, "step": int(meta.get("step", 0)), "targets": json.loads(meta.get("targets", "{}"))}
+                mask_state = {
+                    "masks": masks,
+                    "step": int(meta.get("step", 0)),
+                    "targets": json.loads(meta.get("targets", "{}")),
+                }
             table = None
             if _CHECKSUM_KEY in meta:
                 try:
                     table = json.loads(meta[_CHECKSUM_KEY])
                 except ValueError:
-                    raise SparseforgeError(f"{_WHAT} {str(path)!r}: its checksum table is not valid JSON (the file is corrupted)") from None
+                    raise SparseforgeError(
+                        f"{_WHAT} {str(path)!r}: its checksum table is not valid JSON (the file is corrupted)"
+                    ) from None
             return weights, mask_state, table
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except SparseforgeError:
         raise
     except Exception as exc:  # corrupted, not a checkpoint at all, or unreadable
         raise _unreadable(path, fmt, exc) from None
-    if isinstance(payload, dict) and "model" not in payload and payload and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    if (
+        isinstance(payload, dict)
+        and "model" not in payload
+        and payload
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items())
     ):  # a plain ``torch.save(model.state_dict())``: weights only, no masks, no checksums
         return {canonical_name(k): v for k, v in payload.items()}, None, None
     if not isinstance(payload, dict) or "model" not in payload:
@@ -145,7 +154,9 @@ def _read(path: Path, fmt: str) -> tuple[Any, Any, Any]:
 def _check_tensors(path: Path, entries: Any, kind: str) -> dict[str, torch.Tensor]:
     """``entries`` as a ``{str: Tensor}`` dict, or a one-line error naming the bad entry."""
     if not isinstance(entries, Mapping):
-        raise SparseforgeError(f"{_WHAT} {str(path)!r}: its {kind}s are a {type(entries).__name__}; allowed: a dict of tensors")
+        raise SparseforgeError(
+            f"{_WHAT} {str(path)!r}: its {kind}s are a {type(entries).__name__}; allowed: a dict of tensors"
+        )
     for name, value in entries.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise SparseforgeError(
@@ -156,7 +167,7 @@ def _check_tensors(path: Path, entries: Any, kind: str) -> dict[str, torch.Tenso
 
 def _label(stored_name: str) -> str:
     if stored_name.startswith(_MASK_PREFIX):
-        return f"mask {stored_name[len(_MASK_PREFIX):]!r}"
+        return f"mask {stored_name[len(_MASK_PREFIX) :]!r}"
     return f"tensor {stored_name!r}"
 
 
@@ -191,7 +202,9 @@ def read_checkpoint(
         if mask.dtype != torch.bool:
             raise SparseforgeError(f"{source}: mask {name!r} has dtype {mask.dtype}; allowed: torch.bool")
         if name not in weights:
-            raise SparseforgeError(f"{source}: mask {name!r} names no weight in the file; the file has e.g. {sorted(weights)[:5]}")
+            raise SparseforgeError(
+                f"{source}: mask {name!r} names no weight in the file; the file has e.g. {sorted(weights)[:5]}"
+            )
         if tuple(mask.shape) != tuple(weights[name].shape):
             raise SparseforgeError(
                 f"{source}: mask {name!r} has shape {tuple(mask.shape)}, its weight has shape {tuple(weights[name].shape)}"
@@ -222,7 +235,9 @@ def _check_against(path: Path, model: nn.Module, weights: dict[str, torch.Tensor
     params = named_parameters(model)
     for name, mask in masks.items():
         if name not in params:
-            raise SparseforgeError(f"{source}: mask {name!r} names no parameter of the model (a buffer); model has e.g. {sorted(params)[:5]}")
+            raise SparseforgeError(
+                f"{source}: mask {name!r} names no parameter of the model (a buffer); model has e.g. {sorted(params)[:5]}"
+            )
         if tuple(mask.shape) != tuple(params[name].shape):  # implied by the checks above; kept as a guard
             raise SparseforgeError(
                 f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the parameter has shape {tuple(params[name].shape)}"

@@ -143,7 +143,9 @@ def broadcast_masks(
 
 
 @torch.no_grad()
-def all_reduce_scores(scores: MutableMapping[str, torch.Tensor], group: Any = None) -> MutableMapping[str, torch.Tensor]:
+def all_reduce_scores(
+    scores: MutableMapping[str, torch.Tensor], group: Any = None
+) -> MutableMapping[str, torch.Tensor]:
     """Average floating-point score tensors over ranks, in place (sum, then divide by world size).
 
     Keys are processed in sorted order so every rank issues the same collectives. Use this for

@@ -166,7 +166,9 @@ def global_masks(
     if not (0.0 <= min_density <= 1.0):
         raise SparseforgeError(f"min_density={min_density!r} is outside the allowed range [0, 1]")
     if not isinstance(scores, Mapping) or not all(isinstance(s, torch.Tensor) for s in scores.values()):
-        raise SparseforgeError("scores is not a dict name -> tensor; allowed: a dict of score tensors shaped like the weights")
+        raise SparseforgeError(
+            "scores is not a dict name -> tensor; allowed: a dict of score tensors shaped like the weights"
+        )
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     _check_shapes(shapes)
     total_kept = _target_kept(shapes, sparsity)
@@ -185,7 +187,7 @@ def global_masks(
         masks, start = {}, 0
         for n in free:
             size = _numel(shapes[n])
-            masks[n] = keep[start:start + size].reshape(shapes[n])
+            masks[n] = keep[start : start + size].reshape(shapes[n])
             start += size
         low = [n for n in free if int(masks[n].sum()) < floors[n]]
         if not low:

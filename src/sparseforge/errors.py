@@ -71,8 +71,13 @@ def check_seed(value: object, name: str = "seed") -> int:
 
 
 def check_float(
-    value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
-    low_open: bool = False, high_open: bool = False,
+    value: object,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """Return ``value`` as a float if it is a real number (not a bool, not NaN) in the given interval.
 

@@ -175,9 +175,7 @@ def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_write(
-    path: str | os.PathLike[str], write: Callable[[str], object], *, what: str = "output"
-) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object], *, what: str = "output") -> Path:
     """Call ``write(tmp_path)``, then move the temporary file onto ``path`` in one ``os.replace``.
 
     The parent folder must exist (it is not created; use :func:`check_output_dir` for that). Stale
@@ -276,7 +274,9 @@ def verify_checksums(
     if not isinstance(table, Mapping) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in table.items()
     ):
-        raise SparseforgeError(f"{source}: its checksum table is not a {{name: CRC-32}} mapping (the file is corrupted)")
+        raise SparseforgeError(
+            f"{source}: its checksum table is not a {{name: CRC-32}} mapping (the file is corrupted)"
+        )
     missing = [k for k in tensors if k not in table]
     unexpected = [k for k in table if k not in tensors]
     if missing or unexpected:
@@ -309,7 +309,11 @@ def describe_read_error(exc: BaseException) -> str:
         operand = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
         detail = operand.group(1).strip() if operand and operand.group(1).strip() else ""
         if not detail:
-            later = [ln.strip() for ln in text.splitlines() if ln.strip() and "WeightsUnpickler" not in ln and "Check the doc" not in ln]
+            later = [
+                ln.strip()
+                for ln in text.splitlines()
+                if ln.strip() and "WeightsUnpickler" not in ln and "Check the doc" not in ln
+            ]
             detail = later[-1] if later else ""
         return "not a torch file of tensors" + (f": {detail[:80]}" if detail else "")
     return text.splitlines()[0][:160] if text else type(exc).__name__

@@ -195,8 +195,12 @@ def prune(
 
     if method == "synflow":
         masks = score_fns.synflow_masks(
-            model, params, input_shape=_input_shape(data, input_shape), mask_fn=build,
-            density=1.0 - sparsity, rounds=synflow_rounds,
+            model,
+            params,
+            input_shape=_input_shape(data, input_shape),
+            mask_fn=build,
+            density=1.0 - sparsity,
+            rounds=synflow_rounds,
         )
         targets = {n: 1.0 - float(m.float().mean()) for n, m in masks.items()}
     else:

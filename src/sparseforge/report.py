@@ -82,29 +82,56 @@ class SparsityReport:
         if masked:
             caption += ". kept (mask): positions the mask keeps; nonzero: weights that are not 0"
         else:
-            caption += (". No masks given: sparsity is the fraction of weights that are exactly 0, and the total covers "
-                        "every Linear/Conv layer, including any left dense; pass masks= for the pruning budget")
+            caption += (
+                ". No masks given: sparsity is the fraction of weights that are exactly 0, and the total covers "
+                "every Linear/Conv layer, including any left dense; pass masks= for the pruning budget"
+            )
         if self.unapplied:
             caption += f". WARNING: {', '.join(self.unapplied[:3])} have nonzero weights outside their masks"
         table = Table(title="sparsity report", caption=caption)
-        columns = ["layer", "shape", *(["kept (mask)"] if masked else []), "nonzero", "sparsity", "dense FLOPs", "sparse FLOPs"]
+        columns = [
+            "layer",
+            "shape",
+            *(["kept (mask)"] if masked else []),
+            "nonzero",
+            "sparsity",
+            "dense FLOPs",
+            "sparse FLOPs",
+        ]
         for col in columns:
             table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
         for layer in self.layers:
             kept = [f"{layer.mask_kept:,}" if layer.mask_kept is not None else "-"] if masked else []
             table.add_row(
-                layer.name if layer.prunable else f"{layer.name} (not masked)", "x".join(map(str, layer.shape)), *kept,
-                f"{layer.nonzero:,}", f"{layer.sparsity:.4f}", f"{layer.dense_flops:,}", f"{layer.sparse_flops:,}",
+                layer.name if layer.prunable else f"{layer.name} (not masked)",
+                "x".join(map(str, layer.shape)),
+                *kept,
+                f"{layer.nonzero:,}",
+                f"{layer.sparsity:.4f}",
+                f"{layer.dense_flops:,}",
+                f"{layer.sparse_flops:,}",
             )
         label = "masked layers total" if masked else "all Linear/Conv weights"
         count = f"{self.prunable_nnz:,} / {self.prunable_params:,}"
         table.add_row(
-            label, "", *([count] if masked else []), "" if masked else count,
-            f"{self.prunable_sparsity:.4f}", f"{self.dense_flops:,}", f"{self.sparse_flops:,}", style="bold",
+            label,
+            "",
+            *([count] if masked else []),
+            "" if masked else count,
+            f"{self.prunable_sparsity:.4f}",
+            f"{self.dense_flops:,}",
+            f"{self.sparse_flops:,}",
+            style="bold",
         )
         table.add_row(
-            "all parameters", "", *([""] if masked else []), f"{self.total_nnz:,} / {self.total_params:,}",
-            f"{self.total_sparsity:.4f}", "", "", style="bold",
+            "all parameters",
+            "",
+            *([""] if masked else []),
+            f"{self.total_nnz:,} / {self.total_params:,}",
+            f"{self.total_sparsity:.4f}",
+            "",
+            "",
+            style="bold",
         )
         return table
 
@@ -161,7 +188,9 @@ def sparsity_report(
             report.total_nnz += int(torch.count_nonzero(p.detach()))
     seen.clear()
     for module_name, module in model.named_modules():
-        if not isinstance(module, DEFAULT_PRUNABLE_TYPES) or not isinstance(getattr(module, "weight", None), nn.Parameter):
+        if not isinstance(module, DEFAULT_PRUNABLE_TYPES) or not isinstance(
+            getattr(module, "weight", None), nn.Parameter
+        ):
             continue
         weight = module.weight
         if id(weight) in seen:
@@ -174,9 +203,16 @@ def sparsity_report(
         nnz = mask_kept if mask_kept is not None else nonzero
         pos = positions.get(id(module), 1)
         stats = LayerStats(
-            name=name, shape=tuple(weight.shape), numel=weight.numel(), nnz=nnz,
-            sparsity=1.0 - nnz / weight.numel(), dense_flops=2 * weight.numel() * pos, sparse_flops=2 * nnz * pos,
-            prunable=in_budget, mask_kept=mask_kept, nonzero=nonzero,
+            name=name,
+            shape=tuple(weight.shape),
+            numel=weight.numel(),
+            nnz=nnz,
+            sparsity=1.0 - nnz / weight.numel(),
+            dense_flops=2 * weight.numel() * pos,
+            sparse_flops=2 * nnz * pos,
+            prunable=in_budget,
+            mask_kept=mask_kept,
+            nonzero=nonzero,
         )
         report.layers.append(stats)
         if in_budget:
@@ -185,7 +221,8 @@ def sparsity_report(
         report.dense_flops += stats.dense_flops
         report.sparse_flops += stats.sparse_flops
     report.flops_note = (
-        "FLOPs per sample (2 per multiply-add)" if example_input is not None
+        "FLOPs per sample (2 per multiply-add)"
+        if example_input is not None
         else "FLOPs per input row / per conv output position (2 per multiply-add); pass example_input for per-sample"
     )
     if show:
@@ -195,7 +232,9 @@ def sparsity_report(
     return report
 
 
-def checkpoint_report(weights: dict[str, torch.Tensor], masks: MaskState | None = None, *, show: bool = True) -> SparsityReport:
+def checkpoint_report(
+    weights: dict[str, torch.Tensor], masks: MaskState | None = None, *, show: bool = True
+) -> SparsityReport:
     """Report of a saved state dict alone, without its model: one row per weight of 2+ dimensions.
 
     With ``masks``, the masked tensors form the budget (as in :func:`sparsity_report`); without,
@@ -211,10 +250,20 @@ def checkpoint_report(weights: dict[str, torch.Tensor], masks: MaskState | None 
         mask_kept = masks.nnz(name) if masks is not None and name in masks else None
         nnz = mask_kept if mask_kept is not None else nonzero
         in_budget = masks is None or name in masks
-        report.layers.append(LayerStats(
-            name=name, shape=tuple(value.shape), numel=value.numel(), nnz=nnz, sparsity=1.0 - nnz / max(1, value.numel()),
-            dense_flops=0, sparse_flops=0, prunable=in_budget, mask_kept=mask_kept, nonzero=nonzero,
-        ))
+        report.layers.append(
+            LayerStats(
+                name=name,
+                shape=tuple(value.shape),
+                numel=value.numel(),
+                nnz=nnz,
+                sparsity=1.0 - nnz / max(1, value.numel()),
+                dense_flops=0,
+                sparse_flops=0,
+                prunable=in_budget,
+                mask_kept=mask_kept,
+                nonzero=nonzero,
+            )
+        )
         if in_budget:
             report.prunable_params += value.numel()
             report.prunable_nnz += nnz

@@ -21,8 +21,14 @@ from dataclasses import dataclass
 from .errors import SparseforgeError, check_float, check_int, check_seed
 
 __all__ = [
-    "UpdateSchedule", "check_drop_fraction", "check_float", "check_int", "check_seed", "check_window",
-    "cosine_drop_fraction", "cubic_sparsity",
+    "UpdateSchedule",
+    "check_drop_fraction",
+    "check_float",
+    "check_int",
+    "check_seed",
+    "check_window",
+    "cosine_drop_fraction",
+    "cubic_sparsity",
 ]
 
 

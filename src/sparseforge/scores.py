@@ -136,8 +136,8 @@ def _model_name(named: Mapping[str, Tensor], name: str, tensor: Tensor | None = 
         for model_name, p in named.items():
             if p is tensor:
                 return model_name
-    if name.startswith("module.") and name[len("module."):] in named:
-        return name[len("module."):]
+    if name.startswith("module.") and name[len("module.") :] in named:
+        return name[len("module.") :]
     if "module." + name in named:
         return "module." + name
     return None
@@ -181,10 +181,7 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     requires = [p.requires_grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
     buffers = [
-        (m, key, b, b.detach().clone())
-        for m in model.modules()
-        for key, b in m._buffers.items()
-        if b is not None
+        (m, key, b, b.detach().clone()) for m in model.modules() for key, b in m._buffers.items() if b is not None
     ]
     try:
         yield
@@ -215,9 +212,7 @@ def _grads(loss: Tensor, inputs: list[Tensor], *, create_graph: bool = False) ->
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, got)]
 
 
-def _summed_grads(
-    model: nn.Module, tensors: list[Tensor], data: Data, loss_fn: LossFn
-) -> list[Tensor]:
+def _summed_grads(model: nn.Module, tensors: list[Tensor], data: Data, loss_fn: LossFn) -> list[Tensor]:
     """Sum over batches of d loss_fn(model(x), y) / d tensors, detached, float32."""
     total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in tensors]
     for x, y in iter_batches(data):
@@ -248,10 +243,7 @@ def _gradient_scores(
         for p in tensors:
             p.requires_grad_(True)
         grads = _summed_grads(model, tensors, data, loss_fn)
-        return {
-            name: combine(p.detach().float(), g).detach()
-            for name, p, g in zip(resolved, tensors, grads)
-        }
+        return {name: combine(p.detach().float(), g).detach() for name, p, g in zip(resolved, tensors, grads)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,10 +268,7 @@ def random_scores(params: Mapping[str, Tensor], *, seed: int = 0) -> dict[str, T
     seed = check_seed(seed)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
-    return {
-        name: torch.rand(p.shape, generator=gen, dtype=torch.float32).to(p.device)
-        for name, p in params.items()
-    }
+    return {name: torch.rand(p.shape, generator=gen, dtype=torch.float32).to(p.device) for name, p in params.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +345,7 @@ def grasp(
                 z = z + (g.to(gb.dtype) * gb).sum()
             for acc, h in zip(hg, _grads(z, tensors)):
                 acc.add_(h.detach().float())
-        return {
-            name: (p.detach().float() * h).detach()
-            for name, p, h in zip(resolved, tensors, hg)
-        }
+        return {name: (p.detach().float() * h).detach() for name, p, h in zip(resolved, tensors, hg)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +363,9 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
     return dims
 
 
-def _check_masks(masks: Mapping[str, Tensor], named: Mapping[str, Tensor], resolved: Mapping[str, str]) -> dict[str, Tensor]:
+def _check_masks(
+    masks: Mapping[str, Tensor], named: Mapping[str, Tensor], resolved: Mapping[str, str]
+) -> dict[str, Tensor]:
     """Validate masks (bool, shaped like the parameter) and key them by the model's names."""
     if not isinstance(masks, Mapping):
         raise SparseforgeError(f"masks is a {type(masks).__name__}; allowed: a mapping name -> bool tensor")

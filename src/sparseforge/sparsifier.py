@@ -157,7 +157,8 @@ class Sparsifier:
             raise SparseforgeError(
                 f"masks is a {type(masks).__name__}; allowed: a MaskState, e.g. from sparseforge.prune(...) "
                 "(MaskState(d) wraps a dict d of bool masks)"
-                if masks is not None else "masks=None; allowed: a MaskState, e.g. from sparseforge.prune(...)"
+                if masks is not None
+                else "masks=None; allowed: a MaskState, e.g. from sparseforge.prune(...)"
             )
         if len(masks) == 0:
             raise SparseforgeError(
@@ -291,7 +292,9 @@ class Sparsifier:
             raise SparseforgeError(f"new_masks is a {type(new_masks).__name__}; allowed: a dict name -> bool tensor")
         for name, new in new_masks.items():
             if name not in self.params:
-                raise SparseforgeError(f"mask {name!r} is not managed by this sparsifier; allowed: {sorted(self.params)}")
+                raise SparseforgeError(
+                    f"mask {name!r} is not managed by this sparsifier; allowed: {sorted(self.params)}"
+                )
             if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(self.params[name].shape):
                 got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
                 raise SparseforgeError(

@@ -213,7 +213,9 @@ class Block(Structure):
 
     def __post_init__(self) -> None:
         if not _is_int(self.rows) or not _is_int(self.cols) or self.rows < 1 or self.cols < 1:
-            raise SparseforgeError(f"Block(rows={self.rows!r}, cols={self.cols!r}) is invalid; allowed: positive integers")
+            raise SparseforgeError(
+                f"Block(rows={self.rows!r}, cols={self.cols!r}) is invalid; allowed: positive integers"
+            )
 
     def check_shape(self, shape: Sequence[int], name: str = "weight") -> None:
         out, fan_in = _as_2d_shape(shape)

@@ -23,8 +23,7 @@ ExcludeItem = str | type
 
 def _matches(pattern: str, module_name: str, param_name: str) -> bool:
     return any(
-        fnmatch.fnmatchcase(candidate, pattern) or candidate == pattern
-        for candidate in (module_name, param_name)
+        fnmatch.fnmatchcase(candidate, pattern) or candidate == pattern for candidate in (module_name, param_name)
     )
 
 

@@ -81,7 +81,9 @@ def _check_learning_rates(optimizer: torch.optim.Optimizer, has_scheduler: bool)
         lr = group.get("lr")
         value = float(lr) if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool) else math.nan
         if not math.isfinite(value) or value < 0:
-            raise SparseforgeError(f"optimizer param_groups[{i}]['lr']={lr!r} is not allowed; allowed: a finite number > 0")
+            raise SparseforgeError(
+                f"optimizer param_groups[{i}]['lr']={lr!r} is not allowed; allowed: a finite number > 0"
+            )
         rates.append(value)
     if rates and all(r == 0 for r in rates) and not has_scheduler:
         raise SparseforgeError(
@@ -106,7 +108,7 @@ def batches(
         raise SparseforgeError(f"inputs have {len(x)} rows but targets have {len(y)}; allowed: equal lengths")
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
 
@@ -183,7 +185,9 @@ def train(
             "the optimizer holds none of the model's parameters; allowed: an optimizer built over model.parameters()"
         )
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-        raise SparseforgeError(f"scheduler is a {type(scheduler).__name__}; allowed: None or an LR scheduler with step()")
+        raise SparseforgeError(
+            f"scheduler is a {type(scheduler).__name__}; allowed: None or an LR scheduler with step()"
+        )
     _check_learning_rates(optimizer, scheduler is not None)
     generator = torch.Generator().manual_seed(seed)
     history = TrainHistory()
@@ -202,7 +206,9 @@ def train(
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
             if seen == 0:
-                raise SparseforgeError(f"train_data yielded no batch in epoch {epoch}; allowed: at least one batch per epoch")
+                raise SparseforgeError(
+                    f"train_data yielded no batch in epoch {epoch}; allowed: at least one batch per epoch"
+                )
             if scheduler is not None:
                 scheduler.step()
             eval_loss = eval_acc = None
@@ -229,8 +235,12 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[metrics]}"), transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                transient=True,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(self.description, total=self.total, metrics="")

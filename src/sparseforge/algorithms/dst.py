@@ -132,7 +132,9 @@ class DynamicSparse(Algorithm):
     ) -> None:
         if not isinstance(structure, self.supported_structures):
             allowed = ", ".join(s.__name__ for s in self.supported_structures)
-            raise SparseforgeError(f"{type(self).__name__} does not support structure={structure!r}; allowed: {allowed}")
+            raise SparseforgeError(
+                f"{type(self).__name__} does not support structure={structure!r}; allowed: {allowed}"
+            )
         self.structure = structure
         self.alpha = check_drop_fraction(alpha)
         self.end = resolve_end(end, total_steps)
@@ -215,6 +217,8 @@ class RigL(DynamicSparse):
 
     def grow_scores(self, sparsifier: Sparsifier, name: str, index: int, step: int) -> torch.Tensor:
         if sparsifier.dense_grads is None:
-            raise SparseforgeError(f"{type(self).__name__} update at step {step} found no dense gradients; "
-                                   "allowed: updates driven by the Sparsifier's optimizer hooks")
+            raise SparseforgeError(
+                f"{type(self).__name__} update at step {step} found no dense gradients; "
+                "allowed: updates driven by the Sparsifier's optimizer hooks"
+            )
         return sparsifier.dense_grads[name].abs()

@@ -68,8 +68,8 @@ class CubicTargets:
             self.min_density = 0.1 * (1.0 - self.final)
         else:
             self.min_density = check_float(min_density, "min_density", low=0.0, high=1.0 - self.final)
-        self.initial: dict[str, float] = {}   # sparsity per layer at attach time
-        self.finals: dict[str, float] = {}    # final sparsity per layer (layer-wise distributions)
+        self.initial: dict[str, float] = {}  # sparsity per layer at attach time
+        self.finals: dict[str, float] = {}  # final sparsity per layer (layer-wise distributions)
 
     def check(self, masks: MaskState, owner: str) -> None:
         """Refuse masks already sparser than ``final_sparsity``: masks only lose weights, so the
@@ -103,15 +103,22 @@ class CubicTargets:
 
         if self.distribution != "global":
             return {
-                n: min(int(torch.count_nonzero(m)), round_half_up((1.0 - sparsity_at(self.initial[n], self.finals[n])) * m.numel()))
+                n: min(
+                    int(torch.count_nonzero(m)),
+                    round_half_up((1.0 - sparsity_at(self.initial[n], self.finals[n])) * m.numel()),
+                )
                 for n, m in masks.items()
             }
         total = sparsity_at(min(self.initial["__total__"], self.final), self.final)
-        scores = {n: torch.where(m.to(p.device), p.detach().abs().float(), -1.0)
-                  for (n, m), p in zip(masks.items(), sparsifier.params.values())}
+        scores = {
+            n: torch.where(m.to(p.device), p.detach().abs().float(), -1.0)
+            for (n, m), p in zip(masks.items(), sparsifier.params.values())
+        }
         floor = min(self.min_density, 1.0 - total)
         layer = global_sparsities(scores, total, min_density=floor)
-        return {n: min(int(torch.count_nonzero(m)), round_half_up((1.0 - layer[n]) * m.numel())) for n, m in masks.items()}
+        return {
+            n: min(int(torch.count_nonzero(m)), round_half_up((1.0 - layer[n]) * m.numel())) for n, m in masks.items()
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"initial": dict(self.initial), "finals": dict(self.finals)}
@@ -153,7 +160,9 @@ class GMP(Algorithm):
         distribution: str = "uniform",
         min_density: float | None = None,
     ) -> None:
-        self.targets = CubicTargets(final_sparsity, start=start, end=end, distribution=distribution, min_density=min_density)
+        self.targets = CubicTargets(
+            final_sparsity, start=start, end=end, distribution=distribution, min_density=min_density
+        )
         self.schedule = UpdateSchedule(start=start, end=end, every=every)
         self.history: list[tuple[int, dict[str, tuple[int, int]]]] = []
 
@@ -177,4 +186,3 @@ class GMP(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.targets.load_state_dict(state.get("targets", {}))
         self.history = [(int(s), dict(c)) for s, c in state.get("history", [])]
-

@@ -45,8 +45,14 @@ class GraNet(RigL):
         min_density: float | None = None,
         **dst: Any,
     ) -> None:
-        self.targets = CubicTargets(final_sparsity, start=prune_start, end=prune_end, distribution=distribution,
-                                    min_density=min_density, names=("prune_start", "prune_end"))
+        self.targets = CubicTargets(
+            final_sparsity,
+            start=prune_start,
+            end=prune_end,
+            distribution=distribution,
+            min_density=min_density,
+            names=("prune_start", "prune_end"),
+        )
         super().__init__(**dst)
 
     def _never_updates(self) -> bool:

@@ -204,7 +204,9 @@ def imp(
     if final <= 0.0:
         raise SparseforgeError(f"final_sparsity={final_sparsity!r} is not allowed; allowed: a float in (0, 1)")
     _check_positive_int(rounds, "rounds")
-    if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or rewind_step < 0):
+    if rewind_step is not None and (
+        isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or rewind_step < 0
+    ):
         raise SparseforgeError(f"rewind_step={rewind_step!r} is not allowed; allowed: an integer >= 0 or None")
     _check_callable(make_optimizer, "make_optimizer")
     _check_callable(train_fn, "train_fn")
@@ -213,14 +215,18 @@ def imp(
     if min_density is not None:
         min_density = check_float(min_density, "min_density", low=0.0, high=1.0 - final)
     check_materialized(model)
-    params = select_prunable(unwrap(model), exclude=exclude, include_types=include_types, first_last_dense=first_last_dense)
+    params = select_prunable(
+        unwrap(model), exclude=exclude, include_types=include_types, first_last_dense=first_last_dense
+    )
     targets = round_sparsities(final, rounds)
     history = IMPHistory(prune_fraction=1.0 - (1.0 - final) ** (1.0 / rounds), rewind_step=rewind_step)
 
     # Round 0: dense training; capture the rewind snapshot (a clone) at step k.
     optimizer = make_optimizer(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise SparseforgeError(f"make_optimizer returned a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+        raise SparseforgeError(
+            f"make_optimizer returned a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer"
+        )
     check_optimizer_owns(optimizer, params)  # else round 0 would train nothing that is pruned later
     steps = [0]
     if rewind_step == 0:
@@ -260,8 +266,9 @@ def imp(
         finally:
             masks = sparsifier.finalize()
         history.rounds.append(
-            IMPRoundRecord(r, sparsity, _measured_sparsity(params), masks.step - start, result,
-                           eval_fn(model) if eval_fn else None)
+            IMPRoundRecord(
+                r, sparsity, _measured_sparsity(params), masks.step - start, result, eval_fn(model) if eval_fn else None
+            )
         )
     assert masks is not None
     return masks, history

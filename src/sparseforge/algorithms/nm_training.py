@@ -112,7 +112,9 @@ class _NMMaskFunction(torch.autograd.Function):
 def _check_nm(structure: NM | str) -> NM:
     parsed = parse_structure(structure)
     if not isinstance(parsed, NM):
-        raise SparseforgeError(f"structure={structure!r} is not an N:M pattern; allowed: NM(n_keep, m) or 'N:M', e.g. '2:4'")
+        raise SparseforgeError(
+            f"structure={structure!r} is not an N:M pattern; allowed: NM(n_keep, m) or 'N:M', e.g. '2:4'"
+        )
     if parsed.n_keep < 1:
         raise SparseforgeError(f"structure={parsed!r} keeps no weight; allowed: n_keep >= 1")
     return parsed
@@ -290,7 +292,9 @@ def srste(
     **kwargs: Any,
 ) -> NMTraining:
     """SR-STE: straight-through N:M training with sparse-refined decay ``decay * (1 - mask) * W``."""
-    return NMTraining(model, optimizer, structure, decay=decay, pruned_grad_scale=1.0, mask_interval=mask_interval, **kwargs)
+    return NMTraining(
+        model, optimizer, structure, decay=decay, pruned_grad_scale=1.0, mask_interval=mask_interval, **kwargs
+    )
 
 
 def progressive_gradient_flow(
@@ -312,4 +316,3 @@ def progressive_gradient_flow(
     return NMTraining(
         model, optimizer, structure, decay=decay, pruned_grad_scale=schedule, mask_interval=mask_interval, **kwargs
     )
-

@@ -123,6 +123,7 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
 
 # -- training one ingredient ----------------------------------------------------------------------
 
+
 @dataclass
 class _Job:
     model: nn.Module
@@ -140,7 +141,9 @@ def _train_ingredient(job: _Job, ingredient: Ingredient) -> tuple[dict[str, torc
         torch.manual_seed(ingredient.seed)
         optimizer = job.make_optimizer(model, ingredient)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise SparseforgeError(f"make_optimizer returned a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+            raise SparseforgeError(
+                f"make_optimizer returned a {type(optimizer).__name__}; allowed: a torch.optim.Optimizer"
+            )
         sparsifier = Sparsifier(model, optimizer, masks)
         try:
             result = job.train_fn(model, optimizer, ingredient)
@@ -177,6 +180,7 @@ def _train_all(job: _Job, ingredients: list[Ingredient], workers: int, start_met
 
 
 # -- the driver -------------------------------------------------------------------------------
+
 
 def _greedy(
     model: nn.Module, states: list[dict[str, torch.Tensor]], metrics: list[float], eval_fn: Callable[[nn.Module], float]

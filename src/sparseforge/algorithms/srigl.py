@@ -54,8 +54,10 @@ class SRigL(RigL):
         for name, mask in masks.items():
             counts = mask.reshape(mask.shape[0], -1).sum(1)
             if counts[counts > 0].unique().numel() > 1:
-                raise SparseforgeError(f"SRigL needs constant fan-in masks, but {name!r} rows keep {sorted(set(counts.tolist()))[:5]} "
-                                       "weights; allowed: init_sparse(model, sparsity, structure='fanin')")
+                raise SparseforgeError(
+                    f"SRigL needs constant fan-in masks, but {name!r} rows keep {sorted(set(counts.tolist()))[:5]} "
+                    "weights; allowed: init_sparse(model, sparsity, structure='fanin')"
+                )
 
     def attach(self, sparsifier: Sparsifier) -> None:
         for name, mask in sparsifier.masks.items():
@@ -65,7 +67,7 @@ class SRigL(RigL):
         candidates = torch.nonzero(alive & (salient < self.gamma_sal * k)).flatten()
         most = int(alive.sum()) - max(1, math.ceil(budget / fan_in))
         if candidates.numel() > most:
-            candidates = candidates[torch.sort(salient[candidates], stable=True).indices[:max(most, 0)]]
+            candidates = candidates[torch.sort(salient[candidates], stable=True).indices[: max(most, 0)]]
         live = alive.clone()
         live[candidates] = False
         return live

@@ -42,5 +42,12 @@ def init_sparse(
             method that needs no data (``magnitude``).
         structure: e.g. ``"fanin"`` (constant fan-in, for SRigL).
     """
-    return prune(model, sparsity, method=method, distribution=distribution, seed=seed,
-                 structure=structure, first_last_dense=first_last_dense)
+    return prune(
+        model,
+        sparsity,
+        method=method,
+        distribution=distribution,
+        seed=seed,
+        structure=structure,
+        first_last_dense=first_last_dense,
+    )

@@ -23,12 +23,18 @@ def parse_floats(text: str, name: str) -> list[float]:
 @app.command()
 def demo(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder for essential_sparsity.json and .png (created if missing).")] = Path("demo_out"),
+    out: Annotated[Path, typer.Option(help="Folder for essential_sparsity.json and .png (created if missing).")] = Path(
+        "demo_out"
+    ),
     model: Annotated[str, typer.Option(help="Built-in model: cnn or mlp.")] = "cnn",
     width: Annotated[int, typer.Option(help="Channels (cnn) or hidden units (mlp).")] = 128,
     epochs: Annotated[int, typer.Option(help="Dense training epochs (passes over the 4000 training samples).")] = 20,
-    sparsities: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities in [0, 1) (default 0..0.99).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated scores: magnitude, random, snip, grasp, synflow, movement.")] = "magnitude,random,snip,synflow",
+    sparsities: Annotated[
+        Optional[str], typer.Option(help="Comma-separated sparsities in [0, 1) (default 0..0.99).")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated scores: magnitude, random, snip, grasp, synflow, movement.")
+    ] = "magnitude,random,snip,synflow",
     seed: Annotated[int, typer.Option(help="Seed of the model initialisation and batch order.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:

@@ -41,7 +41,9 @@ def _check_forward(net: Any, x: Any, model: str, data: str) -> None:
 def _parse_shape(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SparseforgeError(f"--input-shape {text!r} is not allowed; allowed: comma-separated positive integers, e.g. 3,32,32")
+        raise SparseforgeError(
+            f"--input-shape {text!r} is not allowed; allowed: comma-separated positive integers, e.g. 3,32,32"
+        )
     return tuple(int(p) for p in parts)
 
 
@@ -50,15 +52,39 @@ def prune_cmd(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Output checkpoint (.safetensors, .pt or .pth) with weights and masks.")],
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Trained weights of the model: a sparseforge checkpoint or a plain state dict (.safetensors or .pt). Without it the model's initial weights are pruned (pruning at initialisation).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of prunable weights to remove, in [0, 1). Omit with an N:M structure, which fixes it.")] = None,
-    method: Annotated[str, typer.Option(help="Score: magnitude, random, snip, grasp, synflow, movement.")] = "magnitude",
-    structure: Annotated[str, typer.Option(help="unstructured, N:M (kept:group, e.g. 2:4), block:RxC, channel[:DIM], fanin.")] = "unstructured",
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Trained weights of the model: a sparseforge checkpoint or a plain state dict (.safetensors or .pt). Without it the model's initial weights are pruned (pruning at initialisation)."
+        ),
+    ] = None,
+    sparsity: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Fraction of prunable weights to remove, in [0, 1). Omit with an N:M structure, which fixes it."
+        ),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="Score: magnitude, random, snip, grasp, synflow, movement.")
+    ] = "magnitude",
+    structure: Annotated[
+        str, typer.Option(help="unstructured, N:M (kept:group, e.g. 2:4), block:RxC, channel[:DIM], fanin.")
+    ] = "unstructured",
     distribution: Annotated[str, typer.Option(help="Layer budget: uniform, er, erk, global.")] = "uniform",
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Module-name pattern to keep dense (repeatable), e.g. classifier or 'blocks.*.attn'.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Data for snip, grasp, movement (and the input shape of synflow): mnist1d, digits, or a .safetensors/.pt file with tensors 'inputs' and 'targets'.")] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Module-name pattern to keep dense (repeatable), e.g. classifier or 'blocks.*.attn'."),
+    ] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Data for snip, grasp, movement (and the input shape of synflow): mnist1d, digits, or a .safetensors/.pt file with tensors 'inputs' and 'targets'."
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Rows of --data used for the scores.")] = 512,
-    input_shape: Annotated[Optional[str], typer.Option(help="Input shape of one sample for synflow without --data, e.g. 40 or 3,32,32.")] = None,
+    input_shape: Annotated[
+        Optional[str], typer.Option(help="Input shape of one sample for synflow without --data, e.g. 40 or 3,32,32.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of random scores and of a built-in model's initialisation.")] = 0,
 ) -> None:
     """Prune YOUR model in one shot and save its weights and masks.
@@ -94,7 +120,9 @@ def prune_cmd(
         raise SparseforgeError(f"--structure {structure} needs --sparsity (a fraction of zeros in [0, 1))")
     validate_options(sparsity, method, parsed, distribution)
     if method in _NEEDS_DATA and data is None:
-        raise SparseforgeError(f"--method {method} needs --data (mnist1d, digits, or a .safetensors/.pt file with 'inputs' and 'targets')")
+        raise SparseforgeError(
+            f"--method {method} needs --data (mnist1d, digits, or a .safetensors/.pt file with 'inputs' and 'targets')"
+        )
     shape = _parse_shape(input_shape) if input_shape is not None else None
     if samples < 1:
         raise SparseforgeError(f"--samples {samples} is not allowed; allowed: an integer >= 1")
@@ -132,8 +160,10 @@ def prune_cmd(
     zeros = sum(int((p == 0).sum()) for p in prunable.values())
     total = sum(p.numel() for p in prunable.values())
     start = (
-        f"masks of sparsity {before.sparsity():.4f}" if before is not None
-        else f"{zeros / total:.4f} of the prunable weights already zero" if zeros
+        f"masks of sparsity {before.sparsity():.4f}"
+        if before is not None
+        else f"{zeros / total:.4f} of the prunable weights already zero"
+        if zeros
         else "dense"
     )
 
@@ -144,16 +174,27 @@ def prune_cmd(
     if probe is not None:
         _check_forward(net, probe, model, data if data is not None else f"--input-shape {input_shape}")
     if checkpoint is None:
-        err_console.print("note: no --checkpoint, so the model's initial weights are pruned (pruning at initialisation)",
-                          soft_wrap=True)
+        err_console.print(
+            "note: no --checkpoint, so the model's initial weights are pruned (pruning at initialisation)",
+            soft_wrap=True,
+        )
     with err_console.status(f"scoring {len(prunable)} layers with {method} ..."):
         masks = prune(
-            net, sparsity, method=method, structure=parsed, distribution=distribution, exclude=exclude or (),
-            data=batch, input_shape=shape, seed=seed,
+            net,
+            sparsity,
+            method=method,
+            structure=parsed,
+            distribution=distribution,
+            exclude=exclude or (),
+            data=batch,
+            input_shape=shape,
+            seed=seed,
         )
     example = batch[0][:1] if batch is not None else (torch.zeros(1, *shape) if shape is not None else None)
     if example is None and model in MODELS:
         example = torch.zeros(1, features)
     sparsity_report(net, example, masks=masks)
     path = outputs_of(ctx).wrote(save(out, net, masks))
-    console.print(f"pruned {model} ({start} before) to sparsity {masks.sparsity():.4f} over {len(masks)} masked layers; wrote {path}")
+    console.print(
+        f"pruned {model} ({start} before) to sparsity {masks.sparsity():.4f} over {len(masks)} masked layers; wrote {path}"
+    )

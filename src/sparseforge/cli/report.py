@@ -14,8 +14,14 @@ from .prune import MODEL_HELP
 @app.command()
 def report(
     checkpoint: Annotated[Path, typer.Argument(help="A sparseforge checkpoint (.safetensors or .pt).")],
-    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP + " Optional: without it the report is read from the file alone (no FLOPs).")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input sample for per-sample FLOPs, e.g. 40 or 3,32,32 (with --model).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help=MODEL_HELP + " Optional: without it the report is read from the file alone (no FLOPs)."),
+    ] = None,
+    input_shape: Annotated[
+        Optional[str],
+        typer.Option(help="Shape of one input sample for per-sample FLOPs, e.g. 40 or 3,32,32 (with --model)."),
+    ] = None,
 ) -> None:
     """Print the per-layer sparsity of a saved checkpoint; every tensor is verified against its checksum first."""
     import torch

@@ -53,8 +53,12 @@ def _mnist1d(seed: int, num_samples: int) -> Dataset:
     x_test = torch.as_tensor(np.asarray(data["x_test"]), dtype=torch.float32)
     mean, std = x_train.mean(), x_train.std()
     return Dataset(
-        "mnist1d", (x_train - mean) / std, torch.as_tensor(np.asarray(data["y"]), dtype=torch.int64),
-        (x_test - mean) / std, torch.as_tensor(np.asarray(data["y_test"]), dtype=torch.int64), 10,
+        "mnist1d",
+        (x_train - mean) / std,
+        torch.as_tensor(np.asarray(data["y"]), dtype=torch.int64),
+        (x_test - mean) / std,
+        torch.as_tensor(np.asarray(data["y_test"]), dtype=torch.int64),
+        10,
     )
 
 
@@ -118,7 +122,9 @@ def load_batch(spec: str, *, samples: int = 512, seed: int = 42) -> tuple[torch.
             tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SparseforgeError(f"data file {str(path)!r} cannot be read ({describe_read_error(exc)})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor) for k in ("inputs", "targets")):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(tensors.get(k), torch.Tensor) for k in ("inputs", "targets")
+    ):
         found = sorted(tensors)[:5] if isinstance(tensors, dict) else type(tensors).__name__
         raise SparseforgeError(f"data file {str(path)!r} has no tensors 'inputs' and 'targets' (found {found})")
     x, y = tensors["inputs"], tensors["targets"]

@@ -99,8 +99,15 @@ def run_essential_sparsity(config: EssentialConfig | None = None, *, progress: b
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     train(
-        model, (data.x_train, data.y_train), epochs=cfg.epochs, optimizer=optimizer, batch_size=cfg.batch_size,
-        scheduler=scheduler, seed=cfg.seed, progress=progress, description=f"training dense {cfg.model}",
+        model,
+        (data.x_train, data.y_train),
+        epochs=cfg.epochs,
+        optimizer=optimizer,
+        batch_size=cfg.batch_size,
+        scheduler=scheduler,
+        seed=cfg.seed,
+        progress=progress,
+        description=f"training dense {cfg.model}",
     )
     test = (data.x_test, data.y_test)
     _, dense_acc = evaluate(model, test)
@@ -123,21 +130,33 @@ def run_essential_sparsity(config: EssentialConfig | None = None, *, progress: b
         for kind, method, sparsity, structure in jobs:
             pruned = copy.deepcopy(model)
             masks = prune(
-                pruned, sparsity, method=method, structure=structure,
+                pruned,
+                sparsity,
+                method=method,
+                structure=structure,
                 distribution="global" if kind == "unstructured" else "uniform",
                 exclude=[] if kind == "unstructured" else nm_dense,
-                data=calib, input_shape=(data.num_features,), seed=cfg.seed,
+                data=calib,
+                input_shape=(data.num_features,),
+                seed=cfg.seed,
             )
             _, acc = evaluate(pruned, test)
-            rows.append({
-                "structure": kind, "method": method, "sparsity": round(masks.sparsity(), 6),
-                "accuracy": acc, "dense_layers": [] if kind == "unstructured" else nm_dense,
-            })
+            rows.append(
+                {
+                    "structure": kind,
+                    "method": method,
+                    "sparsity": round(masks.sparsity(), 6),
+                    "accuracy": acc,
+                    "dense_layers": [] if kind == "unstructured" else nm_dense,
+                }
+            )
             advance()
 
     points = {}
     for method in cfg.methods:
-        curve = [(r["sparsity"], r["accuracy"]) for r in rows if r["method"] == method and r["structure"] == "unstructured"]
+        curve = [
+            (r["sparsity"], r["accuracy"]) for r in rows if r["method"] == method and r["structure"] == "unstructured"
+        ]
         points[method] = dropping_point(curve, dense_acc, cfg.tolerance)
     return {
         "config": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in vars(cfg).items()},
@@ -194,8 +213,14 @@ def format_table(result: dict[str, Any]) -> Any:
     for structure, sparsity in keys:
         cells = []
         for m in methods:
-            acc = next((r["accuracy"] for r in result["results"]
-                        if r["method"] == m and r["structure"] == structure and r["sparsity"] == sparsity), None)
+            acc = next(
+                (
+                    r["accuracy"]
+                    for r in result["results"]
+                    if r["method"] == m and r["structure"] == structure and r["sparsity"] == sparsity
+                ),
+                None,
+            )
             cells.append("" if acc is None else f"{acc:.3f}")
         table.add_row(structure, f"{sparsity:.2f}", *cells)
     table.add_row("dropping point", "", *[f"{result['dropping_points'][m]:.2f}" for m in methods], style="bold")
@@ -216,11 +241,29 @@ def figure(result: dict[str, Any]) -> Any:
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
     colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for m in methods:
-        pts = sorted((r["sparsity"], r["accuracy"]) for r in result["results"] if r["method"] == m and r["structure"] == "unstructured")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[m], label=f"{m} (unstructured)")
-        nm = sorted((r["sparsity"], r["accuracy"], r["structure"]) for r in result["results"] if r["method"] == m and r["structure"] != "unstructured")
+        pts = sorted(
+            (r["sparsity"], r["accuracy"])
+            for r in result["results"]
+            if r["method"] == m and r["structure"] == "unstructured"
+        )
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[m], label=f"{m} (unstructured)"
+        )
+        nm = sorted(
+            (r["sparsity"], r["accuracy"], r["structure"])
+            for r in result["results"]
+            if r["method"] == m and r["structure"] != "unstructured"
+        )
         if nm:
-            ax.plot([p[0] for p in nm], [p[1] for p in nm], marker="s", ls="--", color=colors[m], alpha=0.7, label=f"{m} (N:M)")
+            ax.plot(
+                [p[0] for p in nm],
+                [p[1] for p in nm],
+                marker="s",
+                ls="--",
+                color=colors[m],
+                alpha=0.7,
+                label=f"{m} (N:M)",
+            )
             for x, y, pattern in nm:
                 ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color=colors[m])
     ax.axhline(result["dense_accuracy"], color="black", lw=0.8, ls=":", label=f"dense ({result['dense_accuracy']:.3f})")

@@ -36,9 +36,12 @@ class CNN1d(nn.Module):
     def __init__(self, length: int, num_classes: int, channels: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(1, channels, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(channels, channels, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(channels, channels, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(1, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
         )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, 1, length)).numel()
@@ -82,7 +85,9 @@ def _import_target(spec: str) -> object:
     if module_part.endswith(".py"):
         file = Path(module_part)
         if not file.is_file():
-            raise SparseforgeError(f"model={spec!r}: {module_part!r} " + ("is a directory" if file.is_dir() else "does not exist"))
+            raise SparseforgeError(
+                f"model={spec!r}: {module_part!r} " + ("is a directory" if file.is_dir() else "does not exist")
+            )
         loader_spec = importlib.util.spec_from_file_location(f"_sparseforge_user_{file.stem}", file)
         if loader_spec is None or loader_spec.loader is None:
             raise SparseforgeError(f"model={spec!r}: {module_part!r} cannot be imported as a Python file")
@@ -90,14 +95,18 @@ def _import_target(spec: str) -> object:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as exc:
-            raise SparseforgeError(f"model={spec!r}: importing {module_part!r} failed ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise SparseforgeError(
+                f"model={spec!r}: importing {module_part!r} failed ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current folder import
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:
-            raise SparseforgeError(f"model={spec!r}: cannot import module {module_part!r} ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise SparseforgeError(
+                f"model={spec!r}: cannot import module {module_part!r} ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
     if not hasattr(module, attr):
         raise SparseforgeError(f"model={spec!r}: module {module_part!r} has no attribute {attr!r}")
     return getattr(module, attr)
@@ -117,7 +126,9 @@ def model_from_spec(spec: str, *, in_features: int = 40, num_classes: int = 10, 
     ``nn.Module``; an ``nn.Module`` instance is used as is. Every failure is one line.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise SparseforgeError(f"model={spec!r} is empty; allowed: {', '.join(MODELS)}, package.module:factory or file.py:factory")
+        raise SparseforgeError(
+            f"model={spec!r} is empty; allowed: {', '.join(MODELS)}, package.module:factory or file.py:factory"
+        )
     spec = spec.strip()
     if spec in MODELS:
         return build_model(spec, in_features, num_classes, seed=seed)
@@ -125,13 +136,17 @@ def model_from_spec(spec: str, *, in_features: int = 40, num_classes: int = 10, 
     if isinstance(target, nn.Module):
         return target
     if not callable(target):
-        raise SparseforgeError(f"model={spec!r} names a {type(target).__name__}; allowed: a function or class returning an nn.Module")
+        raise SparseforgeError(
+            f"model={spec!r} names a {type(target).__name__}; allowed: a function or class returning an nn.Module"
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = target()
     except Exception as exc:
-        raise SparseforgeError(f"model={spec!r}: calling the factory with no arguments failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SparseforgeError(
+            f"model={spec!r}: calling the factory with no arguments failed ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SparseforgeError(f"model={spec!r} returned a {type(model).__name__}; allowed: a torch.nn.Module")
     return model

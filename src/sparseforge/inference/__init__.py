@@ -18,9 +18,22 @@ from .modules import BatchPlan, SparseLinear
 from .serialization import load_converted, save_converted
 
 __all__ = [
-    "convert", "retune", "ConversionReport", "LayerDecision",
-    "PackedFormat", "CompactCSR", "Bitmask", "PackedNM", "BlockSparse", "CompactDense", "FORMATS",
-    "SparseLinear", "BatchPlan",
-    "kernels_available", "unavailable_reason", "sparse_matmul",
-    "save_converted", "load_converted",
+    "convert",
+    "retune",
+    "ConversionReport",
+    "LayerDecision",
+    "PackedFormat",
+    "CompactCSR",
+    "Bitmask",
+    "PackedNM",
+    "BlockSparse",
+    "CompactDense",
+    "FORMATS",
+    "SparseLinear",
+    "BatchPlan",
+    "kernels_available",
+    "unavailable_reason",
+    "sparse_matmul",
+    "save_converted",
+    "load_converted",
 ]

@@ -33,8 +33,17 @@ from ..errors import SparseforgeError
 from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul_tensor
 
-__all__ = ["LayerChoice", "TimingRound", "candidate_formats", "measure_layer", "rule_layer", "predict_ms", "predicted_speedups",
-           "RULE_MAX_DENSITY", "SPARSE_MARGIN"]
+__all__ = [
+    "LayerChoice",
+    "TimingRound",
+    "candidate_formats",
+    "measure_layer",
+    "rule_layer",
+    "predict_ms",
+    "predicted_speedups",
+    "RULE_MAX_DENSITY",
+    "SPARSE_MARGIN",
+]
 
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
 SPARSE_MARGIN = 0.10
@@ -192,8 +201,11 @@ def _interp(table: tuple[tuple[int, float], ...], batch: int) -> float:
 def _dense_ms(rows: int, cols: int, batch: int, threads: int) -> float:
     work = rows * cols * batch
     t = threads if work >= _PARALLEL_WORK else 1
-    return (MODEL_OVERHEAD_MS["dense"] + (4 * rows * cols + 4 * batch * (rows + cols)) / (MODEL_GBPS * 1e6)
-            + work * _interp(_NS_DENSE, batch) / t * 1e-6)
+    return (
+        MODEL_OVERHEAD_MS["dense"]
+        + (4 * rows * cols + 4 * batch * (rows + cols)) / (MODEL_GBPS * 1e6)
+        + work * _interp(_NS_DENSE, batch) / t * 1e-6
+    )
 
 
 def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, threads: int | None = None) -> float:
@@ -206,7 +218,11 @@ def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, thr
         return _dense_ms(rows, cols, batch, threads)
     if isinstance(fmt, CompactDense):
         kr, kc = fmt.weight.shape
-        return MODEL_OVERHEAD_MS["compact"] + _dense_ms(kr, kc, batch, threads) + 8 * batch * (rows + cols) / (MODEL_GBPS * 1e6)
+        return (
+            MODEL_OVERHEAD_MS["compact"]
+            + _dense_ms(kr, kc, batch, threads)
+            + 8 * batch * (rows + cols) / (MODEL_GBPS * 1e6)
+        )
     kept = int(fmt.nnz)
     padded = (batch + 7) // 8 * 8
     io = 4 * batch * (rows + cols) * (1 if batch == 1 else 3)  # x and y; above batch 1 also the transposed copies
@@ -229,8 +245,9 @@ def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, thr
     return overhead + (fmt.nbytes + io) / (MODEL_GBPS * 1e6) + ns / t * 1e-6
 
 
-def predicted_speedups(shape: tuple[int, int], formats: dict[str, PackedFormat], batch_sizes: tuple[int, ...],
-                       threads: int | None = None) -> dict[str, dict[int, float]]:
+def predicted_speedups(
+    shape: tuple[int, int], formats: dict[str, PackedFormat], batch_sizes: tuple[int, ...], threads: int | None = None
+) -> dict[str, dict[int, float]]:
     """``{name: {batch: predicted dense time / format time}}`` for the named formats."""
     out: dict[str, dict[int, float]] = {}
     for name, fmt in formats.items():
@@ -256,7 +273,7 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[
     times: dict[str, list[float]] = {k: [] for k in fns}
     items = list(fns.items())
     for i in range(reps):  # rotate the starting variant: no variant always follows the slowest one
-        for k, fn in items[i % len(items):] + items[: i % len(items)]:
+        for k, fn in items[i % len(items) :] + items[: i % len(items)]:
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -297,8 +314,11 @@ class TimingRound:
         """Why these timings cannot be trusted (one phrase), or ``None`` when the round looks quiet."""
         if self.wait is not None and self.wait > WAIT_LIMIT:
             return f"threads waited for a CPU {self.wait:.0%} of the time"
-        spreads = {k: float(np.median(v)) / min(v) for k, v in self.times.items()
-                   if v and min(v) > 0 and float(np.median(v)) >= SPREAD_MIN_MS}
+        spreads = {
+            k: float(np.median(v)) / min(v)
+            for k, v in self.times.items()
+            if v and min(v) > 0 and float(np.median(v)) >= SPREAD_MIN_MS
+        }
         if spreads:
             k = max(spreads, key=spreads.get)
             if spreads[k] > SPREAD_LIMIT:
@@ -348,8 +368,9 @@ def _is_close(speedup: float, threshold: float) -> bool:
     return threshold / CLOSE_CALL <= speedup <= threshold * CLOSE_CALL
 
 
-def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int,
-                         margin: float) -> tuple[dict[str, float], str | None]:
+def _confirm_close_calls(
+    fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int, margin: float
+) -> tuple[dict[str, float], str | None]:
     """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
     times longer, and keep for each the *less favourable* of two estimates of its speedup over
     dense: the ratio of medians and the ratio of fastest calls. A kernel that won by noise must
@@ -369,12 +390,17 @@ def _confirm_close_calls(fns: dict[str, Callable[[], object]], medians: dict[str
     for k in close:
         speedup = min(median["dense"] / median[k], fastest["dense"] / fastest[k])
         out[k] = medians["dense"] / speedup
-    note = None if quiet else f"close call {', '.join(close)} timed again under load ({rounds[-1].noise()}, {len(rounds)} rounds)"
+    note = (
+        None
+        if quiet
+        else f"close call {', '.join(close)} timed again under load ({rounds[-1].noise()}, {len(rounds)} rounds)"
+    )
     return out, note
 
 
-def _measure_batch(fns: dict[str, Callable[[], object]], reps: int, margin: float,
-                   predicted: dict[str, float]) -> tuple[dict[str, float], str | None]:
+def _measure_batch(
+    fns: dict[str, Callable[[], object]], reps: int, margin: float, predicted: dict[str, float]
+) -> tuple[dict[str, float], str | None]:
     """ms per call of every variant at one batch size (dense under ``"dense"``), and a note when
     the timings were taken under load.
 
@@ -420,8 +446,15 @@ def _describe(fmt: PackedFormat) -> str:
     return f"{fmt.name}{'(' + extra[1:] + ')' if extra else ''}"
 
 
-def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: tuple[int, ...], reps: int = 5, seed: int = 0,
-                  margin: float = SPARSE_MARGIN, max_formats: int = 2) -> LayerChoice:
+def measure_layer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch_sizes: tuple[int, ...],
+    reps: int = 5,
+    seed: int = 0,
+    margin: float = SPARSE_MARGIN,
+    max_formats: int = 2,
+) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
 
     The cost model (:func:`predict_ms`) first orders the candidates and drops those it predicts
@@ -452,20 +485,32 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
             continue
         found.append((_describe(f), f, None))
         if isinstance(f, CompactCSR) and has_native_kernel(f) and 1 in batch_sizes:
-            found.append((_describe(f) + "[gather]", f, 1))  # the same weight with the AVX2-gather SpMV (batch 1 only differs)
+            found.append(
+                (_describe(f) + "[gather]", f, 1)
+            )  # the same weight with the AVX2-gather SpMV (batch 1 only differs)
     predicted = predicted_speedups(shape, {n: f for n, f, _ in found}, tuple(batch_sizes), threads)
     pruned: list[str] = []
     if _dense_ms(*shape, max(batch_sizes), threads) >= PRUNE_MIN_MS:
         pruned = [n for n, _, _ in found if all(predicted[n][b] < PRUNE_BELOW for b in batch_sizes)]
     # fastest predicted first (mean predicted time relative to dense over the batch sizes)
-    found = sorted((c for c in found if c[0] not in pruned), key=lambda c: sum(1.0 / predicted[c[0]][b] for b in batch_sizes))
+    found = sorted(
+        (c for c in found if c[0] not in pruned), key=lambda c: sum(1.0 / predicted[c[0]][b] for b in batch_sizes)
+    )
     names = [n for n, _, _ in found]
     cands = [f for _, f, _ in found]
     variants = [v for _, _, v in found]
-    pruned_note = (f"; not timed (cost model predicts < {PRUNE_BELOW}x of dense): "
-                   + ", ".join(f"{n} {max(predicted[n].values()):.2f}x" for n in pruned)) if pruned else ""
+    pruned_note = (
+        (
+            f"; not timed (cost model predicts < {PRUNE_BELOW}x of dense): "
+            + ", ".join(f"{n} {max(predicted[n].values()):.2f}x" for n in pruned)
+        )
+        if pruned
+        else ""
+    )
     if not found:
-        return LayerChoice(None, {b: "dense" for b in batch_sizes}, "dense: " + pruned_note[2:], {}, predicted=predicted)
+        return LayerChoice(
+            None, {b: "dense" for b in batch_sizes}, "dense: " + pruned_note[2:], {}, predicted=predicted
+        )
     timings: dict[str, dict[int, float]] = {"dense": {}, **{n: {} for n in names}}
     notes: dict[int, str] = {}
     for b in batch_sizes:
@@ -474,7 +519,7 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
         for name, fmt, var in zip(names, cands, variants):
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
-            fns[name] = (lambda f=fmt, v=var: _sparse_call(f, x, bias, v))
+            fns[name] = lambda f=fmt, v=var: _sparse_call(f, x, bias, v)
         ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
         if note:
             notes[b] = note
@@ -496,7 +541,9 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
     scored = []
     for name, fmt, var in zip(names, cands, variants):
         if any(wins(name, b) for b in batch_sizes):
-            total = sum((timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes) / len(batch_sizes)
+            total = sum(
+                (timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes
+            ) / len(batch_sizes)
             scored.append((total, fmt.nbytes, name, fmt, var))
     best = None
     if scored:
@@ -506,10 +553,17 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
         best = tuple(rest)
     common = {"predicted": predicted, "under_load": bool(notes), "load_note": load_note}
     if best is None:
-        speeds = ", ".join(f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
-                           for b in batch_sizes)
-        return LayerChoice(None, {b: "dense" for b in batch_sizes},
-                           f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds}){suffix}", timings, **common)
+        speeds = ", ".join(
+            f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
+            for b in batch_sizes
+        )
+        return LayerChoice(
+            None,
+            {b: "dense" for b in batch_sizes},
+            f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds}){suffix}",
+            timings,
+            **common,
+        )
     name, fmt, var = best
     set_spmv_variant(fmt, var)
     choices = {b: ("sparse" if wins(name, b) else "dense") for b in batch_sizes}
@@ -532,11 +586,20 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: 
         set_spmv_variant(f2, v2)
         for b in better:
             choices[b], chosen[b] = f2.name, n2
-    why = ", ".join(f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
-                    f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)" for b in batch_sizes)
+    why = ", ".join(
+        f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
+        f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)"
+        for b in batch_sizes
+    )
     kept = name + (f" + {extra[0]}" if extra is not None else "")
-    return LayerChoice(fmt, choices, f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}", timings,
-                       extra=extra[1] if extra is not None else None, **common)
+    return LayerChoice(
+        fmt,
+        choices,
+        f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}",
+        timings,
+        extra=extra[1] if extra is not None else None,
+        **common,
+    )
 
 
 def _sparse_call(fmt: PackedFormat, x: torch.Tensor, bias: torch.Tensor | None, variant: int | None = None) -> None:
@@ -549,7 +612,13 @@ def rule_layer(weight: torch.Tensor, batch_sizes: tuple[int, ...]) -> LayerChoic
     """No measurement: CSR for every batch size if density <= :data:`RULE_MAX_DENSITY`, else dense."""
     density = float((weight != 0).float().mean()) if weight.numel() else 1.0
     if density <= RULE_MAX_DENSITY:
-        return LayerChoice(CompactCSR.from_dense(weight.detach().contiguous()), {b: "sparse" for b in batch_sizes},
-                           f"csr by rule: density {density:.3f} <= {RULE_MAX_DENSITY} (autotune=False)")
-    return LayerChoice(None, {b: "dense" for b in batch_sizes},
-                       f"dense by rule: density {density:.3f} > {RULE_MAX_DENSITY} (autotune=False; sparse kernels lose here on the reference CPU)")
+        return LayerChoice(
+            CompactCSR.from_dense(weight.detach().contiguous()),
+            {b: "sparse" for b in batch_sizes},
+            f"csr by rule: density {density:.3f} <= {RULE_MAX_DENSITY} (autotune=False)",
+        )
+    return LayerChoice(
+        None,
+        {b: "dense" for b in batch_sizes},
+        f"dense by rule: density {density:.3f} > {RULE_MAX_DENSITY} (autotune=False; sparse kernels lose here on the reference CPU)",
+    )

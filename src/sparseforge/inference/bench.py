@@ -34,8 +34,19 @@ from .convert import convert
 from .modules import SparseLinear
 from .native import threading_mode
 
-__all__ = ["run_inference_bench", "parse_pattern", "DEFAULT_PATTERNS", "format_table", "format_markdown", "copy_bandwidth_gbps", "read_bandwidth_gbps", "build_mlp", "load_mlp",
-           "busy_processes", "BUSY_TARGET"]
+__all__ = [
+    "run_inference_bench",
+    "parse_pattern",
+    "DEFAULT_PATTERNS",
+    "format_table",
+    "format_markdown",
+    "copy_bandwidth_gbps",
+    "read_bandwidth_gbps",
+    "build_mlp",
+    "load_mlp",
+    "busy_processes",
+    "BUSY_TARGET",
+]
 
 
 def _median_s(fn: Callable[[], object], reps: int) -> float:
@@ -80,10 +91,14 @@ def load_mlp(path: str | os.PathLike) -> nn.Sequential:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise SparseforgeError(f"model file {str(path)!r} is not a readable safetensors file ({type(exc).__name__})") from None
+        raise SparseforgeError(
+            f"model file {str(path)!r} is not a readable safetensors file ({type(exc).__name__})"
+        ) from None
     names = [k[: -len(".weight")] for k in state if k.endswith(".weight") and state[k].dim() == 2]
     if not names:
-        raise SparseforgeError(f"model file {str(path)!r} has no 2-D '*.weight' tensors; allowed: a state dict of Linear layers")
+        raise SparseforgeError(
+            f"model file {str(path)!r} has no 2-D '*.weight' tensors; allowed: a state dict of Linear layers"
+        )
     mods: list[nn.Module] = []
     for i, n in enumerate(names):
         w = state[n + ".weight"].float()
@@ -97,10 +112,21 @@ def load_mlp(path: str | os.PathLike) -> nn.Sequential:
 
 
 #: The standard set (``make bench``): unstructured magnitude pruning, 2:4, and two block-pruned models.
-DEFAULT_PATTERNS: tuple[float | str, ...] = (0.5, 0.7, 0.9, 0.95, "2:4", "block:8x8:0.7", "block:4x4:0.9", "channel:0.5")
+DEFAULT_PATTERNS: tuple[float | str, ...] = (
+    0.5,
+    0.7,
+    0.9,
+    0.95,
+    "2:4",
+    "block:8x8:0.7",
+    "block:4x4:0.9",
+    "channel:0.5",
+)
 
-_PATTERNS_ALLOWED = ("a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), block:RxC:S (e.g. block:8x8:0.9) "
-                     "or channel:S (a fraction S of output neurons removed)")
+_PATTERNS_ALLOWED = (
+    "a fraction of zeros in [0, 1) (unstructured), n:m (e.g. 2:4), block:RxC:S (e.g. block:8x8:0.9) "
+    "or channel:S (a fraction S of output neurons removed)"
+)
 
 
 def parse_pattern(pattern: str | float) -> str | float:
@@ -114,7 +140,7 @@ def parse_pattern(pattern: str | float) -> str | float:
     if isinstance(pattern, str):
         text = pattern.strip().lower()
         if text.startswith("channel:"):
-            sparsity = parse_pattern(text[len("channel:"):]) if text[len("channel:"):] else None
+            sparsity = parse_pattern(text[len("channel:") :]) if text[len("channel:") :] else None
             if not isinstance(sparsity, float):
                 raise SparseforgeError(f"pattern={pattern!r} is not allowed; allowed: {_PATTERNS_ALLOWED}")
             return f"channel:{sparsity:g}"
@@ -204,8 +230,12 @@ MIN_TIMED_S = 3.0
 MAX_ROUNDS = 200
 
 
-def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.0,
-                    before: Callable[[], object] | None = None) -> dict[str, float]:
+def _interleaved_ms(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    min_seconds: float = 0.0,
+    before: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Median ms per call; one call of each variant per round, the starting variant rotating each
     round (on a busy machine the call right after a long one gets preempted more often). Rounds
     are raised (up to :data:`MAX_ROUNDS`) until they take about ``min_seconds``. ``before`` (not
@@ -219,7 +249,7 @@ def _interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, min_secon
         rounds = max(rounds, min(MAX_ROUNDS, int(min_seconds / per_round)))
     items = list(fns.items())
     for i in range(rounds):
-        for k, f in items[i % len(items):] + items[: i % len(items)]:
+        for k, f in items[i % len(items) :] + items[: i % len(items)]:
             if before is not None:
                 before()
             t0 = time.perf_counter()
@@ -244,8 +274,14 @@ def busy_processes(n: int | None = None, settle_s: float = 0.3) -> Iterator[list
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _BUSY_LOOP],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         time.sleep(settle_s)  # let them start spinning before the measured work begins
         yield procs
     finally:
@@ -307,7 +343,9 @@ def run_inference_bench(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fast, report = convert(pruned, batch_sizes=tuple(batches), reps=3 if quick else 5)
-        say(f"pattern {pattern}: converted in {time.perf_counter() - t_conv:.0f} s: {len(report.sparse_layers)}/{len(report.layers)} layers sparse")
+        say(
+            f"pattern {pattern}: converted in {time.perf_counter() - t_conv:.0f} s: {len(report.sparse_layers)}/{len(report.layers)} layers sparse"
+        )
         fast_busy = report_busy = None
         if busy:
             t_conv = time.perf_counter()
@@ -316,8 +354,10 @@ def run_inference_bench(
                 fast_busy, report_busy = convert(pruned, batch_sizes=tuple(batches), reps=3 if quick else 5)
             caught.extend(caught_busy)
             time.sleep(1.0)  # the busy loops are gone; let the machine settle before timing
-            say(f"pattern {pattern}: converted on the busy machine in {time.perf_counter() - t_conv:.0f} s: "
-                f"{len(report_busy.sparse_layers)}/{len(report_busy.layers)} layers sparse, {len(report_busy.under_load_layers)} flagged under load")
+            say(
+                f"pattern {pattern}: converted on the busy machine in {time.perf_counter() - t_conv:.0f} s: "
+                f"{len(report_busy.sparse_layers)}/{len(report_busy.layers)} layers sparse, {len(report_busy.under_load_layers)} flagged under load"
+            )
         tcsr = _torch_csr_model(pruned)
         formats = sorted({d.format or "dense" for d in report.layers})
         for b in batches:
@@ -329,48 +369,84 @@ def run_inference_bench(
             with torch.inference_mode():
                 ms = _interleaved_ms(variants, rounds, min_seconds=0.0 if quick else MIN_TIMED_S)
                 junk = torch.ones((FLUSH_MB // 8 if quick else FLUSH_MB) * 2**20 // 4)
-                cold = _interleaved_ms({"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)}, max(5, rounds // 2) if quick else rounds,
-                                       before=junk.sum)
+                cold = _interleaved_ms(
+                    {"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)},
+                    max(5, rounds // 2) if quick else rounds,
+                    before=junk.sum,
+                )
             dense_bytes = _weight_bytes(pruned, b)
             sf_bytes = _weight_bytes(fast, b)
-            rows_out.append({
-                "pattern": pattern if isinstance(pattern, str) else f"{pattern:g}",
-                "batch": b,
-                "dense_ms": ms["dense"],
-                "torch_csr_ms": ms["torch_csr"],
-                "sparseforge_ms": ms["sparseforge"],
-                "speedup_vs_dense": ms["dense"] / ms["sparseforge"],
-                "speedup_vs_torch_csr": ms["torch_csr"] / ms["sparseforge"],
-                "dense_cold_ms": cold["dense"],
-                "sparseforge_cold_ms": cold["sparseforge"],
-                "speedup_cold": cold["dense"] / cold["sparseforge"],
-                "busy_sparseforge_ms": ms.get("sparseforge_busy"),
-                "speedup_busy_converted": ms["dense"] / ms["sparseforge_busy"] if fast_busy is not None else None,
-                "busy_vs_idle": ms["sparseforge"] / ms["sparseforge_busy"] if fast_busy is not None else None,
-                "busy_under_load_layers": len(report_busy.under_load_layers) if report_busy is not None else None,
-                "busy_paths": ", ".join(sorted({_runs(fast_busy.get_submodule(d.name), b) for d in report_busy.layers})) if fast_busy is not None else None,
-                "dense_gbps": dense_bytes / ms["dense"] / 1e6,
-                "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,
-                "sparseforge_weight_mb": sf_bytes / 1e6,
-                "copy_gbps": copy_gbps,
-                "read_gbps": read_gbps,
-                "paths": ", ".join(sorted({_runs(fast.get_submodule(d.name), b) for d in report.layers})),
-                "formats": formats,
-                "layers": [{"name": d.name, "action": d.action, "format": d.format, "plan": d.plan,
-                            "timings_ms": {k: {str(bb): v for bb, v in t.items()} for k, t in d.timings_ms.items()}}
-                           for d in report.layers],
-                "warnings": [str(w.message) for w in caught],
-                "load_avg_1min": (load_before, os.getloadavg()[0]),
-            })
+            rows_out.append(
+                {
+                    "pattern": pattern if isinstance(pattern, str) else f"{pattern:g}",
+                    "batch": b,
+                    "dense_ms": ms["dense"],
+                    "torch_csr_ms": ms["torch_csr"],
+                    "sparseforge_ms": ms["sparseforge"],
+                    "speedup_vs_dense": ms["dense"] / ms["sparseforge"],
+                    "speedup_vs_torch_csr": ms["torch_csr"] / ms["sparseforge"],
+                    "dense_cold_ms": cold["dense"],
+                    "sparseforge_cold_ms": cold["sparseforge"],
+                    "speedup_cold": cold["dense"] / cold["sparseforge"],
+                    "busy_sparseforge_ms": ms.get("sparseforge_busy"),
+                    "speedup_busy_converted": ms["dense"] / ms["sparseforge_busy"] if fast_busy is not None else None,
+                    "busy_vs_idle": ms["sparseforge"] / ms["sparseforge_busy"] if fast_busy is not None else None,
+                    "busy_under_load_layers": len(report_busy.under_load_layers) if report_busy is not None else None,
+                    "busy_paths": ", ".join(
+                        sorted({_runs(fast_busy.get_submodule(d.name), b) for d in report_busy.layers})
+                    )
+                    if fast_busy is not None
+                    else None,
+                    "dense_gbps": dense_bytes / ms["dense"] / 1e6,
+                    "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,
+                    "sparseforge_weight_mb": sf_bytes / 1e6,
+                    "copy_gbps": copy_gbps,
+                    "read_gbps": read_gbps,
+                    "paths": ", ".join(sorted({_runs(fast.get_submodule(d.name), b) for d in report.layers})),
+                    "formats": formats,
+                    "layers": [
+                        {
+                            "name": d.name,
+                            "action": d.action,
+                            "format": d.format,
+                            "plan": d.plan,
+                            "timings_ms": {k: {str(bb): v for bb, v in t.items()} for k, t in d.timings_ms.items()},
+                        }
+                        for d in report.layers
+                    ],
+                    "warnings": [str(w.message) for w in caught],
+                    "load_avg_1min": (load_before, os.getloadavg()[0]),
+                }
+            )
             r = rows_out[-1]
-            busy_text = (f"; busy-converted {r['busy_sparseforge_ms']:.2f} ms ({r['speedup_busy_converted']:.2f}x, {r['busy_vs_idle']:.2f} of idle)"
-                         if fast_busy is not None else "")
-            say(f"  {r['pattern']} batch {b}: dense {r['dense_ms']:.2f} ms, sparseforge {r['sparseforge_ms']:.2f} ms "
+            busy_text = (
+                f"; busy-converted {r['busy_sparseforge_ms']:.2f} ms ({r['speedup_busy_converted']:.2f}x, {r['busy_vs_idle']:.2f} of idle)"
+                if fast_busy is not None
+                else ""
+            )
+            say(
+                f"  {r['pattern']} batch {b}: dense {r['dense_ms']:.2f} ms, sparseforge {r['sparseforge_ms']:.2f} ms "
                 f"({r['speedup_vs_dense']:.2f}x; cold {r['dense_cold_ms']:.2f} / {r['sparseforge_cold_ms']:.2f} ms, {r['speedup_cold']:.2f}x{busy_text}), "
-                f"load {load_before:.2f}->{os.getloadavg()[0]:.2f}")
+                f"load {load_before:.2f}->{os.getloadavg()[0]:.2f}"
+            )
     if json_out is not None:
-        write_text(json_out, json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "torch_threads": torch.get_num_threads(), "threading": threading_mode(),
-                                              "load_avg": os.getloadavg(), "busy_column": busy, "busy_target": BUSY_TARGET, "rows": rows_out}, indent=2), what="--json output")
+        write_text(
+            json_out,
+            json.dumps(
+                {
+                    "copy_gbps": copy_gbps,
+                    "read_gbps": read_gbps,
+                    "torch_threads": torch.get_num_threads(),
+                    "threading": threading_mode(),
+                    "load_avg": os.getloadavg(),
+                    "busy_column": busy,
+                    "busy_target": BUSY_TARGET,
+                    "rows": rows_out,
+                },
+                indent=2,
+            ),
+            what="--json output",
+        )
     return rows_out
 
 
@@ -388,32 +464,42 @@ def format_table(rows: list[dict]) -> str:
     ``busy-conv``: speedup over dense of the model converted while every core was busy (timed on
     the quiet machine); ``busy/idle``: that over the idle-converted speedup, ``(!)`` below :data:`BUSY_TARGET`."""
     pw = max([8] + [len(str(r["pattern"])) for r in rows])
-    head = (f"{'pattern':>{pw}} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} "
-            f"{'cold: dense':>11} {'sf ms':>7} {'vs dense':>8} {'busy-conv':>9} {'busy/idle':>9} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths")
+    head = (
+        f"{'pattern':>{pw}} {'batch':>5} {'dense ms':>9} {'torchCSR ms':>11} {'sf ms':>8} {'vs dense':>8} {'vs CSR':>7} "
+        f"{'cold: dense':>11} {'sf ms':>7} {'vs dense':>8} {'busy-conv':>9} {'busy/idle':>9} {'dense GB/s':>10} {'sf GB/s':>8} {'load':>9}  paths"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         busy_speedup, busy_ratio = _busy_cells(r)
-        lines.append(f"{r['pattern']:>{pw}} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
-                     f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x "
-                     f"{r['dense_cold_ms']:>11.2f} {r['sparseforge_cold_ms']:>7.2f} {r['speedup_cold']:>7.2f}x "
-                     f"{busy_speedup:>9} {busy_ratio:>9} "
-                     f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
-                     f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}")
+        lines.append(
+            f"{r['pattern']:>{pw}} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
+            f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x "
+            f"{r['dense_cold_ms']:>11.2f} {r['sparseforge_cold_ms']:>7.2f} {r['speedup_cold']:>7.2f}x "
+            f"{busy_speedup:>9} {busy_ratio:>9} "
+            f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
+            f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}"
+        )
     if rows:
-        lines.append(f"machine bandwidth: copy (read+write) {rows[0]['copy_gbps']:.1f} GB/s, read {rows[0].get('read_gbps', float('nan')):.1f} GB/s; torch threads: {torch.get_num_threads()}; "
-                     f"sparseforge C kernels' threads: {threading_mode() or 'unavailable'}")
+        lines.append(
+            f"machine bandwidth: copy (read+write) {rows[0]['copy_gbps']:.1f} GB/s, read {rows[0].get('read_gbps', float('nan')):.1f} GB/s; torch threads: {torch.get_num_threads()}; "
+            f"sparseforge C kernels' threads: {threading_mode() or 'unavailable'}"
+        )
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[dict]) -> str:
     """The rows of :func:`run_inference_bench` as a Markdown table (for the README and docs)."""
-    lines = ["| pattern | batch | dense ms | torch CSR ms | sparseforge ms | vs dense | vs torch CSR | cold: dense ms | cold: sf ms "
-             "| cold: vs dense | busy-converted: vs dense | busy / idle | dense GB/s | sf GB/s | sf MB | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| pattern | batch | dense ms | torch CSR ms | sparseforge ms | vs dense | vs torch CSR | cold: dense ms | cold: sf ms "
+        "| cold: vs dense | busy-converted: vs dense | busy / idle | dense GB/s | sf GB/s | sf MB | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         busy_speedup, busy_ratio = _busy_cells(r)
-        lines.append(f"| {r['pattern']} | {r['batch']} | {r['dense_ms']:.2f} | {r['torch_csr_ms']:.2f} | {r['sparseforge_ms']:.2f} "
-                     f"| {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_torch_csr']:.2f}x | {r['dense_cold_ms']:.2f} | {r['sparseforge_cold_ms']:.2f} "
-                     f"| {r['speedup_cold']:.2f}x | {busy_speedup} | {busy_ratio} | {r['dense_gbps']:.1f} | {r['sparseforge_gbps']:.1f} "
-                     f"| {r['sparseforge_weight_mb']:.0f} | {r['paths']} |")
+        lines.append(
+            f"| {r['pattern']} | {r['batch']} | {r['dense_ms']:.2f} | {r['torch_csr_ms']:.2f} | {r['sparseforge_ms']:.2f} "
+            f"| {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_torch_csr']:.2f}x | {r['dense_cold_ms']:.2f} | {r['sparseforge_cold_ms']:.2f} "
+            f"| {r['speedup_cold']:.2f}x | {busy_speedup} | {busy_ratio} | {r['dense_gbps']:.1f} | {r['sparseforge_gbps']:.1f} "
+            f"| {r['sparseforge_weight_mb']:.0f} | {r['paths']} |"
+        )
     return "\n".join(lines)

@@ -84,8 +84,10 @@ class ConversionReport:
             head += f"; {len(self.under_load_layers)} decided under load (re-tune on a quiet machine: sparseforge.inference.retune)"
         lines = [head]
         for d in self.layers:
-            lines.append(f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}] -> {d.action.upper()}"
-                         f"{' ' + d.format if d.format else ''}{' (UNDER LOAD)' if d.under_load else ''}: {d.reason}")
+            lines.append(
+                f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}] -> {d.action.upper()}"
+                f"{' ' + d.format if d.format else ''}{' (UNDER LOAD)' if d.under_load else ''}: {d.reason}"
+            )
         return "\n".join(lines)
 
 
@@ -115,7 +117,11 @@ def _check_args(*, reps: object, max_formats: object, min_sparsity: object, **fl
         raise SparseforgeError(f"reps={reps!r} is not allowed; allowed: an int in [1, {MAX_REPS}]")
     if not _is_int(max_formats) or int(max_formats) not in (1, 2):
         raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
-    if not isinstance(min_sparsity, numbers.Real) or isinstance(min_sparsity, bool) or not (0.0 <= float(min_sparsity) < 1.0):
+    if (
+        not isinstance(min_sparsity, numbers.Real)
+        or isinstance(min_sparsity, bool)
+        or not (0.0 <= float(min_sparsity) < 1.0)
+    ):
         raise SparseforgeError(f"min_sparsity={min_sparsity!r} is outside the allowed range [0, 1)")
     for key, value in flags.items():
         if not isinstance(value, bool):
@@ -125,8 +131,14 @@ def _check_args(*, reps: object, max_formats: object, min_sparsity: object, **fl
 # ------------------------------------------------------------------------------------ layers
 def _conv_is_pointwise(m: nn.Module) -> bool:
     k = m.kernel_size
-    return (all(s == 1 for s in k) and all(s == 1 for s in m.stride) and all(d == 1 for d in m.dilation)
-            and m.groups == 1 and m.padding in ((0,), (0, 0), "valid") and m.padding_mode == "zeros")
+    return (
+        all(s == 1 for s in k)
+        and all(s == 1 for s in m.stride)
+        and all(d == 1 for d in m.dilation)
+        and m.groups == 1
+        and m.padding in ((0,), (0, 0), "valid")
+        and m.padding_mode == "zeros"
+    )
 
 
 def _weight_2d(m: nn.Module) -> torch.Tensor:
@@ -195,14 +207,17 @@ def _dense_module(m: SparseLinear) -> nn.Module:
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)
 
 
-def _convert_layers(out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps: int, min_sparsity: float,
-                    max_formats: int) -> tuple[nn.Module, list[LayerDecision]]:
+def _convert_layers(
+    out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps: int, min_sparsity: float, max_formats: int
+) -> tuple[nn.Module, list[LayerDecision]]:
     """Decide and rebuild every Linear / conv / SparseLinear layer of ``out`` in place (the root too: returned)."""
     layers = [n for n, m in out.named_modules() if isinstance(m, _LAYER_TYPES)]
     decisions: list[LayerDecision] = []
     kernel_problem = unavailable_reason()
     if kernel_problem:
-        warnings.warn(f"sparseforge.convert: kernels unavailable, every layer stays dense: {kernel_problem}", stacklevel=3)
+        warnings.warn(
+            f"sparseforge.convert: kernels unavailable, every layer stays dense: {kernel_problem}", stacklevel=3
+        )
     with torch.inference_mode():
         for name in layers:
             m = out.get_submodule(name) if name else out
@@ -219,22 +234,61 @@ def _convert_layers(out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps
             if kernel_problem:
                 decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", kernel_problem)
             elif sparsity <= min_sparsity or sparsity == 0.0:
-                decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense",
-                                         f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)")
+                decision = LayerDecision(
+                    name,
+                    kind,
+                    shape,
+                    sparsity,
+                    "dense",
+                    None,
+                    "all: dense",
+                    f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)",
+                )
             else:
                 try:
-                    choice = measure_layer(w, m.bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(w, sizes)
+                    choice = (
+                        measure_layer(w, m.bias, sizes, reps=reps, max_formats=max_formats)
+                        if autotune
+                        else rule_layer(w, sizes)
+                    )
                 except Exception as exc:  # a kernel that fails to compile must never crash convert
-                    warnings.warn(f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=3)
+                    warnings.warn(
+                        f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}",
+                        stacklevel=3,
+                    )
                     choice = None
-                    decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}")
+                    decision = LayerDecision(
+                        name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}"
+                    )
                 if choice is not None and choice.packed is None:
-                    decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", choice.reason, choice.timings_ms,
-                                             choice.under_load, choice.predicted)
+                    decision = LayerDecision(
+                        name,
+                        kind,
+                        shape,
+                        sparsity,
+                        "dense",
+                        None,
+                        "all: dense",
+                        choice.reason,
+                        choice.timings_ms,
+                        choice.under_load,
+                        choice.predicted,
+                    )
                 elif choice is not None:
                     new = build_module(m, choice, sizes)
-                    decision = LayerDecision(name, kind, shape, sparsity, "sparse", new.format_names, new.describe_plan(), choice.reason,
-                                             choice.timings_ms, choice.under_load, choice.predicted)
+                    decision = LayerDecision(
+                        name,
+                        kind,
+                        shape,
+                        sparsity,
+                        "sparse",
+                        new.format_names,
+                        new.describe_plan(),
+                        choice.reason,
+                        choice.timings_ms,
+                        choice.under_load,
+                        choice.predicted,
+                    )
             if new is None and was_sparse:
                 new = _dense_module(m)  # a re-tuned layer that now runs dense everywhere
             if new is not None:
@@ -249,14 +303,22 @@ def _convert_layers(out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps
 def _warn_summary(report: ConversionReport, what: str) -> None:
     n_dense = len(report.dense_layers)
     if not report.sparse_layers:
-        warnings.warn(f"sparseforge.{what}: nothing converted, all {n_dense} layers run dense (see report)", stacklevel=3)
+        warnings.warn(
+            f"sparseforge.{what}: nothing converted, all {n_dense} layers run dense (see report)", stacklevel=3
+        )
     elif n_dense:
-        warnings.warn(f"sparseforge.{what}: {n_dense} of {len(report.layers)} layers run dense: {', '.join(report.dense_layers)} (see report)", stacklevel=3)
+        warnings.warn(
+            f"sparseforge.{what}: {n_dense} of {len(report.layers)} layers run dense: {', '.join(report.dense_layers)} (see report)",
+            stacklevel=3,
+        )
     busy = report.under_load_layers
     if busy:
-        warnings.warn(f"sparseforge.{what}: {len(busy)} of {len(report.layers)} layers were decided while other processes kept the CPU busy "
-                      f"(noisy timings): {', '.join(n or '<root>' for n in busy)}; re-tune them on a quiet machine with "
-                      f"sparseforge.inference.retune(model)", stacklevel=3)
+        warnings.warn(
+            f"sparseforge.{what}: {len(busy)} of {len(report.layers)} layers were decided while other processes kept the CPU busy "
+            f"(noisy timings): {', '.join(n or '<root>' for n in busy)}; re-tune them on a quiet machine with "
+            f"sparseforge.inference.retune(model)",
+            stacklevel=3,
+        )
 
 
 def convert(
@@ -292,7 +354,9 @@ def convert(
     sizes = _check_batch_sizes(batch_sizes)
     _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, autotune=autotune, inplace=inplace)
     if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
-        raise SparseforgeError(f"nothing to convert: {type(model).__name__} has no nn.Linear or 1x1 nn.Conv1d/Conv2d layer")
+        raise SparseforgeError(
+            f"nothing to convert: {type(model).__name__} has no nn.Linear or 1x1 nn.Conv1d/Conv2d layer"
+        )
     out = model if inplace else copy.deepcopy(model)
     out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
     report = ConversionReport(decisions, sizes, autotune)
@@ -337,7 +401,9 @@ def retune(
         sizes = _check_batch_sizes(batch_sizes)
     _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, inplace=inplace)
     if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
-        raise SparseforgeError(f"nothing to re-tune: {type(model).__name__} has no SparseLinear, nn.Linear or 1x1 nn.Conv1d/Conv2d layer")
+        raise SparseforgeError(
+            f"nothing to re-tune: {type(model).__name__} has no SparseLinear, nn.Linear or 1x1 nn.Conv1d/Conv2d layer"
+        )
     out = model if inplace else copy.deepcopy(model)
     out, decisions = _convert_layers(out, sizes, True, int(reps), float(min_sparsity), int(max_formats))
     report = ConversionReport(decisions, sizes, True)

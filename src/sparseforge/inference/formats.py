@@ -60,7 +60,9 @@ def as_weight_array(weight: torch.Tensor | np.ndarray) -> np.ndarray:
         if arr.dtype != np.float32:
             raise SparseforgeError(f"weight dtype {arr.dtype} is not supported; allowed: float32")
     if arr.ndim != 2:
-        raise SparseforgeError(f"weight has shape {tuple(arr.shape)}; allowed: a 2-D (out_features, in_features) weight")
+        raise SparseforgeError(
+            f"weight has shape {tuple(arr.shape)}; allowed: a 2-D (out_features, in_features) weight"
+        )
     return np.ascontiguousarray(arr)
 
 
@@ -98,7 +100,9 @@ class PackedFormat:
         raise NotImplementedError
 
     @classmethod
-    def from_arrays(cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]) -> PackedFormat:  # pragma: no cover
+    def from_arrays(
+        cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]
+    ) -> PackedFormat:  # pragma: no cover
         """Rebuild from :meth:`arrays`, validating every invariant the kernels rely on."""
         raise NotImplementedError
 
@@ -162,8 +166,12 @@ class CompactCSR(PackedFormat):
         rows, cols = shape
         indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
         ok = (
-            indptr.ndim == 1 and indptr.shape[0] == rows + 1 and indptr.dtype in (np.int32, np.int64)
-            and values.dtype == np.float32 and indices.shape == values.shape and values.ndim == 1
+            indptr.ndim == 1
+            and indptr.shape[0] == rows + 1
+            and indptr.dtype in (np.int32, np.int64)
+            and values.dtype == np.float32
+            and indices.shape == values.shape
+            and values.ndim == 1
             and indices.dtype == index_dtype_for(cols)
         )
         if ok:
@@ -171,7 +179,9 @@ class CompactCSR(PackedFormat):
             ok = ip[0] == 0 and ip[-1] == values.shape[0] and bool(np.all(np.diff(ip) >= 0))
             ok = ok and (indices.size == 0 or (int(indices.min()) >= 0 and int(indices.max()) < cols))
         if not ok:
-            raise SparseforgeError(f"csr arrays are inconsistent with shape {shape}; allowed: a file written by save_converted")
+            raise SparseforgeError(
+                f"csr arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
+            )
         return cls(shape, indptr, indices, values)
 
 
@@ -234,16 +244,24 @@ class Bitmask(PackedFormat):
         mask, values = arrays["mask"], arrays["values"]
         words = (cols + 63) // 64
         if mask.dtype != np.uint64 or mask.shape != (rows, words) or values.dtype != np.float32 or values.ndim != 1:
-            raise SparseforgeError(f"bitmask arrays are inconsistent with shape {shape}; allowed: a file written by save_converted")
+            raise SparseforgeError(
+                f"bitmask arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
+            )
         fmt = cls(shape, np.ascontiguousarray(mask), np.zeros(rows + 1, np.int64), values)
         keep = fmt._bool_mask()
         # Bits beyond in_features must be clear, and the popcount must match the value count.
         tail_ok = words * 64 == cols or not np.any(
-            np.unpackbits(np.ascontiguousarray(mask.astype("<u8", copy=False)).view(np.uint8).reshape(rows, -1), axis=1, bitorder="little")[:, cols:]
+            np.unpackbits(
+                np.ascontiguousarray(mask.astype("<u8", copy=False)).view(np.uint8).reshape(rows, -1),
+                axis=1,
+                bitorder="little",
+            )[:, cols:]
         )
         np.cumsum(keep.sum(axis=1), out=fmt.rowptr[1:])
         if not tail_ok or int(fmt.rowptr[-1]) != values.shape[0]:
-            raise SparseforgeError(f"bitmask has {int(fmt.rowptr[-1])} set bits but {values.shape[0]} values; allowed: equal counts")
+            raise SparseforgeError(
+                f"bitmask has {int(fmt.rowptr[-1])} set bits but {values.shape[0]} values; allowed: equal counts"
+            )
         return fmt
 
 
@@ -283,13 +301,20 @@ class PackedNM(PackedFormat):
         groups = w.reshape(rows, cols // m, m)
         nz = groups != 0
         if nz.sum(axis=2).max(initial=0) > n_keep:
-            raise SparseforgeError(f"weight is not NM({n_keep}, {m}): some group of {m} inputs has more than {n_keep} nonzeros")
+            raise SparseforgeError(
+                f"weight is not NM({n_keep}, {m}): some group of {m} inputs has more than {n_keep} nonzeros"
+            )
         # Stable order: nonzeros first (by position), then zeros (by position); keep the first n_keep.
         order = np.argsort(~nz, axis=2, kind="stable")[:, :, :n_keep]
         positions = np.sort(order, axis=2).astype(np.uint8)
         values = np.take_along_axis(groups, positions.astype(np.int64), axis=2)
-        return cls((rows, cols), int(n_keep), int(m), np.ascontiguousarray(values.reshape(rows, -1)),
-                   np.ascontiguousarray(positions.reshape(rows, -1)))
+        return cls(
+            (rows, cols),
+            int(n_keep),
+            int(m),
+            np.ascontiguousarray(values.reshape(rows, -1)),
+            np.ascontiguousarray(positions.reshape(rows, -1)),
+        )
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
@@ -314,13 +339,22 @@ class PackedNM(PackedFormat):
         rows, cols = shape
         n, m = int(params.get("n_keep", 0)), int(params.get("m", 0))
         values, positions = arrays["values"], arrays["positions"]
-        ok = (1 <= m <= 255 and 0 < n <= m and cols % m == 0 and values.dtype == np.float32
-              and positions.dtype == np.uint8 and values.shape == (rows, cols // m * n) and positions.shape == values.shape)
+        ok = (
+            1 <= m <= 255
+            and 0 < n <= m
+            and cols % m == 0
+            and values.dtype == np.float32
+            and positions.dtype == np.uint8
+            and values.shape == (rows, cols // m * n)
+            and positions.shape == values.shape
+        )
         if ok and positions.size:
             p = positions.reshape(rows, -1, n).astype(np.int64)
             ok = int(p.max()) < m and bool(np.all(np.diff(p, axis=2) > 0))
         if not ok:
-            raise SparseforgeError(f"nm arrays are inconsistent with shape {shape} and NM({n}, {m}); allowed: a file written by save_converted")
+            raise SparseforgeError(
+                f"nm arrays are inconsistent with shape {shape} and NM({n}, {m}); allowed: a file written by save_converted"
+            )
         return cls(shape, n, m, values, positions)
 
 
@@ -357,14 +391,22 @@ class BlockSparse(PackedFormat):
         w = as_weight_array(weight)
         rows, cols = w.shape
         if bh < 1 or bw < 1 or rows % bh or cols % bw:
-            raise SparseforgeError(f"block ({bh}, {bw}) does not tile weight shape {(rows, cols)}; allowed: divisors of the shape")
+            raise SparseforgeError(
+                f"block ({bh}, {bw}) does not tile weight shape {(rows, cols)}; allowed: divisors of the shape"
+            )
         tiles = w.reshape(rows // bh, bh, cols // bw, bw).transpose(0, 2, 1, 3)  # (R, C, bh, bw)
         nzb = (tiles != 0).any(axis=(2, 3))
         br, bc = np.nonzero(nzb)
         rowptr = np.zeros(rows // bh + 1, dtype=np.int32)
         np.cumsum(np.bincount(br, minlength=rows // bh), out=rowptr[1:])
-        return cls((rows, cols), int(bh), int(bw), rowptr, bc.astype(index_dtype_for(cols // bw)),
-                   np.ascontiguousarray(tiles[br, bc]))
+        return cls(
+            (rows, cols),
+            int(bh),
+            int(bw),
+            rowptr,
+            bc.astype(index_dtype_for(cols // bw)),
+            np.ascontiguousarray(tiles[br, bc]),
+        )
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
@@ -397,7 +439,9 @@ class BlockSparse(PackedFormat):
             ok = ip[0] == 0 and ip[-1] == bc.shape[0] and bool(np.all(np.diff(ip) >= 0))
             ok = ok and (bc.size == 0 or int(bc.max()) < cols // bw)
         if not ok:
-            raise SparseforgeError(f"block arrays are inconsistent with shape {shape} and block ({bh}, {bw}); allowed: a file written by save_converted")
+            raise SparseforgeError(
+                f"block arrays are inconsistent with shape {shape} and block ({bh}, {bw}); allowed: a file written by save_converted"
+            )
         return cls(shape, bh, bw, rp, bc, blocks)
 
 
@@ -454,14 +498,21 @@ class CompactDense(PackedFormat):
         _require(arrays, ("rows", "cols", "weight"), "compact")
         out_f, in_f = shape
         rows, cols, weight = arrays["rows"], arrays["cols"], arrays["weight"]
-        ok = rows.dtype == index_dtype_for(out_f) and cols.dtype == index_dtype_for(in_f) and rows.ndim == 1 and cols.ndim == 1
+        ok = (
+            rows.dtype == index_dtype_for(out_f)
+            and cols.dtype == index_dtype_for(in_f)
+            and rows.ndim == 1
+            and cols.ndim == 1
+        )
         ok = ok and weight.dtype == np.float32 and weight.shape == (rows.shape[0], cols.shape[0])
         for idx, extent in ((rows, out_f), (cols, in_f)):
             if ok and idx.size:
                 i = idx.astype(np.int64)
                 ok = bool(np.all(np.diff(i) > 0)) and int(i[0]) >= 0 and int(i[-1]) < extent
         if not ok:
-            raise SparseforgeError(f"compact arrays are inconsistent with shape {shape}; allowed: a file written by save_converted")
+            raise SparseforgeError(
+                f"compact arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
+            )
         return cls(shape, rows, cols, weight)
 
 

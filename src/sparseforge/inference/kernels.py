@@ -36,8 +36,17 @@ import torch
 from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
 from .native import get_library, native_reason
 
-__all__ = ["kernels_available", "kernel_available_for", "numba_available", "unavailable_reason", "sparse_matmul", "sparse_matmul_tensor", "has_native_kernel",
-           "KernelRunner", "DEFAULT_RUNNER"]
+__all__ = [
+    "kernels_available",
+    "kernel_available_for",
+    "numba_available",
+    "unavailable_reason",
+    "sparse_matmul",
+    "sparse_matmul_tensor",
+    "has_native_kernel",
+    "KernelRunner",
+    "DEFAULT_RUNNER",
+]
 
 try:  # pragma: no cover - exercised only where numba is absent
     import numba
@@ -281,7 +290,21 @@ BITMASK_SPMV_VARIANT = 1
 class _NativePlan:
     """Per-format cache: contiguous arrays in the C kernels' dtypes, their addresses, row splits."""
 
-    __slots__ = ("kind", "keep", "ptrs", "work", "cuts", "cuts_ptr", "words", "nnz", "suffix", "spmv", "spmm", "spmm_blk", "spmv_variant")
+    __slots__ = (
+        "kind",
+        "keep",
+        "ptrs",
+        "work",
+        "cuts",
+        "cuts_ptr",
+        "words",
+        "nnz",
+        "suffix",
+        "spmv",
+        "spmm",
+        "spmm_blk",
+        "spmv_variant",
+    )
 
     def __init__(self, fmt: PackedFormat) -> None:
         rows, cols = fmt.shape
@@ -385,7 +408,9 @@ def spmm_block_cols(cols: int, ldx: int) -> int:
     return cb if cb < cols else 0
 
 
-def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, threads: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _native_matmul(
+    lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, threads: int, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``x`` is a C-contiguous float32 CPU tensor ``(batch >= 1, in_features)``; ``bias`` float32 or None."""
     rows, cols = fmt.shape
     batch = x.shape[0]
@@ -403,7 +428,20 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
             xv = x if width == cols else torch.nn.functional.pad(x, (0, width - cols))
             mask_p, rowptr_p, val_p = plan.ptrs
             variant = BITMASK_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
-            lib.sf_bitmask_spmv(mask_p, plan.words, rowptr_p, val_p, plan.nnz, xv.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant, bias_p)
+            lib.sf_bitmask_spmv(
+                mask_p,
+                plan.words,
+                rowptr_p,
+                val_p,
+                plan.nnz,
+                xv.data_ptr(),
+                out.data_ptr(),
+                cp,
+                nchunks,
+                threads,
+                variant,
+                bias_p,
+            )
         return out
     ldx = (batch + 7) // 8 * 8
     xt = torch.empty(cols, ldx, dtype=torch.float32)
@@ -412,18 +450,45 @@ def _native_matmul(lib, plan: _NativePlan, fmt: PackedFormat, x: torch.Tensor, t
     if plan.kind == "csr":
         block_cols = spmm_block_cols(cols, ldx)
         if block_cols:
-            plan.spmm_blk(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads,
-                          cols, block_cols, CSR_SPMM_BLOCK_ROWS)
+            plan.spmm_blk(
+                *plan.ptrs,
+                xt.data_ptr(),
+                ldx,
+                out_t.data_ptr(),
+                cp,
+                nchunks,
+                threads,
+                cols,
+                block_cols,
+                CSR_SPMM_BLOCK_ROWS,
+            )
         else:
             plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
     elif plan.kind == "block":
         block_cols = spmm_block_cols(cols, ldx)  # input features per range, as for CSR (0 = one range)
         nbc = cols // fmt.bw
-        lib.sf_block_spmm(*plan.ptrs, fmt.bh, fmt.bw, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads,
-                          nbc, max(1, block_cols // fmt.bw) if block_cols else 0, max(1, CSR_SPMM_BLOCK_ROWS // fmt.bh))
+        lib.sf_block_spmm(
+            *plan.ptrs,
+            fmt.bh,
+            fmt.bw,
+            xt.data_ptr(),
+            ldx,
+            out_t.data_ptr(),
+            cp,
+            nchunks,
+            threads,
+            nbc,
+            max(1, block_cols // fmt.bw) if block_cols else 0,
+            max(1, CSR_SPMM_BLOCK_ROWS // fmt.bh),
+        )
     else:
         mask_p, rowptr_p, val_p = plan.ptrs
-        if lib.sf_bitmask_spmm(mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads) != 0:
+        if (
+            lib.sf_bitmask_spmm(
+                mask_p, plan.words, rowptr_p, val_p, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads
+            )
+            != 0
+        ):
             raise MemoryError("sparseforge bitmask kernel could not allocate its row buffer")
     out = torch.empty(batch, rows, dtype=torch.float32)
     lib.sf_transpose(out_t.data_ptr(), rows, batch, ldx, out.data_ptr(), rows, rows, threads)
@@ -442,22 +507,30 @@ def _compact_matmul(fmt: CompactDense, x: torch.Tensor, bias: torch.Tensor | Non
     if got is None:
         rows = torch.from_numpy(fmt.rows.astype(np.int64))
         cols = torch.from_numpy(fmt.cols.astype(np.int64))
-        got = (rows if rows.numel() < fmt.shape[0] else None, cols if cols.numel() < fmt.shape[1] else None,
-               torch.from_numpy(fmt.weight))
+        got = (
+            rows if rows.numel() < fmt.shape[0] else None,
+            cols if cols.numel() < fmt.shape[1] else None,
+            torch.from_numpy(fmt.weight),
+        )
         _COMPACT[fmt] = got
     rows, cols, weight = got
     xs = x if cols is None else x.index_select(1, cols)
     if rows is None:
         return torch.nn.functional.linear(xs, weight, bias)
-    out = torch.zeros(x.shape[0], fmt.shape[0], dtype=torch.float32) if bias is None else bias.expand(x.shape[0], -1).clone()
+    out = (
+        torch.zeros(x.shape[0], fmt.shape[0], dtype=torch.float32)
+        if bias is None
+        else bias.expand(x.shape[0], -1).clone()
+    )
     ys = torch.nn.functional.linear(xs, weight)
     if bias is not None:
         ys += bias.index_select(0, rows)
     return out.index_copy_(1, rows, ys)
 
 
-def sparse_matmul_tensor(fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_matmul_tensor(
+    fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor.
 
     ``bias`` (float32 ``(out_features,)``, optional) is added to every output row; the batch-1 C

@@ -97,11 +97,17 @@ class SparseLinear(nn.Module):
             raise SparseforgeError(f"layout={layout!r} is not allowed; allowed: {LAYOUTS}")
         if packed is None and dense_weight is None:
             raise SparseforgeError("SparseLinear needs a packed or a dense weight; got neither")
-        if extra is not None and (packed is None or extra.name in ("sparse", "dense", packed.name) or extra.shape != packed.shape):
-            raise SparseforgeError(f"extra format {extra.name!r} is not allowed here; allowed: a packed weight of the same shape in a format other than the main one")
+        if extra is not None and (
+            packed is None or extra.name in ("sparse", "dense", packed.name) or extra.shape != packed.shape
+        ):
+            raise SparseforgeError(
+                f"extra format {extra.name!r} is not allowed here; allowed: a packed weight of the same shape in a format other than the main one"
+            )
         allowed = {"sparse", "dense"} | ({extra.name} if extra is not None else set())
         if not plan.paths <= allowed:
-            raise SparseforgeError(f"plan paths {sorted(plan.paths - allowed)} are not allowed; allowed: {sorted(allowed)}")
+            raise SparseforgeError(
+                f"plan paths {sorted(plan.paths - allowed)} are not allowed; allowed: {sorted(allowed)}"
+            )
         if "sparse" in plan.paths and packed is None:
             raise SparseforgeError("plan uses the sparse path but no packed weight was given")
         if "dense" in plan.paths and dense_weight is None:
@@ -111,8 +117,12 @@ class SparseLinear(nn.Module):
         self.tuned_batch_sizes: tuple[int, ...] | None = None
         self.plan = plan
         self.layout = layout
-        self.out_features, self.in_features = shape or (packed.shape if packed is not None else tuple(dense_weight.shape))
-        self.register_buffer("dense_weight", None if dense_weight is None else dense_weight.detach().to(torch.float32).contiguous())
+        self.out_features, self.in_features = shape or (
+            packed.shape if packed is not None else tuple(dense_weight.shape)
+        )
+        self.register_buffer(
+            "dense_weight", None if dense_weight is None else dense_weight.detach().to(torch.float32).contiguous()
+        )
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
 
     @property

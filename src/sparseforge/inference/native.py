@@ -47,7 +47,21 @@ from pathlib import Path
 from ..errors import SparseforgeError
 from ..fileio import atomic_write
 
-__all__ = ["CFLAGS", "OPENMP_FLAGS", "THREADING_MODES", "SOURCE", "cache_dir", "set_threading", "threading_mode", "compiler_command", "get_library", "native_available", "native_reason", "build_library", "NativeBuildError"]
+__all__ = [
+    "CFLAGS",
+    "OPENMP_FLAGS",
+    "THREADING_MODES",
+    "SOURCE",
+    "cache_dir",
+    "set_threading",
+    "threading_mode",
+    "compiler_command",
+    "get_library",
+    "native_available",
+    "native_reason",
+    "build_library",
+    "NativeBuildError",
+]
 
 #: The kernel source shipped with the package.
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
@@ -129,8 +143,18 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
         raise NativeBuildError(f"C compiler {cmd[0]!r} does not run: {type(exc).__name__}") from None
     src = SOURCE.read_bytes()
     flags = CFLAGS + extra
-    key = hashlib.sha256(b"\0".join([src, " ".join(cmd + flags).encode(), version.encode(), _cpu_flags().encode(),
-                                     platform.machine().encode(), str(ABI).encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                src,
+                " ".join(cmd + flags).encode(),
+                version.encode(),
+                _cpu_flags().encode(),
+                platform.machine().encode(),
+                str(ABI).encode(),
+            ]
+        )
+    ).hexdigest()[:20]
     out_dir = Path(directory) if directory is not None else cache_dir()
     target = out_dir / f"spmm-{key}.so"
     if target.exists():
@@ -139,10 +163,16 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NativeBuildError(f"cannot create cache directory {str(out_dir)!r}: {exc.strerror}") from None
+
     def compile_to(tmp: str) -> None:
-        res = subprocess.run([*cmd, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        res = subprocess.run(
+            [*cmd, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+        )
         if res.returncode != 0:
-            first = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip().splitlines()[0] if res.stderr.strip() else "")
+            first = next(
+                (ln for ln in res.stderr.splitlines() if "error" in ln),
+                res.stderr.strip().splitlines()[0] if res.stderr.strip() else "",
+            )
             raise NativeBuildError(f"compiling {SOURCE.name} failed (exit {res.returncode}): {first[:200]}")
 
     # the one atomic-write path: a killed compile leaves a .spmm-KEY.so.sftmp-PID-* file that the
@@ -167,7 +197,20 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("u16", "i32"):
         getattr(lib, f"sf_csr_spmv_{suffix}").argtypes = [_P, _P, _P, _P, _P, _P, _INT, _INT, _INT, _P]
         getattr(lib, f"sf_csr_spmm_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT]
-        getattr(lib, f"sf_csr_spmm_blk_{suffix}").argtypes = [_P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _I64, _I64]
+        getattr(lib, f"sf_csr_spmm_blk_{suffix}").argtypes = [
+            _P,
+            _P,
+            _P,
+            _P,
+            _I64,
+            _P,
+            _P,
+            _INT,
+            _INT,
+            _I64,
+            _I64,
+            _I64,
+        ]
     lib.sf_bitmask_spmv.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _INT, _INT, _INT, _P]
     lib.sf_bitmask_spmm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _INT, _INT]
     lib.sf_bitmask_spmm.restype = _INT
@@ -179,8 +222,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_set_threading.restype = _INT
     lib.sf_openmp_available.restype = _INT
     lib.sf_get_threading.restype = _INT
-    for name in ("sf_csr_spmv_u16", "sf_csr_spmv_i32", "sf_csr_spmm_u16", "sf_csr_spmm_i32",
-                 "sf_csr_spmm_blk_u16", "sf_csr_spmm_blk_i32", "sf_bitmask_spmv", "sf_block_spmv", "sf_block_spmm"):
+    for name in (
+        "sf_csr_spmv_u16",
+        "sf_csr_spmv_i32",
+        "sf_csr_spmm_u16",
+        "sf_csr_spmm_i32",
+        "sf_csr_spmm_blk_u16",
+        "sf_csr_spmm_blk_i32",
+        "sf_bitmask_spmv",
+        "sf_block_spmv",
+        "sf_block_spmm",
+    ):
         getattr(lib, name).restype = None
 
 
@@ -227,7 +279,11 @@ def get_library() -> ctypes.CDLL | None:
             except Exception as exc:  # never let a build problem crash inference
                 _reason = f"{type(exc).__name__}: {exc}"
             if _lib is None:
-                warnings.warn(f"sparseforge: C kernels unavailable, using the Numba kernels instead: {_reason}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"sparseforge: C kernels unavailable, using the Numba kernels instead: {_reason}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         _tried = True
         return _lib
 

@@ -69,7 +69,9 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
     layers: dict[str, dict] = {}
     sparse_names = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     if not sparse_names:
-        raise SparseforgeError(f"{type(model).__name__} has no SparseLinear layer; allowed: a model returned by convert()")
+        raise SparseforgeError(
+            f"{type(model).__name__} has no SparseLinear layer; allowed: a model returned by convert()"
+        )
     for name, m in model.named_modules():
         if name not in sparse_names:
             continue
@@ -133,7 +135,9 @@ def _repack(stored, runs: str, params: dict | None, layer: str):
     try:
         return FORMATS[runs].from_dense(stored.to_dense(), **params)
     except TypeError:
-        raise SparseforgeError(f"file layer {layer!r}: format {runs!r} does not take parameters {sorted(params)}") from None
+        raise SparseforgeError(
+            f"file layer {layer!r}: format {runs!r} does not take parameters {sorted(params)}"
+        ) from None
 
 
 def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
@@ -150,7 +154,9 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     path = check_input_file(path, _WHAT)
     tensors, meta = _read(path)
     if meta.get("sparseforge.version") != _FORMAT_VERSION:
-        raise SparseforgeError(f"file {str(path)!r} is not a sparseforge converted model (version {meta.get('sparseforge.version')!r}); allowed: version {_FORMAT_VERSION}")
+        raise SparseforgeError(
+            f"file {str(path)!r} is not a sparseforge converted model (version {meta.get('sparseforge.version')!r}); allowed: version {_FORMAT_VERSION}"
+        )
     try:
         layers = json.loads(meta["sparseforge.layers"])
         # files written before dtype and shape were covered have the bytes-only table alone
@@ -169,12 +175,20 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         shape = (int(spec["shape"][0]), int(spec["shape"][1]))
         tw = getattr(target, "weight", None)
         if tw is None or (tw.shape[0], tw[0].numel()) != shape:
-            raise SparseforgeError(f"skeleton layer {name!r} has weight shape {None if tw is None else tuple(tw.shape)}; the file expects {shape}")
+            raise SparseforgeError(
+                f"skeleton layer {name!r} has weight shape {None if tw is None else tuple(tw.shape)}; the file expects {shape}"
+            )
         cls = FORMATS.get(spec["stored"])
         if cls is None:
-            raise SparseforgeError(f"file layer {name!r} has unknown format {spec['stored']!r}; allowed: {sorted(FORMATS)}")
+            raise SparseforgeError(
+                f"file layer {name!r} has unknown format {spec['stored']!r}; allowed: {sorted(FORMATS)}"
+            )
         prefix = f"{name}."
-        arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix) and k[len(prefix):] != "bias"}
+        arrays = {
+            k[len(prefix) :]: t.numpy()
+            for k, t in tensors.items()
+            if k.startswith(prefix) and k[len(prefix) :] != "bias"
+        }
         stored = cls.from_arrays(shape, arrays, {k: int(v) for k, v in spec["params"].items()})
         plan = BatchPlan(tuple((int(b), str(p)) for b, p in spec["plan"]))
         runs = spec["runs"]
@@ -194,10 +208,14 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     own = {k: v for k, v in skeleton.state_dict().items() if k.rpartition(".")[0] not in layers}
     if set(rest) != set(own):
-        raise SparseforgeError(f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ set(own))[:3]}")
+        raise SparseforgeError(
+            f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ set(own))[:3]}"
+        )
     for key, value in rest.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise SparseforgeError(f"file {str(path)!r}: {key!r} has shape {tuple(value.shape)}, the skeleton expects {tuple(own[key].shape)}")
+            raise SparseforgeError(
+                f"file {str(path)!r}: {key!r} has shape {tuple(value.shape)}, the skeleton expects {tuple(own[key].shape)}"
+            )
     for name, module in built.items():
         if name:
             parent_name, _, child = name.rpartition(".")
