@@ -8,11 +8,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,experiments,kernels
+EXTRAS ?= dev,experiments,kernels,docs
 STAMP := $(VENV)/.sparseforge-installed
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: install demo test bench validate clean
+.PHONY: install demo test lint docs bench validate clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# ruff (lint and format check) and mypy; .ci/run runs this before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy src
+
+# the docs site (MkDocs + Material + mkdocstrings) into site/; any warning fails the build
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
 	$(PY) benchmarks/bench_overhead.py
@@ -36,4 +46,4 @@ validate: $(STAMP)
 	$(PY) benchmarks/validate_training.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .hypothesis
+	rm -rf $(VENV) demo_out site .pytest_cache .hypothesis .mypy_cache .ruff_cache
