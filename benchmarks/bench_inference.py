@@ -15,7 +15,6 @@ converted models are then timed on the quiet machine, interleaved ("busy-conv" s
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
 from sparseforge import MaskState, Sparsifier

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import requires
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import requires
 from sparseforge.errors import SparseforgeError
-from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedNM
 from sparseforge.inference import kernels
+from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedNM
 from sparseforge.inference.kernels import KernelRunner, kernels_available, numba_available, sparse_matmul
 
 needs_kernels = requires(kernels_available(), "numba kernels unavailable")  # fails instead under CI=true

@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import requires
 
+from conftest import requires
 from sparseforge.inference import SparseLinear, convert, kernels, native
 from sparseforge.inference.formats import Bitmask, BlockSparse, CompactCSR
 from sparseforge.inference.kernels import KernelRunner, sparse_matmul

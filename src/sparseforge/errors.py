@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 
-
 __all__ = ["SparseforgeError", "check_density", "check_float", "check_int", "check_seed", "check_sparsity"]
 
 

@@ -10,10 +10,9 @@ per-epoch metrics::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-import math
 
 import torch
 import torch.nn.functional as F

@@ -8,13 +8,12 @@ from .base import Algorithm
 from .dst import SET, DynamicSparse, RigL
 from .gmp import GMP
 from .granet import GraNet
-from .snfs import SNFS
-from .srigl import SRigL
-from .static import StaticSparse, init_sparse
-
 from .imp import IMPHistory, IMPRound, IMPRoundRecord, imp, prune_surviving, round_sparsities
 from .nm_training import GradientFlowSchedule, NMTraining, progressive_gradient_flow, srste
+from .snfs import SNFS
 from .soups import Ingredient, SoupCycle, SoupHistory, average_states, sparse_model_soups
+from .srigl import SRigL
+from .static import StaticSparse, init_sparse
 
 __all__ = [
     "Algorithm",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import SparseforgeError
 from .app import app, console, err_console
 from .outputs import outputs_of
-
 
 #: Largest batch the benchmark accepts (a 4096-wide fp32 input of this many rows is 1 GiB).
 MAX_BATCH = 65536
@@ -20,7 +19,7 @@ MAX_BATCH = 65536
 def bench(
     ctx: typer.Context,
     model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="A safetensors state dict of Linear layers; default: the built-in 4-layer 4096x4096 MLP."),
     ] = None,
     sparsities: Annotated[
@@ -37,7 +36,7 @@ def bench(
         bool, typer.Option(help="A < 1 minute run (0.9 sparsity, batches 1 and 16, fewer repeats).")
     ] = False,
     busy: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--busy/--no-busy",
             help="Also convert while busy-loop processes keep every core busy, then time both models on the quiet machine (default: on, off with --quick).",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,7 +30,7 @@ def demo(
     width: Annotated[int, typer.Option(help="Channels (cnn) or hidden units (mlp).")] = 128,
     epochs: Annotated[int, typer.Option(help="Dense training epochs (passes over the 4000 training samples).")] = 20,
     sparsities: Annotated[
-        Optional[str], typer.Option(help="Comma-separated sparsities in [0, 1) (default 0..0.99).")
+        str | None, typer.Option(help="Comma-separated sparsities in [0, 1) (default 0..0.99).")
     ] = None,
     methods: Annotated[
         str, typer.Option(help="Comma-separated scores: magnitude, random, snip, grasp, synflow, movement.")

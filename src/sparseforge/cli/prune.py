@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -51,15 +51,15 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def prune_cmd(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Output checkpoint (.safetensors, .pt or .pth) with weights and masks.")],
-    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     checkpoint: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Trained weights of the model: a sparseforge checkpoint or a plain state dict (.safetensors or .pt). Without it the model's initial weights are pruned (pruning at initialisation)."
         ),
     ] = None,
     sparsity: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             help="Fraction of prunable weights to remove, in [0, 1). Omit with an N:M structure, which fixes it."
         ),
@@ -72,18 +72,18 @@ def prune_cmd(
     ] = "unstructured",
     distribution: Annotated[str, typer.Option(help="Layer budget: uniform, er, erk, global.")] = "uniform",
     exclude: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(help="Module-name pattern to keep dense (repeatable), e.g. classifier or 'blocks.*.attn'."),
     ] = None,
     data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Data for snip, grasp, movement (and the input shape of synflow): mnist1d, digits, or a .safetensors/.pt file with tensors 'inputs' and 'targets'."
         ),
     ] = None,
     samples: Annotated[int, typer.Option(help="Rows of --data used for the scores.")] = 512,
     input_shape: Annotated[
-        Optional[str], typer.Option(help="Input shape of one sample for synflow without --data, e.g. 40 or 3,32,32.")
+        str | None, typer.Option(help="Input shape of one sample for synflow without --data, e.g. 40 or 3,32,32.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of random scores and of a built-in model's initialisation.")] = 0,
 ) -> None:
@@ -94,10 +94,10 @@ def prune_cmd(
     import torch
 
     from ..checkpoint import load, save
+    from ..distributions import DISTRIBUTIONS
     from ..experiments.datasets import DATASET_SHAPES, load_batch
     from ..experiments.models import MODELS, model_from_spec
     from ..fileio import check_input_file, check_output_file
-    from ..distributions import DISTRIBUTIONS
     from ..pruning import METHODS, prune, validate_options
     from ..report import sparsity_report
     from ..structures import parse_structure

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,11 +15,11 @@ from .prune import MODEL_HELP
 def report(
     checkpoint: Annotated[Path, typer.Argument(help="A sparseforge checkpoint (.safetensors or .pt).")],
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help=MODEL_HELP + " Optional: without it the report is read from the file alone (no FLOPs)."),
     ] = None,
     input_shape: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Shape of one input sample for per-sample FLOPs, e.g. 40 or 3,32,32 (with --model)."),
     ] = None,
 ) -> None:

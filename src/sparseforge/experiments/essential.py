@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..fileio import write_text
 from ..errors import SparseforgeError
+from ..fileio import write_text
 from ..pruning import METHODS, prune
 from ..structures import NM
 from ..targets import select_prunable

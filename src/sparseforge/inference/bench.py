@@ -22,7 +22,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
-
 import numpy as np
 import torch
 from torch import nn
