@@ -110,9 +110,9 @@ def main() -> None:
 
     results = {}
     for v in variants:
-        plain = [t for t, u in zip(times[v], updates[v]) if not u]
+        plain = [t for t, u in zip(times[v], updates[v], strict=True) if not u]
         median = statistics.median(plain)
-        extra = sum(t - median for t, u in zip(times[v], updates[v]) if u)
+        extra = sum(t - median for t, u in zip(times[v], updates[v], strict=True) if u)
         results[v] = {
             "median_ms": 1e3 * statistics.median(times[v]),
             "amortized_ms": 1e3 * (median + extra / len(times[v])),

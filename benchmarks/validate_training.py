@@ -265,7 +265,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.scatter(
             xs, ys, marker="*^"[j], s=40, color="black" if j == 0 else "dimgrey", zorder=3, label=f"{recipe} (N:M)"
         )
-        for x, y, p in zip(xs, ys, NM_PATTERNS):
+        for x, y, p in zip(xs, ys, NM_PATTERNS, strict=True):
             ax.annotate(p, (x, y), textcoords="offset points", xytext=(4, -9 if j else 3), fontsize=6)
     dense = s[("dense", "dense")][0]
     ax.axhline(dense, color="black", ls=":", lw=1, label="dense")

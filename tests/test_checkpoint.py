@@ -674,7 +674,7 @@ def test_plain_state_dicts_load_as_weights_without_masks(tmp_path):
     for name in ("plain.pt", "ddp.pt", "plain.safetensors"):
         target = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         assert sparseforge.load(tmp_path / name, target) is None
-        for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        for (k, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
             assert torch.equal(a, b), (name, k)
     wrong = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(SparseforgeError, match="shape"):

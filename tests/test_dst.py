@@ -151,7 +151,7 @@ def test_dst_invariants(method: str, optimizer: str) -> None:
         total_drop = sum(int(r["dropped"].sum()) for r in record.values())
         total_grow = sum(int(r["grown"].sum()) for r in record.values())
         assert total_drop == total_grow > 0
-        for name, r in record.items():
+        for r in record.values():
             assert not (r["dropped"] & r["grown"]).any()
             assert not (r["grown"] & r["old"]).any(), "grew a position that was active (or just dropped)"
             nnz = int(r["old"].sum())
@@ -503,7 +503,7 @@ def test_grads_mode_is_exact(name: str) -> None:
     """zero_state='grads' skips the per-step weight/state masking; results must be bit-identical."""
     lean, sp_lean = _train_rigl("grads", OPTIMIZERS[name])
     full, sp_full = _train_rigl("step", OPTIMIZERS[name])
-    for (n, a), (_, b) in zip(lean.named_parameters(), full.named_parameters()):
+    for (n, a), (_, b) in zip(lean.named_parameters(), full.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     assert all(torch.equal(sp_lean.masks[n], sp_full.masks[n]) for n in sp_lean.masks)
 
@@ -557,6 +557,6 @@ def test_default_zero_state_is_grads_and_bit_identical_to_step(algorithm: str, o
     assert sp_full.zero_state == "step" and sp_full.zero_state_reason == "explicit"
     if algorithm != "static":
         assert changes > 0, "the masks must really change during the run"
-    for (n, a), (_, b) in zip(fast.named_parameters(), full.named_parameters()):
+    for (n, a), (_, b) in zip(fast.named_parameters(), full.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     assert all(torch.equal(sp_fast.masks[n], sp_full.masks[n]) for n in sp_fast.masks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_exact_sparsity_each_round_and_pruned_weights_zero(digits):
     targets = round_sparsities(0.9, 3)
     assert [r.round for r in history.rounds] == [0, 1, 2, 3]
     assert history.prune_fraction == pytest.approx(1 - 0.1 ** (1 / 3))
-    for (rnd, before, after), rec in zip(seen[1:], history.rounds[1:]):
+    for (rnd, before, after), rec in zip(seen[1:], history.rounds[1:], strict=True):
         expected = math.floor((1 - targets[rnd - 1]) * total + 0.5)
         assert before <= expected and after <= expected  # survivors exactly, unless a weight is exactly 0
         assert rec.target_sparsity == pytest.approx(targets[rnd - 1])
@@ -91,7 +92,7 @@ def test_exact_sparsity_each_round_and_pruned_weights_zero(digits):
     assert masks.sparsity() == pytest.approx(0.9, abs=1.0 / total)
     for name, p in _weights(model).items():
         assert torch.all(p[~masks[name]] == 0)
-    for a, b in zip(prev_masks, prev_masks[1:]):
+    for a, b in pairwise(prev_masks):
         for n in a:
             assert not torch.any(b[n] & ~a[n]), "a pruned weight came back"
     assert history.rounds[-1].sparsity >= 0.9 - 1.0 / total
@@ -131,7 +132,7 @@ def test_rewind_equals_snapshot_and_snapshot_not_aliased(digits):
     changed = any(not torch.equal(snap[n], live[n]) for n in snap)
     assert changed, "training should have moved the weights away from the snapshot"
     # at the start of each retraining round: survivors equal the snapshot exactly, pruned are zero
-    for rnd, state in starts.items():
+    for state in starts.values():
         assert set(state) == set(snap)
         for name, value in state.items():
             if name in masks:

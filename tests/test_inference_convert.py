@@ -79,7 +79,7 @@ def test_input_model_is_not_modified_unless_inplace():
     before = [p.clone() for p in model.parameters()]
     fast = all_sparse(model)
     assert isinstance(model[0], nn.Linear) and fast is not model
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     same, _ = convert(model, autotune=False, inplace=True)
     assert same is model and isinstance(model[0], SparseLinear)
 

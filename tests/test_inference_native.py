@@ -134,7 +134,7 @@ def test_both_threading_runtimes_give_identical_results(monkeypatch):
                     for f in (CompactCSR.from_dense(w), Bitmask.from_dense(w))
                 ]
         for batch in (1, 5, 40):
-            for a, b in zip(outs["pool", batch], outs["openmp", batch]):
+            for a, b in zip(outs["pool", batch], outs["openmp", batch], strict=True):
                 np.testing.assert_array_equal(a, b)
     finally:
         native.set_threading(before)
@@ -259,7 +259,7 @@ def test_concurrent_python_threads_share_the_pool(monkeypatch):
     refs = [sparse_matmul(fmt, x, KernelRunner(threads=1)) for x in xs]
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda x: sparse_matmul(fmt, x, KernelRunner(threads=2)), xs))
-    for ref, out in zip(refs, outs):
+    for ref, out in zip(refs, outs, strict=True):
         np.testing.assert_array_equal(ref, out)
 
 

@@ -160,7 +160,7 @@ def test_conv_groups_along_flattened_input():
     opt.step()
     masks = trainer.finalize()
     assert "features.0.weight" in masks.names()  # fan-in 1*4 = 4
-    for name, mask in masks.items():
+    for _name, mask in masks.items():
         _check_nm(mask, 2, 4)
 
 

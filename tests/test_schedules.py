@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -33,7 +34,7 @@ def test_cubic_is_monotone_and_bounded(initial: float, final: float, start: int,
     values = [cubic_sparsity(t, initial=initial, final=final, start=start, end=end) for t in range(end + 5)]
     lo, hi = min(initial, final), max(initial, final)
     assert all(lo - 1e-12 <= v <= hi + 1e-12 for v in values)
-    pairs = list(zip(values, values[1:]))
+    pairs = list(pairwise(values))
     if final >= initial:
         assert all(b >= a - 1e-12 for a, b in pairs)
     else:
@@ -51,7 +52,7 @@ def test_cosine_end_points() -> None:
 @given(st.floats(0.01, 0.99), st.integers(1, 300))
 def test_cosine_is_non_increasing(alpha: float, end: int) -> None:
     values = [cosine_drop_fraction(t, alpha=alpha, end=end) for t in range(end + 3)]
-    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+    assert all(b <= a + 1e-12 for a, b in pairwise(values))
     assert all(0.0 <= v <= alpha for v in values)
 
 

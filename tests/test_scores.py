@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -279,7 +281,7 @@ def test_synflow_masks_schedule_density_and_model_unchanged():
     assert len(asked) == 10
     assert asked[0] == pytest.approx(0.25 ** (1 / 10))
     assert asked[-1] == pytest.approx(0.25)
-    assert all(a > b for a, b in zip(asked, asked[1:]))
+    assert all(a > b for a, b in pairwise(asked))
     assert total == sum(p.numel() for p in params.values())
     assert_unchanged(net, before)
 
@@ -433,7 +435,7 @@ def test_grasp_matches_full_hessian_on_small_mlp():
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:
         tensors, start = {}, 0
-        for n, shp in zip(names, shapes):
+        for n, shp in zip(names, shapes, strict=True):
             k = shp.numel()
             tensors[n] = flat[start : start + k].reshape(shp)
             start += k

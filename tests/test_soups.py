@@ -82,7 +82,7 @@ def test_soup_is_mean_of_ingredients_and_keeps_mask(digits):
         assert torch.all(p[~masks[name]] == 0)
         for s in states:
             assert torch.all(s[name][~masks[name]] == 0)
-    for c, target in zip(history.cycles, [0.5, 0.75]):
+    for c, target in zip(history.cycles, [0.5, 0.75], strict=True):
         assert c.target_sparsity == pytest.approx(target)
         assert c.sparsity >= target - 1.0 / total
         assert c.soup_metric is not None and len(c.ingredient_metrics) == 3
@@ -133,7 +133,7 @@ def test_parallel_matches_sequential(digits):
     (s1, h1), (s2, h2) = results
     for k in s1:
         assert torch.allclose(s1[k], s2[k], atol=1e-5), k
-    for a, b in zip(h1.cycles[0].ingredient_results, h2.cycles[0].ingredient_results):
+    for a, b in zip(h1.cycles[0].ingredient_results, h2.cycles[0].ingredient_results, strict=True):
         assert torch.allclose(a["0.weight"], b["0.weight"], atol=1e-5)
 
 

@@ -98,10 +98,10 @@ nm_pairs = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.j
 )
 def test_nm_every_group_keeps_exactly_n(nm, out, groups, kernel, seed, ties):
     n, m = nm
-    k = math.prod(kernel)
-    # Linear: (out, in) with in = groups * m. Conv: (out, cin, *kernel) with cin * k = groups * m.
+    # Linear: (out, in) with in = groups * m. Conv: (out, cin, *kernel) with cin = groups * m, so the
+    # fan-in cin * prod(kernel) is a multiple of m.
     if kernel:
-        cin = groups * m  # cin * k is a multiple of m
+        cin = groups * m
         shape = (out, cin, *kernel)
     else:
         shape = (out, groups * m)
@@ -115,7 +115,7 @@ def test_nm_every_group_keeps_exactly_n(nm, out, groups, kernel, seed, ties):
     # kept are the highest-scoring within every group
     g_scores = scores.reshape(-1, m)
     g_mask = mask.reshape(-1, m)
-    for row_s, row_m in zip(g_scores, g_mask):
+    for row_s, row_m in zip(g_scores, g_mask, strict=True):
         if 0 < n < m:
             assert row_s[row_m].min() >= row_s[~row_m].max()
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Any, Any], Tensor]
 #: ``mask_fn(scores, density) -> masks``: bool masks keyed like ``scores``, keeping ``density``.
 MaskFn = Callable[[dict[str, Tensor], float], dict[str, Tensor]]
-Data = Union[Batch, Iterable[Batch]]
+Data = Batch | Iterable[Batch]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _preserved(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
         for m, training in modes:
             m.training = training
-        for p, g, r in zip(params, grads, requires):
+        for p, g, r in zip(params, grads, requires, strict=True):
             p.grad = g
             p.requires_grad_(r)
 
@@ -209,7 +209,7 @@ def _grads(loss: Tensor, inputs: list[Tensor], *, create_graph: bool = False) ->
     if not loss.requires_grad:
         return [torch.zeros_like(p) for p in inputs]
     got = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, got)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, got, strict=True)]
 
 
 def _summed_grads(model: nn.Module, tensors: list[Tensor], data: Data, loss_fn: LossFn) -> list[Tensor]:
@@ -217,7 +217,7 @@ def _summed_grads(model: nn.Module, tensors: list[Tensor], data: Data, loss_fn: 
     total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in tensors]
     for x, y in iter_batches(data):
         loss = _scalar_loss(loss_fn(model(x), y))
-        for acc, g in zip(total, _grads(loss, tensors)):
+        for acc, g in zip(total, _grads(loss, tensors), strict=True):
             acc.add_(g.detach().float())
     return total
 
@@ -243,7 +243,9 @@ def _gradient_scores(
         for p in tensors:
             p.requires_grad_(True)
         grads = _summed_grads(model, tensors, data, loss_fn)
-        return {name: combine(p.detach().float(), g).detach() for name, p, g in zip(resolved, tensors, grads)}
+        return {
+            name: combine(p.detach().float(), g).detach() for name, p, g in zip(resolved, tensors, grads, strict=True)
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,11 +343,11 @@ def grasp(
             loss = _scalar_loss(loss_fn(model(x), y))
             g_b = _grads(loss, tensors, create_graph=True)
             z = loss.new_zeros(())
-            for g, gb in zip(g_total, g_b):
+            for g, gb in zip(g_total, g_b, strict=True):
                 z = z + (g.to(gb.dtype) * gb).sum()
-            for acc, h in zip(hg, _grads(z, tensors)):
+            for acc, h in zip(hg, _grads(z, tensors), strict=True):
                 acc.add_(h.detach().float())
-        return {name: (p.detach().float() * h).detach() for name, p, h in zip(resolved, tensors, hg)}
+        return {name: (p.detach().float() * h).detach() for name, p, h in zip(resolved, tensors, hg, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ class _SynFlowNet:
                     f"model output is a {type(out).__name__}; allowed for SynFlow: a tensor or a tuple starting with one"
                 )
             r = out.sum()
-            grads = dict(zip(names, _grads(r, tensors)))
+            grads = dict(zip(names, _grads(r, tensors), strict=True))
         return {
             name: (self.named[m].detach() * grads[m]).abs().to(device=out_devices[name], dtype=torch.float32)
             for name, m in resolved.items()

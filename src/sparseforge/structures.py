@@ -109,7 +109,8 @@ class Structure(ABC):
     #: Density the structure itself fixes (``NM``), or ``None`` when any density is allowed.
     fixed_density: float | None = None
 
-    def check_shape(self, shape: Sequence[int], name: str = "weight") -> None:
+    # a hook, deliberately not abstract: the default accepts every shape; structures with tiles override it
+    def check_shape(self, shape: Sequence[int], name: str = "weight") -> None:  # noqa: B027
         """Raise :class:`SparseforgeError` if this structure cannot tile ``shape``."""
 
     @abstractmethod

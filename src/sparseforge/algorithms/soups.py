@@ -260,7 +260,7 @@ def sparse_model_soups(
                 f"weight_decays has {len(weight_decays)} entries; allowed: exactly ingredients={ingredients}"
             )
         weight_decays = [check_float(w, "weight_decays item", low=0.0) for w in weight_decays]
-    recipes = list(zip(seeds, weight_decays or [None] * ingredients))
+    recipes = list(zip(seeds, weight_decays or [None] * ingredients, strict=True))
     repeated = next((r for i, r in enumerate(recipes) if r in recipes[:i]), None)
     if repeated is not None:
         raise SparseforgeError(

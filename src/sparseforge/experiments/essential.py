@@ -9,6 +9,7 @@ accuracy. The *dropping point* of a curve is the highest sparsity whose accuracy
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -239,7 +240,7 @@ def figure(result: dict[str, Any]) -> Any:
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = dict(zip(methods, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
     for m in methods:
         pts = sorted(
             (r["sparsity"], r["accuracy"])

@@ -25,6 +25,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -191,7 +193,7 @@ def _interp(table: tuple[tuple[int, float], ...], batch: int) -> float:
     """``table`` value at ``batch``, linear in log2(batch) between its points, constant beyond them."""
     if batch <= table[0][0]:
         return table[0][1]
-    for (b0, v0), (b1, v1) in zip(table, table[1:]):
+    for (b0, v0), (b1, v1) in pairwise(table):
         if batch <= b1:
             t = (math.log2(batch) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
             return v0 + t * (v1 - v0)
@@ -515,17 +517,17 @@ def measure_layer(
     notes: dict[int, str] = {}
     for b in batch_sizes:
         x = torch.randn(b, w.shape[1], generator=gen)
-        fns: dict[str, Callable[[], object]] = {"dense": lambda: torch.nn.functional.linear(x, w, bias)}
-        for name, fmt, var in zip(names, cands, variants):
+        fns: dict[str, Callable[[], object]] = {"dense": partial(torch.nn.functional.linear, x, w, bias)}
+        for name, fmt, var in zip(names, cands, variants, strict=True):
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
-            fns[name] = lambda f=fmt, v=var: _sparse_call(f, x, bias, v)
+            fns[name] = partial(_sparse_call, fmt, x, bias, var)
         ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
         if note:
             notes[b] = note
         for k, v in ms.items():
             timings[k][b] = v
-        for name, fmt, var in zip(names, cands, variants):
+        for name, fmt in zip(names, cands, strict=True):
             if b not in timings[name]:
                 timings[name][b] = timings[_describe(fmt)][b] if _describe(fmt) in timings else float("inf")
     load_note = "; ".join(f"batch {b}: {n}" for b, n in notes.items())
@@ -539,7 +541,7 @@ def measure_layer(
     # TIE_FRACTION of it, the smaller format (fewer bytes streamed per call: in a model, layers
     # run back to back and compete for memory bandwidth).
     scored = []
-    for name, fmt, var in zip(names, cands, variants):
+    for name, fmt, var in zip(names, cands, variants, strict=True):
         if any(wins(name, b) for b in batch_sizes):
             total = sum(
                 (timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes
@@ -573,7 +575,7 @@ def measure_layer(
         # second format: the one saving the most (relative) time where it beats the first's path
         # by the margin; never a second packing of the same object (csr vs csr[gather])
         gain_best = 0.0
-        for n2, f2, v2 in zip(names, cands, variants):
+        for n2, f2, v2 in zip(names, cands, variants, strict=True):
             if f2.name == fmt.name:
                 continue
             better = [b for b in batch_sizes if path_ms[b] >= (1.0 + margin) * timings[n2][b]]

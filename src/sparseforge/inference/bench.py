@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -362,14 +363,18 @@ def run_inference_bench(
         for b in batches:
             x = torch.randn(b, pruned[0].in_features)
             load_before = os.getloadavg()[0]
-            variants = {"dense": lambda: pruned(x), "torch_csr": lambda: tcsr(x), "sparseforge": lambda: fast(x)}
+            variants: dict[str, Callable[[], object]] = {
+                "dense": partial(pruned, x),
+                "torch_csr": partial(tcsr, x),
+                "sparseforge": partial(fast, x),
+            }
             if fast_busy is not None:
-                variants["sparseforge_busy"] = lambda: fast_busy(x)
+                variants["sparseforge_busy"] = partial(fast_busy, x)
             with torch.inference_mode():
                 ms = _interleaved_ms(variants, rounds, min_seconds=0.0 if quick else MIN_TIMED_S)
                 junk = torch.ones((FLUSH_MB // 8 if quick else FLUSH_MB) * 2**20 // 4)
                 cold = _interleaved_ms(
-                    {"dense": lambda: pruned(x), "sparseforge": lambda: fast(x)},
+                    {"dense": partial(pruned, x), "sparseforge": partial(fast, x)},
                     max(5, rounds // 2) if quick else rounds,
                     before=junk.sum,
                 )
@@ -470,13 +475,15 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         busy_speedup, busy_ratio = _busy_cells(r)
+        load_before, load_after = r.get("load_avg_1min", (float("nan"),) * 2)
+        load = f"{load_before:.1f}-{load_after:.1f}"
         lines.append(
             f"{r['pattern']:>{pw}} {r['batch']:>5} {r['dense_ms']:>9.2f} {r['torch_csr_ms']:>11.2f} {r['sparseforge_ms']:>8.2f} "
             f"{r['speedup_vs_dense']:>7.2f}x {r['speedup_vs_torch_csr']:>6.2f}x "
             f"{r['dense_cold_ms']:>11.2f} {r['sparseforge_cold_ms']:>7.2f} {r['speedup_cold']:>7.2f}x "
             f"{busy_speedup:>9} {busy_ratio:>9} "
             f"{r['dense_gbps']:>10.1f} {r['sparseforge_gbps']:>8.1f} "
-            f"{'%.1f-%.1f' % tuple(r.get('load_avg_1min', (float('nan'),) * 2)):>9}  {r['paths']}"
+            f"{load:>9}  {r['paths']}"
         )
     if rows:
         lines.append(

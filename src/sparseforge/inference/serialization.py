@@ -199,7 +199,7 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
             packed = _repack(stored, runs, run_params[0], name)
         if spec.get("runs_extra") is not None:
             extra = _repack(stored, spec["runs_extra"], run_params[1], name)
-        for fmt, variant in zip((packed, extra), spec.get("spmv_variants", [None, None])):
+        for fmt, variant in zip((packed, extra), spec.get("spmv_variants", [None, None]), strict=True):
             if fmt is not None and variant is not None:
                 set_spmv_variant(fmt, int(variant))
         dense = stored.to_dense() if "dense" in plan.paths else None
