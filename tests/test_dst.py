@@ -409,6 +409,25 @@ def test_state_dict_round_trip_keeps_gmp_start() -> None:
     assert all(v == 0.0 for k, v in fresh.targets.initial.items())
 
 
+def test_global_gmp_pairs_masks_and_weights_by_name_after_a_reordered_load() -> None:
+    """A mask state loaded with its layers in another order (e.g. sorted keys) scores each layer's own weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    params = dict(model.named_parameters())
+    masks = MaskState({n: torch.ones_like(params[n], dtype=torch.bool) for n in ("0.weight", "2.weight")})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sp = Sparsifier(model, opt, masks, GMP(0.8, start=1, end=4, every=1, distribution="global"))
+    state = sp.state_dict()
+    state["masks"]["masks"] = dict(reversed(list(state["masks"]["masks"].items())))
+    sp.load_state_dict(state)
+    assert list(sp.masks) != list(sp.params)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(16, 8)).sum().backward()
+        opt.step()
+    assert sp.masks.sparsity() == pytest.approx(0.8, abs=1e-2)
+
+
 # -- convergence on scikit-learn digits ------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():

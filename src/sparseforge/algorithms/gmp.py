@@ -110,9 +110,9 @@ class CubicTargets:
                 for n, m in masks.items()
             }
         total = sparsity_at(min(self.initial["__total__"], self.final), self.final)
+        params = sparsifier.params  # by name: masks and params share keys, not necessarily order
         scores = {
-            n: torch.where(m.to(p.device), p.detach().abs().float(), -1.0)
-            for (n, m), p in zip(masks.items(), sparsifier.params.values())
+            n: torch.where(m.to(params[n].device), params[n].detach().abs().float(), -1.0) for n, m in masks.items()
         }
         floor = min(self.min_density, 1.0 - total)
         layer = global_sparsities(scores, total, min_density=floor)
