@@ -39,8 +39,8 @@ class CubicTargets:
 
     Args:
         final_sparsity: fraction of zeros over all masked layers at ``end``, in [0, 1).
-        start, end: steps between which sparsity follows the cubic (integers, ``1 <= end``,
-            ``start <= end``).
+        start: step at which sparsity starts to follow the cubic (an integer, ``start <= end``).
+        end: step at which the cubic reaches ``final_sparsity`` (an integer, ``1 <= end``).
         distribution: ``uniform``, ``er``, ``erk`` or ``global``.
         min_density: floor for ``global`` (default ``0.1 * (1 - final_sparsity)``), in
             ``[0, 1 - final_sparsity]``.
@@ -144,7 +144,8 @@ class GMP(Algorithm):
 
     Args:
         final_sparsity: fraction of zeros over the masked layers at ``end``, in [0, 1).
-        start, end: first and last pruning step ("The Journey Matters": ~25% and ~75% of training).
+        start: first pruning step ("The Journey Matters": ~25% of training).
+        end: last pruning step (~75% of training).
         every: steps between pruning updates (>= 1); ``end`` is always an update step too.
         distribution: ``uniform`` (default), ``er``, ``erk`` or ``global`` (see module doc).
         min_density: per-layer floor for ``global``.

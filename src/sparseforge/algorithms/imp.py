@@ -193,7 +193,9 @@ def imp(
         rewind_step: completed optimizer steps of round 0 whose weights survivors rewind to;
             0 = original lottery tickets, small k = late rewinding, ``None`` = no rewinding.
         eval_fn: optional ``eval_fn(model)`` run after every round; its result is recorded.
-        exclude, first_last_dense, include_types: which layers are prunable (see ``select_prunable``).
+        exclude: module-name patterns or types kept dense (see ``select_prunable``).
+        first_last_dense: keep the first and last prunable layers dense.
+        include_types: module types whose weights are prunable.
         min_density: least fraction of each layer kept by the global threshold (default: a tenth
             of the round's average density).
 

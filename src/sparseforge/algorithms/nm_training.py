@@ -132,7 +132,9 @@ class NMTraining:
         pruned_grad_scale: ``beta``, the factor on the gradient reaching pruned weights: a number in
             [0, 1] or a function of the completed step count (e.g. :class:`GradientFlowSchedule`).
         mask_interval: recompute masks from ``|W|`` after every ``mask_interval`` steps (>= 1).
-        exclude, first_last_dense, include_types: which layers get N:M (see ``select_prunable``).
+        exclude: module-name patterns or types kept dense (see ``select_prunable``).
+        first_last_dense: keep the first and last prunable layers dense.
+        include_types: module types whose weights get N:M.
 
     The optimizer must hold every N:M layer's weight, and no other NMTraining or
     :class:`~sparseforge.sparsifier.Sparsifier` may be attached to it (the Sparsifier zeroes the

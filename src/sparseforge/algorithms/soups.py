@@ -231,7 +231,10 @@ def sparse_model_soups(
         soup: ``"uniform"`` (average all) or ``"greedy"`` (needs ``eval_fn``).
         workers: processes training ingredients in parallel (1 = sequential, in this process).
         start_method: ``"fork"`` or ``"spawn"`` for ``workers > 1``.
-        exclude, first_last_dense, include_types, min_density: as in :func:`~sparseforge.algorithms.imp.imp`.
+        exclude: as in :func:`~sparseforge.algorithms.imp.imp`.
+        first_last_dense: as in :func:`~sparseforge.algorithms.imp.imp`.
+        include_types: as in :func:`~sparseforge.algorithms.imp.imp`.
+        min_density: as in :func:`~sparseforge.algorithms.imp.imp`.
     """
     final = check_sparsity(final_sparsity, "final_sparsity")
     if final <= 0.0:

@@ -386,7 +386,9 @@ def retune(
             plans after :func:`~.serialization.load_converted`).
         inplace: modify ``model`` (default) or a deep copy. The model is returned either way (a
             root layer is replaced, not modified).
-        reps, min_sparsity, max_formats: as for :func:`convert`.
+        reps: as for :func:`convert`.
+        min_sparsity: as for :func:`convert`.
+        max_formats: as for :func:`convert`.
 
     Returns ``(model, report)``; raises :class:`SparseforgeError` for invalid arguments.
     """
