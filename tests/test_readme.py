@@ -18,7 +18,9 @@ def test_readme_python_examples_run_as_written(tmp_path):
     script.write_text("\n".join(blocks))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "cnn90.safetensors").stat().st_size > 0 and (tmp_path / "mlp90.sf.safetensors").stat().st_size > 0
+    assert (tmp_path / "cnn90.safetensors").stat().st_size > 0 and (
+        tmp_path / "mlp90.sf.safetensors"
+    ).stat().st_size > 0
     assert "sparseforge.convert:" in out.stdout  # the report was printed
 
 
@@ -27,9 +29,21 @@ def test_readme_stays_short():
 
 
 def test_user_facing_text_speaks_of_the_project_only():
-    """No session history or issue numbers in the README, the changelog, the docs or examples."""
-    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").glob("*.py")]
+    """No session history or issue numbers in the README, the changelog, the docs, the examples or
+    the docstrings (the API reference is generated from them)."""
+    files = [
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "examples").glob("*.py"),
+        *(ROOT / "src").rglob("*.py"),
+        *(ROOT / "benchmarks").glob("*.py"),  # docstrings become the API reference
+    ]
     pattern = re.compile(r"\bsession\b|\bissue\s*#?\d+|\(issue|\b\d{2}:\d{2}-\d{2}:\d{2}\b", re.IGNORECASE)
-    hits = [f"{f.relative_to(ROOT)}:{i + 1}: {line.strip()[:80]}"
-            for f in files for i, line in enumerate(f.read_text().splitlines()) if pattern.search(line)]
+    hits = [
+        f"{f.relative_to(ROOT)}:{i + 1}: {line.strip()[:80]}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines())
+        if pattern.search(line)
+    ]
     assert not hits, hits
