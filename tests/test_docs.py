@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import requires
 
 ROOT = Path(__file__).resolve().parents[1]
