@@ -242,7 +242,7 @@ def tensor_checksum(tensor: torch.Tensor, *, layout: bool = True) -> int:
     import torch
 
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    crc = zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+    crc = zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0  # .data: the array's memoryview
     if layout:
         dtype = str(tensor.dtype).removeprefix("torch.")
         crc = zlib.crc32(f"{dtype}{list(tensor.shape)}".encode("ascii"), crc)

@@ -208,12 +208,14 @@ def prune(
             scores = score_fns.magnitude(params)
         elif method == "random":
             scores = score_fns.random_scores(params, seed=seed)
-        elif method == "snip":
-            scores = score_fns.snip(model, params, data, loss_fn=loss_fn)
-        elif method == "grasp":
-            scores = score_fns.grasp(model, params, data, loss_fn=loss_fn)
         else:
-            scores = score_fns.movement(model, params, data, loss_fn=loss_fn)
+            assert data is not None  # snip, grasp and movement (_NEEDS_DATA) were refused above without data
+            if method == "snip":
+                scores = score_fns.snip(model, params, data, loss_fn=loss_fn)
+            elif method == "grasp":
+                scores = score_fns.grasp(model, params, data, loss_fn=loss_fn)
+            else:
+                scores = score_fns.movement(model, params, data, loss_fn=loss_fn)
         masks, targets = masks_for_scores(
             scores, sparsity, structure=structure, distribution=distribution, min_density=min_density
         )

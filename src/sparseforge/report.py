@@ -188,11 +188,9 @@ def sparsity_report(
             report.total_nnz += int(torch.count_nonzero(p.detach()))
     seen.clear()
     for module_name, module in model.named_modules():
-        if not isinstance(module, DEFAULT_PRUNABLE_TYPES) or not isinstance(
-            getattr(module, "weight", None), nn.Parameter
-        ):
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, DEFAULT_PRUNABLE_TYPES) or not isinstance(weight, nn.Parameter):
             continue
-        weight = module.weight
         if id(weight) in seen:
             continue
         seen.add(id(weight))

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ def _check_params_mapping(params: Mapping[str, Tensor]) -> None:
             raise SparseforgeError(f"params[{name!r}] is a {type(p).__name__}; allowed: a torch.Tensor")
 
 
-def _is_single_batch(data: Any) -> bool:
+def _is_single_batch(data: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
 
 
@@ -204,7 +204,7 @@ def _scalar_loss(loss: Any) -> Tensor:
     return loss.reshape(())
 
 
-def _grads(loss: Tensor, inputs: list[Tensor], *, create_graph: bool = False) -> list[Tensor]:
+def _grads(loss: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False) -> list[Tensor]:
     """d loss / d inputs; an input the loss does not depend on gets zeros."""
     if not loss.requires_grad:
         return [torch.zeros_like(p) for p in inputs]
@@ -212,7 +212,7 @@ def _grads(loss: Tensor, inputs: list[Tensor], *, create_graph: bool = False) ->
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, got, strict=True)]
 
 
-def _summed_grads(model: nn.Module, tensors: list[Tensor], data: Data, loss_fn: LossFn) -> list[Tensor]:
+def _summed_grads(model: nn.Module, tensors: Sequence[Tensor], data: Data, loss_fn: LossFn) -> list[Tensor]:
     """Sum over batches of d loss_fn(model(x), y) / d tensors, detached, float32."""
     total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in tensors]
     for x, y in iter_batches(data):

@@ -181,6 +181,7 @@ class NM(Structure):
     def __repr__(self) -> str:
         return f"NM({self.n_keep}, {self.m})"
 
+    # a read-only property over the base's (writable) class attribute; structures are frozen dataclasses
     @property
     def fixed_density(self) -> float:  # type: ignore[override]
         return self.n_keep / self.m

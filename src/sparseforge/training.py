@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,10 @@ from torch import nn
 
 from .errors import SparseforgeError, check_int, check_seed
 from .masks import check_module
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+; typing_extensions comes with torch
 
 __all__ = ["EpochMetrics", "TrainHistory", "batches", "evaluate", "train"]
 
@@ -45,7 +51,7 @@ class TrainHistory:
         return self.epochs[-1].eval_accuracy if self.epochs else None
 
 
-def _is_tensor_pair(data: object) -> bool:
+def _is_tensor_pair(data: object) -> TypeIs[tuple[torch.Tensor, torch.Tensor]]:
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
@@ -53,7 +59,7 @@ def _check_data(data: object, name: str) -> None:
     """Refuse data that can yield no batch: an empty or mismatched ``(x, y)`` pair, a bare tensor,
     a string or a non-iterable (an empty iterable is caught when an epoch yields nothing)."""
     if _is_tensor_pair(data):
-        x, y = data  # type: ignore[misc]
+        x, y = data
         if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
             raise SparseforgeError(
                 f"{name} has inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}; "
@@ -100,9 +106,9 @@ def batches(
     """
     batch_size = check_int(batch_size, "batch_size", 1)
     if not _is_tensor_pair(data):
-        yield from data  # type: ignore[misc]
+        yield from data
         return
-    x, y = data  # type: ignore[misc]
+    x, y = data
     if len(x) != len(y):
         raise SparseforgeError(f"inputs have {len(x)} rows but targets have {len(y)}; allowed: equal lengths")
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
@@ -226,8 +232,8 @@ class _Progress:
         self.enabled = enabled
         self.description = description
         self.total = total
-        self._progress = None
-        self._task = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -246,10 +252,12 @@ class _Progress:
         return self
 
     def advance(self, m: EpochMetrics) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:  # both set by __enter__
             acc = f" acc {m.eval_accuracy:.3f}" if m.eval_accuracy is not None else ""
             self._progress.update(self._task, advance=1, metrics=f"loss {m.train_loss:.3f}{acc}")
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._progress is not None:
-            self._progress.__exit__(*exc)
+            self._progress.__exit__(exc_type, exc, tb)

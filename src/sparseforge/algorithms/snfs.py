@@ -40,7 +40,9 @@ def _momentum(sparsifier: Sparsifier, name: str) -> torch.Tensor:
         value = state.get(key)
         if isinstance(value, torch.Tensor) and value.shape == sparsifier.params[name].shape:
             return value
-    return sparsifier.dense_grads[name]  # type: ignore[index]
+    dense_grads = sparsifier.dense_grads
+    assert dense_grads is not None  # captured before every update step (needs_dense_grads)
+    return dense_grads[name]
 
 
 class SNFS(RigL):

@@ -263,7 +263,8 @@ def sparse_model_soups(
                 f"weight_decays has {len(weight_decays)} entries; allowed: exactly ingredients={ingredients}"
             )
         weight_decays = [check_float(w, "weight_decays item", low=0.0) for w in weight_decays]
-    recipes = list(zip(seeds, weight_decays or [None] * ingredients, strict=True))
+    decays: Sequence[float | None] = weight_decays or [None] * ingredients
+    recipes = list(zip(seeds, decays, strict=True))
     repeated = next((r for i, r in enumerate(recipes) if r in recipes[:i]), None)
     if repeated is not None:
         raise SparseforgeError(
@@ -292,7 +293,8 @@ def sparse_model_soups(
         states = [o[0] for o in outputs]
         metrics = [o[2] for o in outputs]
         if soup == "greedy":
-            soup_state, in_soup, soup_metric = _greedy(base, states, metrics, eval_fn)  # type: ignore[arg-type]
+            assert eval_fn is not None  # soup='greedy' without eval_fn was refused above
+            soup_state, in_soup, soup_metric = _greedy(base, states, metrics, eval_fn)
         else:
             soup_state, in_soup = average_states(states), list(range(ingredients))
             soup_metric = None

@@ -12,7 +12,10 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import typer
 
 __all__ = ["main", "Interrupted"]
 
@@ -34,7 +37,7 @@ def _interrupted(outputs: Any, argv: list[str] | None) -> NoReturn:
     sys.exit(130)
 
 
-def _app():  # type: ignore[no-untyped-def]
+def _app() -> typer.Typer:
     """The typer app with every command registered (imported after the SIGINT handler is set)."""
     from . import bench, demo, prune, report  # noqa: F401  (each module adds its command to `app`)
     from .app import app
@@ -73,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         # Usage errors of the click parser carry their own message and exit code.
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+        exit_code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "show") and isinstance(exit_code, int):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(exit_code)
         raise
     finally:
         if handler_installed:

@@ -12,10 +12,11 @@ import copy
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from ..targets import select_prunable
 from ..training import evaluate, train
 from .datasets import load_dataset
 from .models import build_model
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = ["EssentialConfig", "run_essential_sparsity", "dropping_point", "format_table", "plot"]
 
@@ -176,21 +180,24 @@ class _bar:
     """Progress over pruning jobs (rich), silent when disabled."""
 
     def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self._p = enabled, total, None
+        self.enabled, self.total = enabled, total
+        self._p: Progress | None = None
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self) -> Callable[[], None]:
         if not self.enabled:
             return lambda: None
         from rich.progress import Progress
 
-        self._p = Progress(transient=True)
-        self._p.__enter__()
-        task = self._p.add_task("pruning and evaluating", total=self.total)
-        return lambda: self._p.update(task, advance=1)
+        p = self._p = Progress(transient=True)
+        p.__enter__()
+        task = p.add_task("pruning and evaluating", total=self.total)
+        return lambda: p.update(task, advance=1)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._p is not None:
-            self._p.__exit__(*exc)
+            self._p.__exit__(exc_type, exc, tb)
 
 
 def format_table(result: dict[str, Any]) -> Any:
@@ -198,7 +205,7 @@ def format_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
-    nm_dense = next((r["dense_layers"] for r in result["results"] if r["structure"] != "unstructured"), [])
+    nm_dense: list[str] = next((r["dense_layers"] for r in result["results"] if r["structure"] != "unstructured"), [])
     caption = "one-shot pruning without retraining; unstructured rows use a global budget"
     if nm_dense:
         caption += f"; N:M rows keep {', '.join(nm_dense)} dense (some pattern's M does not divide its fan-in)"

@@ -322,7 +322,7 @@ class TimingRound:
             if v and min(v) > 0 and float(np.median(v)) >= SPREAD_MIN_MS
         }
         if spreads:
-            k = max(spreads, key=spreads.get)
+            k = max(spreads, key=spreads.__getitem__)
             if spreads[k] > SPREAD_LIMIT:
                 return f"{k}'s median call {spreads[k]:.2f}x its fastest"
         return None
@@ -540,20 +540,19 @@ def measure_layer(
     # counts equally (a raw sum would let batch 128 drown batch 1). Lowest score wins; within
     # TIE_FRACTION of it, the smaller format (fewer bytes streamed per call: in a model, layers
     # run back to back and compete for memory bandwidth).
-    scored = []
+    scored: list[tuple[float, int, str, PackedFormat, int | None]] = []
     for name, fmt, var in zip(names, cands, variants, strict=True):
         if any(wins(name, b) for b in batch_sizes):
             total = sum(
                 (timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes
             ) / len(batch_sizes)
             scored.append((total, fmt.nbytes, name, fmt, var))
-    best = None
+    best: tuple[str, PackedFormat, int | None] | None = None
     if scored:
         fastest = min(t for t, *_ in scored)
         near = [c for c in scored if c[0] <= fastest * (1.0 + TIE_FRACTION)]
-        _, _, *rest = min(near, key=lambda c: (c[1], c[0]))
-        best = tuple(rest)
-    common = {"predicted": predicted, "under_load": bool(notes), "load_note": load_note}
+        _, _, best_name, best_fmt, best_var = min(near, key=lambda c: (c[1], c[0]))
+        best = (best_name, best_fmt, best_var)
     if best is None:
         speeds = ", ".join(
             f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
@@ -564,7 +563,9 @@ def measure_layer(
             {b: "dense" for b in batch_sizes},
             f"dense: no sparse kernel beat dense by >= {margin:.0%} ({speeds}){suffix}",
             timings,
-            **common,
+            predicted=predicted,
+            under_load=bool(notes),
+            load_note=load_note,
         )
     name, fmt, var = best
     set_spmv_variant(fmt, var)
@@ -600,7 +601,9 @@ def measure_layer(
         f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}",
         timings,
         extra=extra[1] if extra is not None else None,
-        **common,
+        predicted=predicted,
+        under_load=bool(notes),
+        load_note=load_note,
     )
 
 

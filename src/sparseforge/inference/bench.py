@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -215,7 +216,11 @@ def _weight_bytes(model: nn.Module, rows: int) -> int:
             total += m.weight.numel() * 4
         elif isinstance(m, SparseLinear):
             fmt = m.format_for(rows)
-            total += fmt.nbytes if fmt is not None else m.dense_weight.numel() * 4
+            if fmt is not None:
+                total += fmt.nbytes
+            else:
+                assert m.dense_weight is not None  # SparseLinear keeps the dense weight for its dense path
+                total += m.dense_weight.numel() * 4
     return total
 
 
@@ -361,7 +366,7 @@ def run_inference_bench(
         tcsr = _torch_csr_model(pruned)
         formats = sorted({d.format or "dense" for d in report.layers})
         for b in batches:
-            x = torch.randn(b, pruned[0].in_features)
+            x = torch.randn(b, cast(nn.Linear, pruned[0]).in_features)  # build_mlp/load_mlp: Linear first
             load_before = os.getloadavg()[0]
             variants: dict[str, Callable[[], object]] = {
                 "dense": partial(pruned, x),
@@ -399,7 +404,7 @@ def run_inference_bench(
                     "busy_paths": ", ".join(
                         sorted({_runs(fast_busy.get_submodule(d.name), b) for d in report_busy.layers})
                     )
-                    if fast_busy is not None
+                    if fast_busy is not None and report_busy is not None  # converted together
                     else None,
                     "dense_gbps": dense_bytes / ms["dense"] / 1e6,
                     "sparseforge_gbps": sf_bytes / ms["sparseforge"] / 1e6,

@@ -19,12 +19,13 @@ import copy
 import numbers
 import warnings
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
 
 from ..errors import SparseforgeError
-from ..masks import check_materialized
+from ..masks import check_materialized, check_module
 from .autotune import LayerChoice, measure_layer, rule_layer
 from .kernels import unavailable_reason
 from .modules import BatchPlan, SparseLinear
@@ -94,11 +95,12 @@ class ConversionReport:
 # ------------------------------------------------------------------------------- argument checks
 def check_model(model: object, name: str = "model") -> nn.Module:
     """``model`` if it is a ``torch.nn.Module`` with real tensors; else a one-line :class:`SparseforgeError`."""
-    check_materialized(model, name)  # type: ignore[arg-type]  (it checks the type first)
-    return model  # type: ignore[return-value]
+    module = check_module(model, name)
+    check_materialized(module, name)
+    return module
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[numbers.Integral]:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
@@ -129,7 +131,11 @@ def _check_args(*, reps: object, max_formats: object, min_sparsity: object, **fl
 
 
 # ------------------------------------------------------------------------------------ layers
-def _conv_is_pointwise(m: nn.Module) -> bool:
+#: The layers convert rebuilds (see _LAYER_TYPES).
+_Layer = nn.Linear | nn.Conv1d | nn.Conv2d | SparseLinear
+
+
+def _conv_is_pointwise(m: nn.Conv1d | nn.Conv2d) -> bool:
     k = m.kernel_size
     return (
         all(s == 1 for s in k)
@@ -141,21 +147,23 @@ def _conv_is_pointwise(m: nn.Module) -> bool:
     )
 
 
-def _weight_2d(m: nn.Module) -> torch.Tensor:
+def _weight_2d(m: _Layer) -> torch.Tensor:
     if isinstance(m, SparseLinear):
-        w = m.dense_weight if m.dense_weight is not None else m.packed.to_dense()
-        return w.detach()
+        if m.dense_weight is not None:
+            return m.dense_weight.detach()
+        assert m.packed is not None  # SparseLinear refuses neither a packed nor a dense weight
+        return m.packed.to_dense().detach()
     w = m.weight.detach()
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
-def _layout(m: nn.Module) -> str:
+def _layout(m: _Layer) -> str:
     if isinstance(m, SparseLinear):
         return m.layout
     return "linear" if isinstance(m, nn.Linear) else ("conv1d" if isinstance(m, nn.Conv1d) else "conv2d")
 
 
-def _skip_reason(m: nn.Module) -> str | None:
+def _skip_reason(m: _Layer) -> str | None:
     if isinstance(m, SparseLinear):
         return None  # float32 on CPU by construction
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not _conv_is_pointwise(m):
@@ -175,13 +183,15 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_module(m: nn.Module, choice: LayerChoice, batch_sizes: tuple[int, ...] | None = None) -> SparseLinear:
+def build_module(m: _Layer, choice: LayerChoice, batch_sizes: tuple[int, ...] | None = None) -> SparseLinear:
     """A :class:`SparseLinear` for layer ``m`` (a Linear / 1x1 conv or a SparseLinear) following
     ``choice`` (keeps the dense weight only if needed); ``batch_sizes`` are recorded for :func:`retune`."""
     plan = BatchPlan.from_choices(choice.choices)
     w = _weight_2d(m)
     dense = w.clone().contiguous() if "dense" in plan.paths else None
-    new = SparseLinear(choice.packed, dense, m.bias, plan, _layout(m), shape=tuple(w.shape), extra=choice.extra)
+    new = SparseLinear(
+        choice.packed, dense, m.bias, plan, _layout(m), shape=(w.shape[0], w.shape[1]), extra=choice.extra
+    )
     new.tuned_batch_sizes = tuple(batch_sizes) if batch_sizes is not None else tuple(sorted(choice.choices))
     return new
 
@@ -190,17 +200,20 @@ def _dense_module(m: SparseLinear) -> nn.Module:
     """The plain ``nn.Linear`` / 1x1 ``nn.Conv1d`` / ``nn.Conv2d`` that ``m`` computes (for a layer
     that :func:`retune` now keeps dense)."""
     w = _weight_2d(m).clone()
-    has_bias = m.bias is not None
+    bias = m.bias
+    has_bias = bias is not None
+    new: nn.Linear | nn.Conv1d | nn.Conv2d
     if m.layout == "linear":
-        new: nn.Module = nn.Linear(m.in_features, m.out_features, bias=has_bias)
+        new = nn.Linear(m.in_features, m.out_features, bias=has_bias)
     elif m.layout == "conv1d":
         new, w = nn.Conv1d(m.in_features, m.out_features, 1, bias=has_bias), w[:, :, None]
     else:
         new, w = nn.Conv2d(m.in_features, m.out_features, 1, bias=has_bias), w[:, :, None, None]
     with torch.no_grad():
         new.weight.copy_(w)
-        if has_bias:
-            new.bias.copy_(m.bias)
+        if bias is not None:
+            assert new.bias is not None  # built with bias=has_bias
+            new.bias.copy_(bias)
     return new.eval()
 
 
@@ -220,12 +233,12 @@ def _convert_layers(
         )
     with torch.inference_mode():
         for name in layers:
-            m = out.get_submodule(name) if name else out
+            m = cast(_Layer, out.get_submodule(name) if name else out)  # layers holds only _LAYER_TYPES
             was_sparse = isinstance(m, SparseLinear)
             kind = f"SparseLinear({m.layout})" if was_sparse else type(m).__name__
             skip = _skip_reason(m)
             w = _weight_2d(m)
-            shape = (m.out_features, m.in_features) if was_sparse else tuple(m.weight.shape)
+            shape = (m.out_features, m.in_features) if isinstance(m, SparseLinear) else tuple(m.weight.shape)
             sparsity = float((w == 0).float().mean()) if w.numel() else float("nan")
             new: nn.Module | None = None
             if skip is not None:
@@ -289,7 +302,7 @@ def _convert_layers(
                         choice.under_load,
                         choice.predicted,
                     )
-            if new is None and was_sparse:
+            if new is None and isinstance(m, SparseLinear):  # was_sparse
                 new = _dense_module(m)  # a re-tuned layer that now runs dense everywhere
             if new is not None:
                 if name:

@@ -149,7 +149,8 @@ class CompactCSR(PackedFormat):
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
         out = np.zeros((rows, cols), dtype=np.float32)
-        r = np.repeat(np.arange(rows), np.diff(self.indptr.astype(np.int64)))
+        ip = self.indptr.astype(np.int64)  # ip[1:] - ip[:-1] is np.diff, which numpy's stubs type as timedelta64
+        r = np.repeat(np.arange(rows), ip[1:] - ip[:-1])
         out[r, self.indices.astype(np.int64)] = self.values
         return torch.from_numpy(out)
 
@@ -411,7 +412,8 @@ class BlockSparse(PackedFormat):
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
         tiles = np.zeros((rows // self.bh, cols // self.bw, self.bh, self.bw), dtype=np.float32)
-        br = np.repeat(np.arange(rows // self.bh), np.diff(self.block_rowptr.astype(np.int64)))
+        ip = self.block_rowptr.astype(np.int64)  # as in CompactCSR.to_dense
+        br = np.repeat(np.arange(rows // self.bh), ip[1:] - ip[:-1])
         tiles[br, self.block_cols.astype(np.int64)] = self.blocks
         return torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 2, 1, 3)).reshape(rows, cols))
 

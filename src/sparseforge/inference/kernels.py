@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,13 +50,11 @@ __all__ = [
 ]
 
 try:  # pragma: no cover - exercised only where numba is absent
-    import numba
     from numba import njit
     from numba.cpython.unsafe.numbers import trailing_zeros
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover
-    numba = None
     _IMPORT_ERROR = f"numba is not importable ({type(exc).__name__}: {exc}); install sparseforge[kernels]"
 
 
@@ -83,10 +82,8 @@ def unavailable_reason() -> str | None:
 
 
 if _IMPORT_ERROR is None:
-    _jit = dict(cache=True, fastmath=False, nogil=True)
-
     # ---------------------------------------------------------------- CSR
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _csr_spmv(indptr, indices, values, x, out, r0, r1):  # pragma: no cover - compiled
         for r in range(r0, r1):
             a0 = np.float32(0.0)
@@ -106,7 +103,7 @@ if _IMPORT_ERROR is None:
                 k += 1
             out[r] = (a0 + a1) + (a2 + a3)
 
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _csr_spmm_t(indptr, indices, values, xt, out_t, r0, r1):  # pragma: no cover - compiled
         nb = xt.shape[1]
         for r in range(r0, r1):
@@ -120,7 +117,9 @@ if _IMPORT_ERROR is None:
                     acc[b] += v * xr[b]
 
     # ---------------------------------------------------------------- bitmask
-    @njit(**_jit)
+    # trailing_zeros is a numba @intrinsic: its Python signature is (typingctx, src), but jitted
+    # code calls it with src alone, which mypy cannot know.
+    @njit(cache=True, fastmath=False, nogil=True)
     def _bitmask_spmv(mask, rowptr, values, x, out, r0, r1):  # pragma: no cover - compiled
         words = mask.shape[1]
         for r in range(r0, r1):
@@ -131,7 +130,7 @@ if _IMPORT_ERROR is None:
                 bits = mask[r, w]
                 base = w * 64
                 while bits != 0:
-                    a0 += values[p] * x[base + np.int64(trailing_zeros(bits))]
+                    a0 += values[p] * x[base + np.int64(trailing_zeros(bits))]  # type: ignore[call-arg]  # an intrinsic: see above
                     bits &= bits - np.uint64(1)
                     p += 1
                     if bits == 0:
@@ -141,7 +140,7 @@ if _IMPORT_ERROR is None:
                     p += 1
             out[r] = a0 + a1
 
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _bitmask_spmm_t(mask, rowptr, values, xt, out_t, r0, r1):  # pragma: no cover - compiled
         words = mask.shape[1]
         nb = xt.shape[1]
@@ -155,14 +154,14 @@ if _IMPORT_ERROR is None:
                 base = w * 64
                 while bits != 0:
                     v = values[p]
-                    xr = xt[base + np.int64(trailing_zeros(bits))]
+                    xr = xt[base + np.int64(trailing_zeros(bits))]  # type: ignore[call-arg]  # an intrinsic: see above
                     for b in range(nb):
                         acc[b] += v * xr[b]
                     bits &= bits - np.uint64(1)
                     p += 1
 
     # ---------------------------------------------------------------- N:M
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _nm_spmv(values, positions, n_keep, m, x, out, r0, r1):  # pragma: no cover - compiled
         per_row = values.shape[1]
         for r in range(r0, r1):
@@ -179,7 +178,7 @@ if _IMPORT_ERROR is None:
                 a0 += vr[k] * x[(k // n_keep) * m + np.int64(pr[k])]
             out[r] = a0 + a1
 
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _nm_spmm_t(values, positions, n_keep, m, xt, out_t, r0, r1):  # pragma: no cover - compiled
         per_row = values.shape[1]
         nb = xt.shape[1]
@@ -194,7 +193,7 @@ if _IMPORT_ERROR is None:
                     acc[b] += v * xr[b]
 
     # ---------------------------------------------------------------- block sparse
-    @njit(**_jit)
+    @njit(cache=True, fastmath=False, nogil=True)
     def _block_spmm_t(rowptr, bcols, blocks, xt, out_t, r0, r1):  # pragma: no cover - compiled
         bh = blocks.shape[1]
         bw = blocks.shape[2]
@@ -234,7 +233,7 @@ class KernelRunner:
         want = self._threads if self._threads is not None else torch.get_num_threads()
         return max(1, min(int(want), rows // self._min_rows))
 
-    def run(self, kernel, args: tuple, rows: int, bounds: np.ndarray | None = None) -> None:
+    def run(self, kernel: Callable[..., object], args: tuple, rows: int, bounds: np.ndarray | None = None) -> None:
         """Call ``kernel(*args, r0, r1)`` over ``[0, rows)`` split in contiguous chunks.
 
         ``bounds`` (optional, cumulative work per row, ``rows + 1`` long) balances the chunks by work.
@@ -305,6 +304,7 @@ class _NativePlan:
         "spmm_blk",
         "spmv_variant",
     )
+    keep: tuple[np.ndarray, np.ndarray, np.ndarray]  # the arrays whose addresses ptrs holds, per kind
 
     def __init__(self, fmt: PackedFormat) -> None:
         rows, cols = fmt.shape
@@ -333,7 +333,7 @@ class _NativePlan:
             self.words, self.nnz = 0, int(blocks.shape[0]) * bsz
             # work per block-row: its weights plus ~8 weights of overhead per output row
             self.work = brow * bsz + 8 * fmt.bh * np.arange(brow.shape[0], dtype=np.int64)
-        else:
+        elif isinstance(fmt, Bitmask):
             self.kind = "bitmask"
             mask = np.ascontiguousarray(fmt.mask, dtype=np.uint64)
             rowptr = np.ascontiguousarray(fmt.rowptr, dtype=np.int64)
@@ -343,6 +343,8 @@ class _NativePlan:
             self.nnz = int(values.shape[0])
             self.suffix = ""
             self.work = rowptr + (self.words * 8) * np.arange(rows + 1, dtype=np.int64)  # one step per mask byte
+        else:  # _native_plan is only asked for _NATIVE_FORMATS
+            raise TypeError(f"no C kernel for format {type(fmt).__name__}")
         self.ptrs = tuple(a.ctypes.data for a in self.keep)
         self.cuts_ptr: dict[int, tuple[int, int]] = {}
         #: SpMV variant this weight runs (CSR: 0 scalar / 1 gather; bitmask: 0 tzcnt / 1 expand);
@@ -419,9 +421,10 @@ def _native_matmul(
         out = torch.empty(1, rows, dtype=torch.float32)
         bias_p = bias.data_ptr() if bias is not None else None  # added in the kernel, row by row
         if plan.kind == "csr":
+            assert plan.spmv is not None  # set for every CSR plan
             variant = CSR_SPMV_VARIANT if plan.spmv_variant is None else plan.spmv_variant
             plan.spmv(*plan.ptrs, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, variant, bias_p)
-        elif plan.kind == "block":
+        elif isinstance(fmt, BlockSparse):  # plan.kind == "block"
             lib.sf_block_spmv(*plan.ptrs, fmt.bh, fmt.bw, x.data_ptr(), out.data_ptr(), cp, nchunks, threads, bias_p)
         else:
             width = plan.words * 64
@@ -448,6 +451,7 @@ def _native_matmul(
     lib.sf_transpose(x.data_ptr(), batch, cols, cols, xt.data_ptr(), ldx, ldx, threads)  # zero-padded
     out_t = torch.empty(rows, ldx, dtype=torch.float32)
     if plan.kind == "csr":
+        assert plan.spmm is not None and plan.spmm_blk is not None  # set for every CSR plan
         block_cols = spmm_block_cols(cols, ldx)
         if block_cols:
             plan.spmm_blk(
@@ -464,7 +468,7 @@ def _native_matmul(
             )
         else:
             plan.spmm(*plan.ptrs, xt.data_ptr(), ldx, out_t.data_ptr(), cp, nchunks, threads)
-    elif plan.kind == "block":
+    elif isinstance(fmt, BlockSparse):  # plan.kind == "block"
         block_cols = spmm_block_cols(cols, ldx)  # input features per range, as for CSR (0 = one range)
         nbc = cols // fmt.bw
         lib.sf_block_spmm(
@@ -505,11 +509,11 @@ def _compact_matmul(fmt: CompactDense, x: torch.Tensor, bias: torch.Tensor | Non
     """``x @ W.T (+ bias)`` as a dense matmul on the kept rows and columns (PyTorch's BLAS)."""
     got = _COMPACT.get(fmt)
     if got is None:
-        rows = torch.from_numpy(fmt.rows.astype(np.int64))
-        cols = torch.from_numpy(fmt.cols.astype(np.int64))
+        kept_rows = torch.from_numpy(fmt.rows.astype(np.int64))
+        kept_cols = torch.from_numpy(fmt.cols.astype(np.int64))
         got = (
-            rows if rows.numel() < fmt.shape[0] else None,
-            cols if cols.numel() < fmt.shape[1] else None,
+            kept_rows if kept_rows.numel() < fmt.shape[0] else None,
+            kept_cols if kept_cols.numel() < fmt.shape[1] else None,
             torch.from_numpy(fmt.weight),
         )
         _COMPACT[fmt] = got
@@ -567,8 +571,8 @@ def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None 
     if x.shape[0] == 0:
         return np.zeros((0, fmt.shape[0]), dtype=np.float32)
     if isinstance(fmt, CompactDense) or (isinstance(fmt, _NATIVE_FORMATS) and get_library() is not None):
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return sparse_matmul_tensor(fmt, xt, runner).numpy()
+        x_tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return sparse_matmul_tensor(fmt, x_tensor, runner).numpy()
     if _IMPORT_ERROR is not None:
         raise RuntimeError(_IMPORT_ERROR)
     run = (runner or DEFAULT_RUNNER).run

@@ -82,6 +82,10 @@ class SparseLinear(nn.Module):
     :func:`~.convert.retune` measures again by default; ``None`` when unknown (then the plan's bounds).
     """
 
+    # buffers (registered in __init__), typed here for nn.Module.__getattr__
+    dense_weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         packed: PackedFormat | None,
@@ -117,9 +121,13 @@ class SparseLinear(nn.Module):
         self.tuned_batch_sizes: tuple[int, ...] | None = None
         self.plan = plan
         self.layout = layout
-        self.out_features, self.in_features = shape or (
-            packed.shape if packed is not None else tuple(dense_weight.shape)
-        )
+        if shape:
+            self.out_features, self.in_features = shape
+        elif packed is not None:
+            self.out_features, self.in_features = packed.shape
+        else:
+            assert dense_weight is not None  # refused above: neither a packed nor a dense weight
+            self.out_features, self.in_features = tuple(dense_weight.shape)
         self.register_buffer(
             "dense_weight", None if dense_weight is None else dense_weight.detach().to(torch.float32).contiguous()
         )
@@ -168,6 +176,7 @@ class SparseLinear(nn.Module):
             return sparse_matmul_tensor(fmt, x2, bias=self._buffers["bias"])
         if self.dense_weight is None:
             # Kernels vanished after conversion (not expected): rebuild the dense weight once.
+            assert self.packed is not None  # __init__ refuses neither a packed nor a dense weight
             self.dense_weight = self.packed.to_dense()
         return torch.nn.functional.linear(x2, self.dense_weight, self.bias)
 

@@ -48,6 +48,7 @@ _WHAT = "converted model file"
 
 def _storage_format(module: SparseLinear):
     if module.packed is None:
+        assert module.dense_weight is not None  # SparseLinear refuses neither a packed nor a dense weight
         return Bitmask.from_dense(module.dense_weight)
     if isinstance(module.packed, CompactCSR):
         return Bitmask.from_dense(module.packed.to_dense())
