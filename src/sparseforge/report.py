@@ -136,6 +136,17 @@ class SparsityReport:
         return table
 
 
+def _print_table(report: SparsityReport) -> None:
+    """Print the table; at least 120 columns wide when the output is not a terminal (a pipe or a
+    file would otherwise get rich's 80 columns and cut the layer names)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))
+    console.print(report.to_table())
+
+
 def _positions_per_sample(model: nn.Module, example_input: Any) -> dict[int, int]:
     """Run one forward pass and record, per module id, output positions per sample."""
     positions: dict[int, int] = {}
@@ -224,9 +235,7 @@ def sparsity_report(
         else "FLOPs per input row / per conv output position (2 per multiply-add); pass example_input for per-sample"
     )
     if show:
-        from rich.console import Console
-
-        Console().print(report.to_table())
+        _print_table(report)
     return report
 
 
@@ -267,7 +276,5 @@ def checkpoint_report(
             report.prunable_nnz += nnz
     report.flops_note = "from the file alone: FLOPs need the model (--model)"
     if show:
-        from rich.console import Console
-
-        Console().print(report.to_table())
+        _print_table(report)
     return report

@@ -3,18 +3,16 @@
 Each structure reduces a weight to a *tile view* ``(groups, candidates)`` of candidate scores and
 keeps an exact number of candidates per group with one deterministic top-k:
 
-===================  ==========================  ===================================
-structure            groups                      candidates
-===================  ==========================  ===================================
-``Unstructured``     1                           every weight
-``NM(n_keep, m)``    each run of ``m`` inputs    the ``m`` weights; keeps ``n_keep``
-``ConstantFanIn``    each output row             the row's weights
-``Block(r, c)``      1                           ``r x c`` blocks (summed scores)
-``Channel(dim)``     1                           slices along ``dim`` (summed scores)
-===================  ==========================  ===================================
+| structure | groups | candidates |
+|---|---|---|
+| `Unstructured` | 1 | every weight |
+| `NM(n_keep, m)` | each run of `m` inputs | the `m` weights; keeps `n_keep` |
+| `ConstantFanIn` | each output row | the row's weights |
+| `Block(r, c)` | 1 | `r x c` blocks (summed scores) |
+| `Channel(dim)` | 1 | slices along `dim` (summed scores) |
 
-Conventions
------------
+Conventions:
+
 * ``density`` = fraction of weights kept = ``1 - sparsity``.
 * A weight of shape ``(out, in, *kernel)`` is viewed as ``(out, in * prod(kernel))``; the second
   axis is the *input* (reduction) axis. ``NM`` groups run along it, so they work for Linear and

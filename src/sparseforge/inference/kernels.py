@@ -275,11 +275,11 @@ MIN_PARALLEL_WORK = 1 << 16
 #: (512 KB per core on Zen 3) while a group of ``CSR_SPMM_BLOCK_ROWS`` rows uses it; only when
 #: the whole ``xt`` is larger than ``4 * CSR_SPMM_BLOCK_BYTES`` (L2). One 4096² layer timed
 #: alone: 0.8-1.0x at batch 32 (so unblocked there), 1.1x at 64, 1.4-1.7x at 128-256; inside
-#: the 4-layer model ~1.06x (docs/inference.md). The block width depends only on the layer's
+#: the 4-layer model ~1.06x (docs/design-notes.md). The block width depends only on the layer's
 #: shape and the batch, never on the thread count (results stay thread-independent).
 CSR_SPMM_BLOCK_BYTES = 128 * 1024
 CSR_SPMM_BLOCK_ROWS = 256
-#: SpMV variant for CSR: 0 = scalar, 8 accumulators; 1 = AVX2 gather (see docs/inference.md).
+#: SpMV variant for CSR: 0 = scalar, 8 accumulators; 1 = AVX2 gather (see docs/design-notes.md).
 #: Neither wins reliably on the reference CPU, so ``convert`` times both per layer.
 CSR_SPMV_VARIANT = 0
 #: SpMV variant for bitmask: 0 = bit iteration (tzcnt); 1 = byte -> 8-lane expand (AVX2).

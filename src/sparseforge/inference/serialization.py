@@ -200,7 +200,10 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
             packed = _repack(stored, runs, run_params[0], name)
         if spec.get("runs_extra") is not None:
             extra = _repack(stored, spec["runs_extra"], run_params[1], name)
-        for fmt, variant in zip((packed, extra), spec.get("spmv_variants", [None, None]), strict=True):
+        variants = spec.get("spmv_variants", [None, None])
+        if not isinstance(variants, list) or len(variants) != 2:
+            raise SparseforgeError(f"file layer {name!r} has spmv_variants {variants!r}; allowed: a list of 2 entries")
+        for fmt, variant in zip((packed, extra), variants, strict=True):
             if fmt is not None and variant is not None:
                 set_spmv_variant(fmt, int(variant))
         dense = stored.to_dense() if "dense" in plan.paths else None

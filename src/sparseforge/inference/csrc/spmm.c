@@ -41,7 +41,7 @@ int sf_has_avx2(void) { return SF_AVX2; }
  * chunks from the same atomic counter; it only waits for chunks a worker has actually claimed.
  * So a worker that is not scheduled yet (busy machine) costs nothing: the caller does its share.
  * (An OpenMP fork-join region waits at its barrier for every thread of the team instead; see
- * docs/inference.md for the measurement.) Workers spin briefly for the next job, then sleep on
+ * docs/design-notes.md for the measurement.) Workers spin briefly for the next job, then sleep on
  * a condition variable. The claim word packs (generation << 32 | next chunk) so a worker that
  * wakes up late can never claim a chunk of a finished job. */
 #include <pthread.h>
