@@ -36,7 +36,7 @@ lint: $(STAMP)
 
 # the docs site (MkDocs + Material + mkdocstrings) into site/; any warning fails the build
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
