@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,experiments,kernels,docs
+EXTRAS ?= dev,experiments,kernels,docs,llm
 STAMP := $(VENV)/.sparseforge-installed
 export PYTHONDONTWRITEBYTECODE = 1
 

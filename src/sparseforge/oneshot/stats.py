@@ -1,0 +1,74 @@
+"""Statistics of a linear layer's inputs over the calibration tokens, accumulated in fp32.
+
+One :class:`InputStats` per ``nn.Linear`` (or GPT-2 ``Conv1D``) of the block being calibrated.
+Every method reads what it needs from it: Wanda and RIA the column norms ``||X_j||_2``, SparseGPT
+the Hessian ``H = 2 X^T X / tokens``, DSnoT the per-column mean and variance. A token is one row
+of the layer's input (batch x sequence positions flattened).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SparseforgeError
+
+__all__ = ["InputStats"]
+
+
+class InputStats:
+    """Running fp32 sums over the input rows ``x`` (shape ``(..., in_features)``) of one layer.
+
+    Args:
+        in_features: the layer's input width.
+        hessian: also accumulate ``X^T X`` (``in_features``\\ :sup:`2` floats; SparseGPT needs it).
+    """
+
+    def __init__(self, in_features: int, *, hessian: bool = False) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise SparseforgeError(f"in_features={in_features!r} is not allowed; allowed: an integer >= 1")
+        self.in_features = in_features
+        self.tokens = 0
+        self.sums = torch.zeros(in_features, dtype=torch.float64)
+        self.sq_sums = torch.zeros(in_features, dtype=torch.float64)
+        self.xtx: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of input rows (any float dtype; accumulated in fp32, column sums in fp64)."""
+        if x.shape[-1] != self.in_features:
+            raise SparseforgeError(f"input of width {x.shape[-1]} given to statistics of width {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        if not torch.isfinite(rows).all():
+            raise SparseforgeError("calibration inputs contain NaN or Inf; allowed: finite activations")
+        self.tokens += rows.shape[0]
+        self.sums += rows.sum(dim=0, dtype=torch.float64)
+        self.sq_sums += rows.pow(2).sum(dim=0, dtype=torch.float64)
+        if self.xtx is not None:
+            self.xtx.addmm_(rows.T, rows)
+
+    def _need_tokens(self) -> None:
+        if self.tokens == 0:
+            raise SparseforgeError("no calibration tokens reached this layer; allowed: at least one")
+
+    def col_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` over all tokens, per input column (fp32), as Wanda and RIA use it."""
+        self._need_tokens()
+        return self.sq_sums.sqrt().to(torch.float32)
+
+    def mean(self) -> torch.Tensor:
+        """Mean of each input column over the tokens (fp32)."""
+        self._need_tokens()
+        return (self.sums / self.tokens).to(torch.float32)
+
+    def variance(self) -> torch.Tensor:
+        """Population variance of each input column over the tokens (fp32, clamped at 0)."""
+        self._need_tokens()
+        mean = self.sums / self.tokens
+        return (self.sq_sums / self.tokens - mean.pow(2)).clamp_min(0).to(torch.float32)
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 X^T X / tokens`` (fp32), SparseGPT's layer-wise Hessian of the squared error."""
+        self._need_tokens()
+        if self.xtx is None:
+            raise SparseforgeError("these statistics were gathered without hessian=True; SparseGPT needs it")
+        return self.xtx * (2.0 / self.tokens)
