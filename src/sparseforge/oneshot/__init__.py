@@ -6,10 +6,53 @@ that return a :class:`LayerResult` (a mask and, where the method says so, update
 
 from __future__ import annotations
 
+from .dsnot import refine_dsnot
 from .magnitude import prune_magnitude
+from .owl import block_outlier_ratio, outlier_ratio, owl_sparsities
+from .registry import METHODS, Method, get_method
 from .result import LayerResult
+from .ria import prune_ria, ria_scores
 from .scoring import mask_from_scores
+from .sparsegpt import prune_sparsegpt
 from .stats import InputStats
 from .wanda import prune_wanda, wanda_scores
 
-__all__ = ["InputStats", "LayerResult", "mask_from_scores", "prune_magnitude", "prune_wanda", "wanda_scores"]
+__all__ = [
+    "METHODS",
+    "InputStats",
+    "LayerResult",
+    "Method",
+    "block_outlier_ratio",
+    "get_method",
+    "mask_from_scores",
+    "outlier_ratio",
+    "owl_sparsities",
+    "prune_magnitude",
+    "prune_ria",
+    "prune_sparsegpt",
+    "prune_wanda",
+    "refine_dsnot",
+    "ria_scores",
+    "wanda_scores",
+]
+
+# the sequential driver (model-agnostic: blocks found by structure, block inputs captured by a hook)
+from .blocks import find_blocks  # noqa: E402
+from .capture import BlockCall, Captured, capture_block_inputs  # noqa: E402
+from .driver import BlockReport, LayerReport, OneShotReport, available_methods, prune_model  # noqa: E402
+from .layers import DEFAULT_EXCLUDE, LinearLayer, find_linear_layers  # noqa: E402
+
+__all__ += [
+    "DEFAULT_EXCLUDE",
+    "BlockCall",
+    "BlockReport",
+    "Captured",
+    "LayerReport",
+    "LinearLayer",
+    "OneShotReport",
+    "available_methods",
+    "capture_block_inputs",
+    "find_blocks",
+    "find_linear_layers",
+    "prune_model",
+]
