@@ -1,0 +1,615 @@
+"""One-shot pruning of a whole model, block by block on calibration data (the sequential driver).
+
+One model-agnostic loop for every method and every transformer:
+
+1. capture what the model feeds its first block for each calibration batch (the embedding part
+   runs, nothing else; see :mod:`~sparseforge.oneshot.capture`);
+2. for each block in turn: hooks on its linear layers accumulate :class:`InputStats` while the
+   block runs on every batch (the dense outputs are kept), each layer is pruned by the method,
+   and the pruned block runs again; its outputs feed the next block (SparseGPT's sequential
+   convention: a block is calibrated on the outputs of the already pruned blocks before it).
+
+Only the current block's inputs and outputs are alive at any time, so memory is two blocks'
+worth of activations whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import SparseforgeError, check_int, check_sparsity
+from ..masks import MaskState, check_materialized, unwrap
+from ..structures import NM, Structure, Unstructured, parse_structure
+from .blocks import find_blocks
+from .capture import BlockCall, capture_block_inputs
+from .layers import DEFAULT_EXCLUDE, LinearLayer, find_linear_layers
+from .registry import METHODS
+from .result import LayerResult
+from .stats import InputStats
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+__all__ = ["BlockReport", "LayerReport", "OneShotReport", "available_methods", "prune_model"]
+
+#: A one-shot method: ``(weight (out, in), stats or None, sparsity or None for N:M, structure, **options)``.
+MethodFn = Callable[..., LayerResult]
+
+_NEEDS = ("none", "norms", "hessian")
+
+
+def _method_table() -> dict[str, tuple[MethodFn, str]]:
+    """Every registered method: name -> (function, what statistics it needs)."""
+    return {name: (method.fn, method.needs) for name, method in METHODS.items()}
+
+
+def available_methods() -> list[str]:
+    """Names accepted by ``prune_model(method=...)``."""
+    return sorted(_method_table())
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One pruned layer: weight name, the parameter's shape (its own layout), kept and total weights."""
+
+    name: str
+    block: int
+    shape: tuple[int, ...]
+    kept: int
+    numel: int
+    info: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Exact fraction of zeros of the layer's mask."""
+        return 1.0 - self.kept / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One block: its module name, the relative squared error of its output, and the seconds it took.
+
+    ``error`` = ``||Y_dense - Y_pruned||^2 / ||Y_dense||^2`` over the calibration tokens (padding
+    left out), where both outputs come from the same (already pruned upstream) inputs.
+    """
+
+    index: int
+    name: str
+    error: float
+    seconds: float
+
+
+@dataclass
+class OneShotReport:
+    """What :func:`prune_model` did.
+
+    ``masks`` holds one bool mask per pruned weight, keyed by canonical parameter name, in the
+    parameter's own layout (``(in, out)`` for GPT-2's ``Conv1D``), on the CPU. ``dense`` lists
+    the linear layers left dense: excluded, or outside the repeated blocks (e.g. ``lm_head``).
+    ``sparsity`` is the target fraction of zeros of every pruned layer.
+    """
+
+    method: str
+    structure: str
+    sparsity: float
+    blocks_name: str
+    layers: list[LayerReport]
+    blocks: list[BlockReport]
+    masks: MaskState
+    dense: list[str]
+    samples: int
+    seqlen: int
+    tokens: int
+    seconds: float
+    per_block_arguments: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able numbers and strings (the masks left out)."""
+        return {
+            "method": self.method,
+            "structure": self.structure,
+            "sparsity": self.sparsity,
+            "blocks": self.blocks_name,
+            "samples": self.samples,
+            "seqlen": self.seqlen,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "per_block_arguments": self.per_block_arguments,
+            "pruned_sparsity": self.masks.sparsity(),
+            "layers": [
+                {
+                    "name": r.name,
+                    "block": r.block,
+                    "shape": list(r.shape),
+                    "sparsity": r.sparsity,
+                    "kept": r.kept,
+                    "numel": r.numel,
+                    **({"info": dict(r.info)} if r.info else {}),
+                }
+                for r in self.layers
+            ],
+            "block_errors": [
+                {"index": b.index, "name": b.name, "error": b.error, "seconds": b.seconds} for b in self.blocks
+            ],
+            "dense": list(self.dense),
+        }
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _resolve_sparsity(sparsity: object, structure: Structure) -> tuple[float, float | None]:
+    """``(target sparsity, the value passed to the method)``; N:M fixes it, the method gets ``None``."""
+    if isinstance(sparsity, bool) or (sparsity is not None and not isinstance(sparsity, numbers.Real)):
+        raise SparseforgeError(f"sparsity={sparsity!r} is not a number; allowed: a float in [0, 1) or None")
+    if isinstance(structure, NM):
+        fixed = 1.0 - structure.n_keep / structure.m
+        if sparsity is not None and not math.isclose(float(sparsity), fixed, abs_tol=1e-9):
+            raise SparseforgeError(
+                f"sparsity={sparsity!r} conflicts with structure {structure.n_keep}:{structure.m}, which fixes it at "
+                f"{fixed:g}; allowed: sparsity=None or {fixed:g}"
+            )
+        return fixed, None
+    if not isinstance(structure, Unstructured):
+        raise SparseforgeError(
+            f"structure {structure!r} is not supported by one-shot pruning; allowed: 'unstructured' or N:M such as '2:4'"
+        )
+    value = check_sparsity(0.5 if sparsity is None else float(sparsity))
+    return value, value
+
+
+def _check_options(fn: MethodFn, method: str, options: object) -> dict[str, Any]:
+    """The method's keyword options, each a keyword-only parameter of its layer function."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise SparseforgeError(f"options is a {type(options).__name__}; allowed: a dict of the method's options")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to check against: the call will tell
+        return dict(options)
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    unknown = [n for n in options if n not in allowed]
+    if unknown:
+        raise SparseforgeError(
+            f"option {unknown[0]!r} is not an option of method={method!r}; allowed: {', '.join(allowed) or 'none'}"
+        )
+    return dict(options)
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` where the model has one (transformers' models), else ``None``."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    embedding = _input_embedding(model)
+    if isinstance(embedding, nn.Embedding):
+        return int(embedding.num_embeddings)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _check_calibration(
+    calibration: object, vocab: int | None, max_positions: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input ids (n, seqlen) long, attention mask (n, seqlen) bool or None)``."""
+    mask: object = None
+    if isinstance(calibration, Mapping):
+        if "input_ids" not in calibration:
+            raise SparseforgeError(
+                f"calibration is a mapping without 'input_ids' (keys {sorted(map(str, calibration))}); "
+                "allowed: a LongTensor of token ids (n_samples, seqlen) or {'input_ids': ..., 'attention_mask': ...}"
+            )
+        ids, mask = calibration["input_ids"], calibration.get("attention_mask")
+    elif isinstance(calibration, (tuple, list)) and len(calibration) == 2:
+        ids, mask = calibration
+    else:
+        ids = calibration
+    allowed = "allowed: a LongTensor of token ids of shape (n_samples, seqlen)"
+    if not isinstance(ids, torch.Tensor):
+        raise SparseforgeError(f"calibration input ids are a {type(ids).__name__}; {allowed}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise SparseforgeError(f"calibration input ids have shape {tuple(ids.shape)}; {allowed}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise SparseforgeError(f"calibration input ids have dtype {ids.dtype}; {allowed}")
+    if ids.is_meta:
+        raise SparseforgeError(f"calibration input ids are on the meta device; {allowed}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        limit = f"[0, {vocab - 1}]" if vocab is not None else ">= 0"
+        raise SparseforgeError(
+            f"calibration holds token id {bad}, outside the model's vocabulary; allowed: ids in {limit}"
+        )
+    if max_positions is not None and ids.shape[1] > max_positions:
+        raise SparseforgeError(
+            f"calibration seqlen {ids.shape[1]} exceeds the model's max_position_embeddings={max_positions}; "
+            f"allowed: seqlen <= {max_positions}"
+        )
+    if mask is None:
+        return ids.long(), None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape) or mask.is_meta:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise SparseforgeError(
+            f"calibration attention mask is {shape}; allowed: a 0/1 tensor shaped like the input ids {tuple(ids.shape)}"
+        )
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise SparseforgeError("calibration attention mask holds values other than 0 and 1; allowed: 0/1 or bool")
+    keep = mask != 0
+    empty = (~keep.any(dim=1)).nonzero()
+    if len(empty):
+        raise SparseforgeError(
+            f"calibration sample {int(empty[0, 0])} has no token with attention mask 1; allowed: at least one per sample"
+        )
+    return ids.long(), keep
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for module in (_input_embedding(model), model):
+        if isinstance(module, nn.Module):
+            param = next(module.parameters(), None)
+            if param is not None:
+                return param.device
+    return torch.device("cpu")
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``x`` that belong to real tokens (padding left out) when ``x`` is (batch, seq, ...)."""
+    if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        return x[token_mask.to(x.device)]
+    return x
+
+
+def _accumulate(
+    stats: InputStats, current: list[torch.Tensor | None], module: nn.Module, inputs: tuple[Any, ...], output: Any
+) -> None:
+    """Forward hook on a linear layer: add its input rows of the current batch to ``stats``."""
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise SparseforgeError(f"a {type(module).__name__} was called without a tensor input; cannot gather statistics")
+    stats.add(_rows(x, current[0]).to(stats.sums.device))
+
+
+def _squared(dense: torch.Tensor, pruned: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[float, float]:
+    """``(||dense - pruned||^2, ||dense||^2)`` over real tokens, fp32 values summed in fp64."""
+    d, p = _rows(dense, token_mask).float(), _rows(pruned, token_mask).float()
+    return float((d - p).pow(2).sum(dtype=torch.float64)), float(d.pow(2).sum(dtype=torch.float64))
+
+
+def _checked_result(
+    result: object, layer: LinearLayer, old: torch.Tensor, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new weight (out, in) with zeros where pruned, bool mask (out, in))`` from a method's result."""
+    where = f"method={method!r} on {layer.param_name}"
+    if not isinstance(result, LayerResult):
+        raise SparseforgeError(f"{where} returned a {type(result).__name__}; allowed: a LayerResult")
+    mask = result.mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != old.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise SparseforgeError(f"{where} returned a mask {shape}; allowed: a bool tensor of shape {tuple(old.shape)}")
+    weight = old if result.weight is None else result.weight
+    if not isinstance(weight, torch.Tensor) or weight.shape != old.shape:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise SparseforgeError(f"{where} returned a weight {shape}; allowed: a tensor of shape {tuple(old.shape)}")
+    mask = mask.to(old.device)
+    new = weight.to(dtype=old.dtype, device=old.device).masked_fill(~mask, 0)
+    if not bool(torch.isfinite(new).all()):
+        raise SparseforgeError(f"{where} produced NaN or Inf weights; the layer was left unchanged")
+    return new, mask
+
+
+class _BlockProgress:
+    """Rich progress over blocks (on stderr) with one line per finished block; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, title: str) -> None:
+        self.enabled, self.total, self.title = enabled, total, title
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> _BlockProgress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.title, total=self.total)
+        return self
+
+    def done(self, block: BlockReport, n_layers: int) -> None:
+        if self._progress is not None and self._task is not None:  # both set by __enter__
+            self._progress.console.print(
+                f"block {block.index + 1}/{self.total} {block.name}: {n_layers} layers pruned, "
+                f"relative error {block.error:.3e}, {block.seconds:.2f} s"
+            )
+            self._progress.update(self._task, advance=1)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(exc_type, exc, tb)
+
+
+@dataclass
+class _Plan:
+    """Everything :func:`prune_model` checked before doing any work."""
+
+    method: str
+    fn: MethodFn
+    needs: str
+    options: dict[str, Any]
+    structure: Structure
+    target: float
+    method_sparsity: float | None
+    blocks_name: str
+    blocks: nn.ModuleList
+    by_block: list[list[LinearLayer]]
+    dense: list[str]
+    ids: torch.Tensor
+    keep: torch.Tensor | None
+
+
+def _plan(
+    model: nn.Module,
+    calibration: object,
+    *,
+    method: object,
+    sparsity: object,
+    structure: str | Structure,
+    exclude: Sequence[str],
+    options: object,
+) -> _Plan:
+    """Validate every argument and find the blocks and their layers; changes nothing."""
+    check_materialized(model)
+    table = _method_table()
+    if not isinstance(method, str) or method not in table:
+        raise SparseforgeError(f"method={method!r} is not known; allowed: {', '.join(sorted(table))}")
+    fn, needs = table[method]
+    if needs not in _NEEDS:
+        raise SparseforgeError(f"method {method!r} needs {needs!r}; allowed needs: {', '.join(_NEEDS)}")
+    checked_options = _check_options(fn, method, options)
+    parsed = parse_structure(structure)
+    target, method_sparsity = _resolve_sparsity(sparsity, parsed)
+    blocks_name, blocks = find_blocks(model)
+    by_block: list[list[LinearLayer]] = [[] for _ in blocks]
+    prefix = f"{blocks_name}." if blocks_name else ""
+    for layer in find_linear_layers(model, exclude):
+        head = layer.name[len(prefix) :].split(".", 1)[0] if layer.name.startswith(prefix) else ""
+        if head.isdigit() and int(head) < len(blocks) and layer.name.startswith(f"{prefix}{head}."):
+            parsed.check_shape((layer.out_features, layer.in_features), name=layer.param_name)
+            by_block[int(head)].append(layer)
+    if not any(by_block):
+        raise SparseforgeError(f"no linear layer of {blocks_name} is left to prune (exclude={list(exclude)!r})")
+    pruned = {id(layer.weight) for todo in by_block for layer in todo}
+    dense = [layer.param_name for layer in find_linear_layers(model, ()) if id(layer.weight) not in pruned]
+    ids, keep = _check_calibration(calibration, _vocab_size(model), _max_positions(model))
+    return _Plan(
+        method,
+        fn,
+        needs,
+        checked_options,
+        parsed,
+        target,
+        method_sparsity,
+        blocks_name,
+        blocks,
+        by_block,
+        dense,
+        ids,
+        keep,
+    )
+
+
+def _batches(
+    model: nn.Module, ids: torch.Tensor, keep: torch.Tensor | None, batch_size: int
+) -> tuple[list[dict[str, Any]], list[torch.Tensor | None]]:
+    """The model's keyword arguments per batch, and per batch the real tokens (``None``: no padding)."""
+    device = _device_of(model)
+    use_cache = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+    batches: list[dict[str, Any]] = []
+    token_masks: list[torch.Tensor | None] = []
+    for s in range(0, ids.shape[0], batch_size):
+        batch: dict[str, Any] = {"input_ids": ids[s : s + batch_size].to(device), **use_cache}
+        part = keep[s : s + batch_size] if keep is not None else None
+        if part is not None:
+            batch["attention_mask"] = part.long().to(device)
+        batches.append(batch)
+        token_masks.append(part.to(device) if part is not None and not bool(part.all()) else None)
+    return batches, token_masks
+
+
+def _run_dense(
+    block: nn.Module,
+    calls: list[BlockCall],
+    inputs: list[torch.Tensor],
+    token_masks: list[torch.Tensor | None],
+    stats: dict[str, InputStats],
+    todo: list[LinearLayer],
+) -> list[torch.Tensor]:
+    """The block's dense outputs per batch; on the way, each layer's inputs are added to its stats."""
+    current: list[torch.Tensor | None] = [None]
+    handles = [
+        layer.module.register_forward_hook(functools.partial(_accumulate, stats[layer.param_name], current))
+        for layer in todo
+        if layer.param_name in stats
+    ]
+    outputs: list[torch.Tensor] = []
+    try:
+        for b, hidden in enumerate(inputs):
+            current[0] = token_masks[b]
+            outputs.append(calls[b].run(block, hidden))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _prune_layers(plan: _Plan, index: int, stats: dict[str, InputStats]) -> list[tuple[LayerReport, torch.Tensor]]:
+    """Prune the block's layers with the method; each layer's report and mask (parameter layout, CPU)."""
+    done: list[tuple[LayerReport, torch.Tensor]] = []
+    for layer in plan.by_block[index]:
+        old = layer.weight_out_in()
+        stat = stats.pop(layer.param_name, None)  # freed once the layer is done (a Hessian is in^2 floats)
+        result = plan.fn(old, stat, plan.method_sparsity, plan.structure, **plan.options)
+        new, mask = _checked_result(result, layer, old, plan.method)
+        layer.write_out_in(new)
+        info = {key: float(value) for key, value in result.info.items()}
+        report = LayerReport(layer.param_name, index, tuple(layer.weight.shape), int(mask.sum()), mask.numel(), info)
+        done.append((report, layer.to_param_layout(mask).cpu()))
+    return done
+
+
+def _run_pruned(
+    block: nn.Module,
+    calls: list[BlockCall],
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    token_masks: list[torch.Tensor | None],
+) -> float:
+    """Replace each dense output by the pruned block's output; the relative squared error of the block."""
+    error_sum, norm_sum = 0.0, 0.0
+    for b, hidden in enumerate(inputs):
+        pruned = calls[b].run(block, hidden)
+        err, norm = _squared(outputs[b], pruned, token_masks[b])
+        error_sum, norm_sum = error_sum + err, norm_sum + norm
+        outputs[b] = pruned
+    if norm_sum > 0:
+        return error_sum / norm_sum
+    return 0.0 if error_sum == 0 else math.inf
+
+
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor | Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor],
+    *,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    structure: str | Structure = "unstructured",
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    progress: bool = True,
+    batch_size: int = 8,
+    options: Mapping[str, Any] | None = None,
+) -> OneShotReport:
+    """Prune every linear layer of the model's repeated blocks in place, one block at a time.
+
+    Args:
+        model: a transformer whose blocks sit in one ``nn.ModuleList`` (found by
+            :func:`~sparseforge.oneshot.find_blocks`); any dtype, on one device, not on ``meta``.
+        calibration: token ids, a LongTensor ``(n_samples, seqlen)``; or ``(ids, attention_mask)``
+            or a mapping with ``input_ids`` and optionally ``attention_mask`` (0/1, same shape;
+            padded tokens are left out of the statistics and of the error).
+        method: a name from :func:`available_methods` (``"magnitude"``, ``"wanda"``, ...).
+        sparsity: fraction of zeros of every pruned layer, in [0, 1); default 0.5. With an N:M
+            structure the structure fixes it (``None`` or the same value).
+        structure: ``"unstructured"``, ``"N:M"`` (kept:group, e.g. ``"2:4"``) or a Structure.
+        exclude: glob patterns over module names kept dense (must each match a linear layer,
+            except the default ``"lm_head"``).
+        progress: show a progress bar and one line per block (on stderr).
+        batch_size: calibration samples per forward.
+        options: keyword options of the method's layer function, e.g. ``{"percdamp": 0.01}`` for
+            SparseGPT (checked against its signature before any work).
+
+    Runs under ``torch.inference_mode()`` in the model's own dtype, in eval mode (restored after).
+    Everything is validated before any weight changes; if a method itself fails part-way, the
+    blocks before it stay pruned. Returns an :class:`OneShotReport`.
+    """
+    start = time.perf_counter()
+    model = unwrap(model)
+    plan = _plan(
+        model, calibration, method=method, sparsity=sparsity, structure=structure, exclude=exclude, options=options
+    )
+    if not isinstance(progress, bool):
+        raise SparseforgeError(f"progress={progress!r} is not allowed; allowed: True or False")
+    batches, token_masks = _batches(model, plan.ids, plan.keep, check_int(batch_size, "batch_size", minimum=1))
+    layers: list[LayerReport] = []
+    blocks: list[BlockReport] = []
+    masks: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _BlockProgress(progress, len(plan.blocks), f"{method} {plan.blocks_name}") as bar:
+            captured = capture_block_inputs(model, plan.blocks, batches, name=plan.blocks_name)
+            inputs, captured.hidden = captured.hidden, []  # the loop below holds the only reference
+            for i, block in enumerate(plan.blocks):
+                t0 = time.perf_counter()
+                todo = plan.by_block[i]
+                hessian = plan.needs == "hessian"
+                stats = (
+                    {}
+                    if plan.needs == "none"
+                    else {x.param_name: InputStats(x.in_features, hessian=hessian) for x in todo}
+                )
+                outputs = _run_dense(block, captured.calls[i], inputs, token_masks, stats, todo)
+                for report, mask in _prune_layers(plan, i, stats):
+                    layers.append(report)
+                    masks[report.name] = mask
+                # a block with nothing pruned (all excluded) has outputs equal to the dense ones already
+                error = _run_pruned(block, captured.calls[i], inputs, outputs, token_masks) if todo else 0.0
+                inputs = outputs  # the previous block's activations are freed here
+                del outputs
+                blocks.append(BlockReport(i, f"{plan.blocks_name}.{i}", error, time.perf_counter() - t0))
+                bar.done(blocks[-1], len(todo))
+            del inputs
+    finally:
+        model.train(was_training)
+    structure_name = f"{plan.structure.n_keep}:{plan.structure.m}" if isinstance(plan.structure, NM) else "unstructured"
+    return OneShotReport(
+        method=plan.method,
+        structure=structure_name,
+        sparsity=plan.target,
+        blocks_name=plan.blocks_name,
+        layers=layers,
+        blocks=blocks,
+        masks=MaskState({k: m.clone() for k, m in masks.items()}, targets=dict.fromkeys(masks, plan.target)),
+        dense=plan.dense,
+        samples=int(plan.ids.shape[0]),
+        seqlen=int(plan.ids.shape[1]),
+        tokens=int(plan.keep.sum()) if plan.keep is not None else int(plan.ids.numel()),
+        seconds=time.perf_counter() - start,
+        per_block_arguments=captured.per_block,
+    )

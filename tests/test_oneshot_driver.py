@@ -1,0 +1,572 @@
+"""The sequential one-shot driver on tiny random transformers (built from configs, offline).
+
+Families: BERT (encoder), GPT-2 (Conv1D layers, tied lm_head), OPT and Llama (decoders), plus
+Qwen2 with sliding-window layers (blocks called with different arguments).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import requires
+from sparseforge.errors import SparseforgeError
+from sparseforge.oneshot import find_blocks, find_linear_layers, prune_model
+from sparseforge.oneshot.capture import capture_block_inputs
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+pytestmark = requires(HAS_TRANSFORMERS, "transformers (the [llm] extra) is not installed")
+
+VOCAB, HIDDEN, SEQ = 100, 32, 16
+
+
+def _bert(layers: int = 2) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg)
+
+
+def _gpt2(layers: int = 2) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _opt(layers: int = 2) -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=layers,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=HIDDEN,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return OPTForCausalLM(cfg)
+
+
+def _llama(layers: int = 2, intermediate: int = 64) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen2_sliding() -> nn.Module:
+    """Layer 0 full attention, layers 1-2 sliding window: blocks get different attention masks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {"bert": _bert, "gpt2": _gpt2, "opt": _opt, "llama": _llama}
+BLOCKS = {"bert": "encoder.layer", "gpt2": "transformer.h", "opt": "model.decoder.layers", "llama": "model.layers"}
+LAYERS_PER_BLOCK = {"bert": 6, "gpt2": 4, "opt": 6, "llama": 7}
+
+
+def build(family: str, seed: int = 0, **kwargs: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[family](**kwargs).eval()
+
+
+def calibration(n: int = 6, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def head_out(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def out_in(name: str, mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A mask in (out, in) layout whatever the layer (GPT-2's Conv1D stores (in, out))."""
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    return mask.t() if not isinstance(module, nn.Linear) else mask
+
+
+# -- find_blocks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_find_blocks_per_family(family: str) -> None:
+    model = build(family)
+    name, blocks = find_blocks(model)
+    assert name == BLOCKS[family]
+    assert blocks is model.get_submodule(name) and len(blocks) == 2
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, experts: int = 3, tuple_out: bool = False) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(_Mlp() for _ in range(experts))  # nested: never "the blocks"
+        self.proj = nn.Linear(8, 8)
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden_states: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, None]:
+        out = hidden_states + scale * self.proj(sum(e(hidden_states) for e in self.experts))
+        return (out, None) if self.tuple_out else out
+
+
+class _Toy(nn.Module):
+    """A model of no known family: embedding, two blocks (with nested expert lists), a head.
+
+    ``keyword``: the blocks get their hidden states as ``hidden_states=``; ``tuple_out``: the
+    blocks return ``(hidden, None)`` as older transformers layers did.
+    """
+
+    def __init__(self, keyword: bool = False, tuple_out: bool = False) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.embed = nn.Embedding(20, 8)
+        self.mixed = nn.ModuleList([nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()])  # mixed classes
+        self.heads = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))  # bare layers, not blocks
+        self.stack = nn.ModuleList(_Block(tuple_out=tuple_out) for _ in range(2))
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for block in self.stack:
+            out = block(hidden_states=x, scale=0.5) if self.keyword else block(x, scale=0.5)
+            x = out[0] if isinstance(out, tuple) else out
+        return self.head(x)
+
+
+def test_find_blocks_by_structure_only() -> None:
+    name, blocks = find_blocks(_Toy())
+    assert name == "stack" and len(blocks) == 2
+
+
+def test_find_blocks_none_is_one_line_error() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    with pytest.raises(SparseforgeError, match="has no nn.ModuleList of identical blocks") as err:
+        find_blocks(model)
+    assert "\n" not in str(err.value) and "allowed: a transformer with repeated layers" in str(err.value)
+
+
+@pytest.mark.parametrize(("keyword", "tuple_out"), [(False, False), (True, False), (False, True)])
+def test_driver_on_a_model_of_no_known_family_with_a_shared_layer(keyword: bool, tuple_out: bool) -> None:
+    """Model-agnostic: a custom model; a Linear shared by both blocks is pruned once (first name)."""
+    torch.manual_seed(0)
+    model = _Toy(keyword, tuple_out).eval()
+    model.stack[1].proj = model.stack[0].proj  # tied across blocks
+    ids = torch.randint(0, 20, (4, 6))
+    assert _replay_matches_forward(model, {"input_ids": ids})
+    report = prune_model(model, ids, method="wanda", progress=False, batch_size=2, exclude=())
+    names = [r.name for r in report.layers]
+    assert "stack.0.proj.weight" in names and "stack.1.proj.weight" not in names
+    assert len(names) == len(set(names)) == 2 * 3 * 2 + 1
+    assert report.masks.sparsity("stack.0.proj.weight") == 0.5
+    assert torch.equal(model.stack[1].proj.weight != 0, report.masks["stack.0.proj.weight"])
+    assert "head.weight" in report.dense and "heads.0.weight" in report.dense
+    assert all(b.error > 0 for b in report.blocks)
+
+
+# -- pruning each family -------------------------------------------------------------------------------
+
+
+def _expected_kept(method: str, structure: str, shape_out_in: tuple[int, int]) -> int:
+    out, inp = shape_out_in
+    if structure != "unstructured":
+        return out * inp // 2
+    if method == "wanda":  # compared within each output row
+        return out * math.floor(0.5 * inp + 0.5)
+    return math.floor(0.5 * out * inp + 0.5)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_each_family(family: str, method: str, structure: str) -> None:
+    model = build(family)
+    ids = calibration()
+    dense_state = snapshot(model)
+    dense_out = head_out(model, ids)
+    report = prune_model(model, ids, method=method, structure=structure, progress=False, batch_size=4)
+
+    blocks_name = BLOCKS[family]
+    assert report.method == method and report.blocks_name == blocks_name
+    assert len(report.layers) == 2 * LAYERS_PER_BLOCK[family]
+    assert [b.name for b in report.blocks] == [f"{blocks_name}.0", f"{blocks_name}.1"]
+    assert all(math.isfinite(b.error) and b.error > 0 and b.seconds >= 0 for b in report.blocks)
+    params = dict(model.named_parameters())
+    for layer in report.layers:
+        assert layer.name.startswith(f"{blocks_name}.{layer.block}.")
+        mask = report.masks[layer.name]
+        weight = params[layer.name].detach()
+        assert mask.dtype == torch.bool and mask.shape == weight.shape == layer.shape  # the parameter's layout
+        grid = out_in(layer.name, mask, model)
+        assert layer.kept == int(mask.sum()) == _expected_kept(method, structure, tuple(grid.shape))
+        assert layer.sparsity == report.masks.sparsity(layer.name)
+        assert not weight[~mask].any()  # pruned weights are zero
+        assert torch.equal(weight[mask], dense_state[layer.name][mask])  # no method here updates weights
+        if structure == "2:4":  # groups of 4 consecutive inputs keep exactly 2
+            assert (grid.reshape(grid.shape[0], -1, 4).sum(-1) == 2).all()
+    for name, value in dense_state.items():  # everything outside the blocks' linear layers is untouched
+        if name not in report.masks:
+            assert torch.equal(model.state_dict()[name], value), name
+    if family != "bert":
+        assert "lm_head.weight" in report.dense and "lm_head.weight" not in report.masks
+    out = head_out(model, ids)
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense_out)
+    json.dumps(report.to_dict())
+
+
+def test_gpt2_conv1d_masks_in_parameter_layout() -> None:
+    model = build("gpt2")
+    report = prune_model(model, calibration(), method="wanda", progress=False)
+    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D: weight (in=32, out=128)
+    mask = report.masks["transformer.h.0.mlp.c_fc.weight"]
+    assert tuple(mask.shape) == tuple(c_fc.weight.shape) == (HIDDEN, 4 * HIDDEN)
+    # Wanda compares within each output row: each output (a column of the stored weight) keeps half its inputs
+    assert (mask.sum(dim=0) == HIDDEN // 2).all()
+    assert report.masks.apply(model) is None  # the masks resolve to the model's parameters
+
+
+# -- what the blocks are called with -------------------------------------------------------------------
+
+
+def _replay_matches_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Capture the block inputs, replay the blocks alone, compare with each block's real output."""
+    name, blocks = find_blocks(model)
+    real: list[torch.Tensor] = []
+    hooks = [
+        b.register_forward_hook(lambda m, a, out: real.append(out[0] if isinstance(out, tuple) else out))
+        for b in blocks
+    ]
+    with torch.inference_mode():
+        model(**batch)
+        for h in hooks:
+            h.remove()
+        captured = capture_block_inputs(model, blocks, [batch], name=name)
+        hidden = captured.hidden[0]
+        for i, block in enumerate(blocks):
+            hidden = captured.calls[i][0].run(block, hidden)
+            if not torch.equal(hidden, real[i]):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_arguments_replay_the_forward_exactly(family: str) -> None:
+    """Every argument (masks, position ids / embeddings, flags) is captured: replay == forward, bitwise."""
+    model = build(family)
+    ids = calibration(4)
+    padding = torch.ones_like(ids)
+    padding[0, -5:] = 0  # right padding in one sample: the models build a real attention mask
+    assert _replay_matches_forward(model, {"input_ids": ids, "use_cache": False})
+    assert _replay_matches_forward(model, {"input_ids": ids, "attention_mask": padding, "use_cache": False})
+
+
+def test_blocks_with_different_arguments_are_replayed_with_their_own() -> None:
+    model = _qwen2_sliding().eval()
+    ids = calibration(4)
+    assert _replay_matches_forward(model, {"input_ids": ids, "use_cache": False})
+    with torch.inference_mode():
+        captured = capture_block_inputs(model, model.model.layers, [{"input_ids": ids, "use_cache": False}])
+    assert captured.per_block  # the sliding-window layers get another mask than layer 0
+    report = prune_model(model, ids, progress=False)
+    assert report.per_block_arguments and all(r.sparsity == 0.5 for r in report.layers)
+    for family in FAMILIES:
+        with torch.inference_mode():
+            model = build(family)
+            assert not capture_block_inputs(model, find_blocks(model)[1], [{"input_ids": ids}]).per_block
+
+
+def test_padding_is_left_out_of_statistics() -> None:
+    """Right-padded samples give the statistics of the unpadded tokens alone (causal model)."""
+    ids = calibration(6)
+    short = ids[:, :12].clone()
+    padded = ids.clone()
+    padded[:, 12:] = 7  # pad tokens, masked out
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    a, b = build("llama"), build("llama")
+    report_short = prune_model(a, short, progress=False)
+    report_padded = prune_model(b, {"input_ids": padded, "attention_mask": mask}, progress=False)
+    assert report_padded.tokens == report_short.tokens == 6 * 12
+    for name, m in report_short.masks.items():
+        assert torch.equal(m, report_padded.masks[name]), name
+    for x, y in zip(report_short.blocks, report_padded.blocks, strict=True):
+        assert x.error == pytest.approx(y.error, rel=1e-4)
+
+
+# -- memory: only the current block's activations are alive ---------------------------------------------
+
+
+class LiveActivations:
+    """At every call of a block, count the live tensors shaped like a batch of hidden states.
+
+    ``gc.get_objects()`` sees every tensor object alive in the process, wherever it is referenced
+    (the driver's lists, a closure, a cache), so this bounds what the driver holds: the current
+    block's inputs (one tensor per batch) and its outputs (another), never earlier blocks'.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, shape: tuple[int, ...]) -> None:
+        self.shape = torch.Size(shape)
+        self.counts: list[int] = []
+        self.handles = [b.register_forward_pre_hook(self._count) for b in blocks]
+
+    def _count(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        self.counts.append(
+            sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.shape == self.shape)
+        )
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run_counted(leak: bool) -> tuple[list[int], int]:
+    model = build("llama", layers=4)
+    n_batches, batch = 4, 2
+    ids = calibration(n_batches * batch)
+    gc.collect()
+    live = LiveActivations(model.model.layers, (batch, SEQ, HIDDEN))
+    kept: list[torch.Tensor] = []
+    if leak:  # a driver bug simulated: every block output stays referenced
+        for block in model.model.layers:
+            block.register_forward_hook(lambda m, a, out: kept.append(out))
+    prune_model(model, ids, method="wanda", progress=False, batch_size=batch)
+    live.remove()
+    return live.counts, n_batches
+
+
+def test_only_one_blocks_inputs_and_outputs_are_alive() -> None:
+    counts, n_batches = _run_counted(leak=False)
+    assert len(counts) >= 4 * 2 * n_batches  # every block ran twice on every batch (plus the capture)
+    assert max(counts) <= 2 * n_batches  # inputs + outputs of one block, whatever the depth (4 blocks)
+    assert max(counts) >= n_batches + 1  # the count sees the driver's activations (not vacuous)
+
+
+def test_the_live_activation_check_catches_a_leak() -> None:
+    counts, n_batches = _run_counted(leak=True)
+    assert max(counts) > 2 * n_batches
+
+
+# -- determinism, dtype, modes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_deterministic(family: str) -> None:
+    runs = []
+    for _ in range(2):
+        model = build(family)
+        report = prune_model(model, calibration(), method="wanda", progress=False, batch_size=4)
+        runs.append((snapshot(model), report))
+    (state_a, rep_a), (state_b, rep_b) = runs
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert all(torch.equal(rep_a.masks[k], rep_b.masks[k]) for k in rep_a.masks)
+    assert [b.error for b in rep_a.blocks] == [b.error for b in rep_b.blocks]
+
+
+def test_bfloat16_model_runs_in_its_own_dtype_and_stays_trainable() -> None:
+    model = build("llama").to(torch.bfloat16)
+    model.train()
+    report = prune_model(model, calibration(), method="wanda", structure="2:4", progress=False)
+    assert model.training  # mode restored
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert int((q != 0).sum()) <= report.masks.nnz("model.layers.0.self_attn.q_proj.weight") == q.numel() // 2
+    assert not any(p.is_inference() for p in model.parameters())
+    assert not any(m.is_inference() for _, m in report.masks.items())
+    loss = model(input_ids=calibration(2), labels=calibration(2)).loss  # weights are ordinary, trainable tensors
+    loss.backward()
+    assert q.grad is not None
+
+
+def test_progress_prints_one_line_per_block(capsys: pytest.CaptureFixture[str]) -> None:
+    prune_model(build("llama"), calibration(), method="magnitude", progress=True)
+    err = capsys.readouterr().err
+    assert "block 1/2 model.layers.0: 7 layers pruned, relative error" in err
+    assert "block 2/2 model.layers.1" in err
+
+
+# -- exclusion ----------------------------------------------------------------------------------------
+
+
+def test_exclude_patterns_and_defaults() -> None:
+    model = build("llama")
+    before = snapshot(model)
+    report = prune_model(model, calibration(), exclude=["lm_head", "*.mlp.down_proj"], progress=False)
+    assert len(report.layers) == 2 * 6
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.down_proj.weight"
+        assert name in report.dense and name not in report.masks
+        assert torch.equal(model.state_dict()[name], before[name])
+    assert report.masks.sparsity() == 0.5
+    # BERT has no lm_head: the default pattern may match nothing; a pattern given by hand may not
+    prune_model(build("bert"), calibration(), progress=False)
+    layers = find_linear_layers(build("gpt2"))
+    assert all(layer.name != "lm_head" for layer in layers)  # tied to the embedding, excluded by default
+
+
+# -- bad inputs: one-line errors before any block is pruned -------------------------------------------------
+
+
+def _meta_llama() -> nn.Module:
+    with torch.device("meta"):
+        return build("llama")
+
+
+BAD_CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, object], str]] = {
+    "nm-not-dividing": (
+        lambda: build("llama", intermediate=36),
+        {"structure": "2:8"},
+        r"model\.layers\.0\.mlp\.down_proj\.weight has 36 inputs",
+    ),
+    "unknown-method": (lambda: build("llama"), {"method": "wandaa"}, r"method='wandaa' is not known; allowed: "),
+    "exclude-matches-nothing": (
+        lambda: build("llama"),
+        {"exclude": ["lm_head", "*.mlp.dwn_proj"]},
+        r"exclude pattern '\*\.mlp\.dwn_proj' matches no linear layer",
+    ),
+    "exclude-a-string": (lambda: build("llama"), {"exclude": "lm_head"}, r"exclude='lm_head' is not allowed"),
+    "no-module-list": (
+        lambda: nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, 8)),
+        {},
+        r"Sequential has no nn\.ModuleList of identical blocks",
+    ),
+    "token-id-too-large": (lambda: build("gpt2"), {"ids": "too-large"}, r"token id 100, outside the model's vocab"),
+    "token-id-negative": (lambda: build("opt"), {"ids": "negative"}, r"token id -1, outside"),
+    "float-ids": (lambda: build("llama"), {"ids": "float"}, r"dtype torch\.float32; allowed: a LongTensor"),
+    "one-dim-ids": (lambda: build("llama"), {"ids": "1d"}, r"shape \(16,\); allowed: a LongTensor"),
+    "too-long": (lambda: build("bert"), {"ids": "long"}, r"seqlen 65 exceeds the model's max_position_embeddings=64"),
+    "bad-mask": (lambda: build("llama"), {"ids": "bad-mask"}, r"attention mask holds values other than 0 and 1"),
+    "sparsity-out-of-range": (lambda: build("llama"), {"sparsity": 1.0}, r"sparsity=1\.0 is outside"),
+    "sparsity-vs-nm": (
+        lambda: build("llama"),
+        {"sparsity": 0.6, "structure": "2:4"},
+        r"sparsity=0\.6 conflicts with structure 2:4",
+    ),
+    "block-structure": (lambda: build("llama"), {"structure": "block:4x4"}, r"not supported by one-shot pruning"),
+    "batch-size": (lambda: build("llama"), {"batch_size": 0}, r"batch_size=0 is not allowed"),
+    "meta-model": (_meta_llama, {}, r"is on the meta device"),
+}
+
+
+def _bad_ids(kind: object) -> object:
+    ids = calibration(4)
+    if kind == "too-large":
+        ids[2, 3] = VOCAB
+    elif kind == "negative":
+        ids[0, 0] = -1
+    elif kind == "float":
+        return ids.float()
+    elif kind == "1d":
+        return ids[0]
+    elif kind == "long":
+        return torch.zeros(2, 65, dtype=torch.long)
+    elif kind == "bad-mask":
+        return {"input_ids": ids, "attention_mask": torch.full_like(ids, 2)}
+    return ids
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_inputs_fail_in_one_line_before_pruning(case: str) -> None:
+    make, kwargs, message = BAD_CASES[case]
+    model = make()
+    model.train()
+    before = None if case == "meta-model" else snapshot(model)
+    kwargs = dict(kwargs)
+    ids = _bad_ids(kwargs.pop("ids", None))
+    with pytest.raises(SparseforgeError, match=message) as err:
+        prune_model(model, ids, progress=False, **kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)
+    assert model.training
+    if before is not None:
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- SparseGPT through the driver (Hessian statistics, weight updates) ------------------------------------
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_sparsegpt_on_tiny_llama(structure: str) -> None:
+    ids = calibration(8)
+    reports = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = build("llama")
+        dense = snapshot(model)
+        reports[method] = prune_model(model, ids, method=method, structure=structure, progress=False, batch_size=4)
+    sgpt = reports["sparsegpt"]
+    params = dict(model.named_parameters())
+    for layer in sgpt.layers:
+        mask, weight = sgpt.masks[layer.name], params[layer.name].detach()
+        assert layer.kept == int(mask.sum()) == mask.numel() // 2  # exact, per layer (or per group of 4)
+        if structure == "2:4":
+            assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+        assert not weight[~mask].any()
+        assert not torch.equal(weight[mask], dense[layer.name][mask])  # the kept weights were updated
+    for i in range(2):  # the weight update reconstructs each block's output better than masking alone
+        assert sgpt.blocks[i].error < reports["magnitude"].blocks[i].error
+        assert sgpt.blocks[i].error < reports["wanda"].blocks[i].error
+
+
+def test_method_options_are_passed_and_checked() -> None:
+    ids = calibration(4)
+    a = prune_model(build("llama"), ids, method="sparsegpt", progress=False, options={"percdamp": 0.5})
+    b = prune_model(build("llama"), ids, method="sparsegpt", progress=False)
+    assert a.blocks[0].error != b.blocks[0].error
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(SparseforgeError, match=r"option 'damp' is not an option of method='sparsegpt'; allowed: "):
+        prune_model(model, ids, method="sparsegpt", progress=False, options={"damp": 0.5})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
