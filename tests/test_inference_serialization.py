@@ -61,3 +61,17 @@ def test_save_converted_refuses_what_is_not_a_module(tmp_path):
         with pytest.raises(SparseforgeError, match=needle):
             save_converted(tmp_path / "m.safetensors", bad)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_with_every_layer_kept_dense_saves_and_loads(tmp_path):
+    """convert may keep every layer dense (another machine, a busy one): saving must still work."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    sparseforge.prune(model, 0.2)  # density 0.8 > the rule's 0.25: every layer stays dense
+    fast, report = convert(model, autotune=False)
+    assert report.sparse_layers == []
+    path = save_converted(tmp_path / "dense.safetensors", fast)
+    loaded = load_converted(path, nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))

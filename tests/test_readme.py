@@ -47,3 +47,13 @@ def test_user_facing_text_speaks_of_the_project_only():
         if pattern.search(line)
     ]
     assert not hits, hits
+
+
+def test_the_one_shot_guide_example_runs_as_written(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "guide" / "oneshot.md").read_text(), re.S)
+    assert blocks
+    script = tmp_path / "oneshot_example.py"
+    script.write_text("\n".join(blocks))
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sparsity 0.500" in out.stdout and "relative output error" in out.stdout
