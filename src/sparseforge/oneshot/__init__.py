@@ -56,3 +56,26 @@ __all__ += [
     "find_linear_layers",
     "prune_model",
 ]
+
+# pretrained transformers in and out: local folders only (load, calibration text, atomic save)
+from .io import (  # noqa: E402
+    MASKS_FILE,
+    REPORT_FILE,
+    calibration_ids,
+    check_pruned_out,
+    load_masks,
+    load_transformer,
+    save_pruned,
+    text_windows,
+)
+
+__all__ += [
+    "MASKS_FILE",
+    "REPORT_FILE",
+    "calibration_ids",
+    "check_pruned_out",
+    "load_masks",
+    "load_transformer",
+    "save_pruned",
+    "text_windows",
+]
