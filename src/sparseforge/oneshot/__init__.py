@@ -57,6 +57,11 @@ __all__ += [
     "prune_model",
 ]
 
+# OWL and DSnoT as options of the driver
+from .driver import OWL, DSnoT  # noqa: E402
+
+__all__ += ["OWL", "DSnoT"]
+
 # pretrained transformers in and out: local folders only (load, calibration text, atomic save)
 from .io import (  # noqa: E402
     MASKS_FILE,

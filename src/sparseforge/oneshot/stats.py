@@ -21,23 +21,41 @@ class InputStats:
     Args:
         in_features: the layer's input width.
         hessian: also accumulate ``X^T X`` (``in_features``\\ :sup:`2` floats; SparseGPT needs it).
+        device: where the sums live (default: the CPU). Put them on the model's GPU to accumulate
+            ``X^T X`` there; the column sums are float64, so the device must support float64
+            (not Apple's ``mps``). Inputs given to :meth:`add` are moved to this device.
     """
 
-    def __init__(self, in_features: int, *, hessian: bool = False) -> None:
+    def __init__(self, in_features: int, *, hessian: bool = False, device: torch.device | str | None = None) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise SparseforgeError(f"in_features={in_features!r} is not allowed; allowed: an integer >= 1")
+        try:
+            where = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as err:
+            raise SparseforgeError(f"device={device!r} is not allowed; allowed: a torch.device or its name") from err
+        if where.type in ("mps", "meta"):
+            raise SparseforgeError(
+                f"device={device!r} cannot hold the float64 sums of InputStats; allowed: 'cpu', 'cuda' or None"
+            )
         self.in_features = in_features
         self.tokens = 0
-        self.sums = torch.zeros(in_features, dtype=torch.float64)
-        self.sq_sums = torch.zeros(in_features, dtype=torch.float64)
-        self.xtx: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self.sums = torch.zeros(in_features, dtype=torch.float64, device=where)
+        self.sq_sums = torch.zeros(in_features, dtype=torch.float64, device=where)
+        self.xtx: torch.Tensor | None = (
+            torch.zeros(in_features, in_features, dtype=torch.float32, device=where) if hessian else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sums live (inputs are moved here by :meth:`add`)."""
+        return self.sums.device
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of input rows (any float dtype; accumulated in fp32, column sums in fp64)."""
         if x.shape[-1] != self.in_features:
             raise SparseforgeError(f"input of width {x.shape[-1]} given to statistics of width {self.in_features}")
-        rows = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        rows = x.detach().reshape(-1, self.in_features).to(device=self.sums.device, dtype=torch.float32)
         if not torch.isfinite(rows).all():
             raise SparseforgeError("calibration inputs contain NaN or Inf; allowed: finite activations")
         self.tokens += rows.shape[0]
