@@ -308,9 +308,13 @@ def clean_stale_temp_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _fsync_tree(folder: Path) -> None:
+def _finish_tree(folder: Path) -> None:
+    """Give every file and the folder the usual umask-derived mode, and flush them to disk."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes 0700; some writers make their files 0600
     for file in folder.rglob("*"):
         if file.is_file():
+            os.chmod(file, 0o666 & ~umask)
             fd = os.open(file, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -430,8 +434,7 @@ def save_pruned(
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         payload = {**report.to_dict(), "masks_file": MASKS_FILE, "files": sizes}
         (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual mode
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=path.parent))
             os.rename(path, old)  # onto the empty folder just made: a unique name, atomically
