@@ -199,3 +199,30 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(
         assert f"calibration text {str(models['short'])!r}" in lines[0]
     assert needle in lines[0]
     assert (_listing(tmp_path), _listing(models["llama"].parent)) == before
+
+
+def test_ctrl_c_during_prune_exits_130_and_leaves_no_folder(tmp_path: Path, models: dict[str, Path]) -> None:
+    """SIGINT once the first block is done: status 130, one line, no output folder, no temporary folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "pruned"
+    command = [sys.executable, "-c", "from sparseforge.cli import main; main()", "llm", "prune", str(models["llama"])]
+    command += ["--method", "sparsegpt", "--calibration", str(models["text"]), "--samples", "16", "--seqlen", "64"]
+    command += ["--batch-size", "1", "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("block 1/2"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the interrupt arrived (a very fast machine)")
+    lines = [ln for ln in rest.splitlines() if ln.strip() and not ln.startswith("block ")]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert lines[-1] == "interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
