@@ -37,7 +37,7 @@ def test_tiny_run_writes_the_table_and_sensible_numbers(tmp_path, capsys):
     assert result["settings"]["quality"] == 20
     for row in result["rows"]:
         for key in ("cosine", "nn10", "seconds"):
-            assert set(row[key]) == {"mean", "std", "values"} and len(row[key]["values"]) == 1
+            assert set(row[key]) == {"mean", "std", "min", "values"} and len(row[key]["values"]) == 1
         assert 0.0 < row["cosine"]["mean"] <= 1.0 + 1e-6
         assert 0.0 <= row["nn10"]["mean"] <= 1.0
         assert row["seconds"]["mean"] > 0
