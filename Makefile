@@ -41,6 +41,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
 	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_oneshot.py
 
 validate: $(STAMP)
 	$(PY) benchmarks/validate_training.py

@@ -379,7 +379,7 @@ def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys) -> N
     ran = 0
     for line in lines:
         args = line.split()[1:]
-        if args[0] in ("demo", "bench") or "mypkg" in line:
+        if args[0] in ("demo", "bench", "llm") or "mypkg" in line:
             main([*args, "--help"])  # exits by returning (status 0), or raises on an unknown option
             assert "Usage" in capsys.readouterr().out, line
         else:
