@@ -747,3 +747,182 @@ def test_input_stats_device() -> None:
         InputStats(4, device="meta")
     with pytest.raises(SparseforgeError, match=r"device='nowhere' is not allowed"):
         InputStats(4, device="nowhere")
+
+
+# -- padded calibration: batches grouped by length and cut to their longest sample ----------------------
+
+
+def _ragged(n: int = 8, seq: int = SEQ, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask with real lengths from 3 to ``seq`` (pad id 7 under mask 0)."""
+    ids = calibration(n, seq, seed=seed)
+    lengths = torch.randint(3, seq + 1, (n,), generator=torch.Generator().manual_seed(seed))
+    lengths[1] = seq  # at least one full-length sample
+    mask = (torch.arange(seq).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return ids.masked_fill(mask == 0, 7), mask
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_padded_calibration_gives_the_masks_of_the_unpadded_samples(family: str, method: str) -> None:
+    ids = calibration(6)
+    short = ids[:, :11].clone()
+    padded = ids.masked_fill(torch.arange(SEQ) >= 11, 7)
+    mask = (torch.arange(SEQ) < 11).long().expand(6, SEQ).clone()
+    a, b = build(family), build(family)
+    report_short = prune_model(a, short, method=method, progress=False, batch_size=4)
+    report_padded = prune_model(b, {"input_ids": padded, "attention_mask": mask}, method=method, progress=False)
+    assert report_padded.tokens == report_short.tokens == 6 * 11
+    assert report_padded.seqlen == SEQ
+    for name, m in report_short.masks.items():
+        assert torch.equal(m, report_padded.masks[name]), name
+    for x, y in zip(report_short.blocks, report_padded.blocks, strict=True):
+        assert x.error == pytest.approx(y.error, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_cutting_padded_batches_changes_no_statistic_of_real_tokens(
+    family: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ragged right padding: grouped and cut batches give the same masks and errors as full-width ones."""
+    from sparseforge.oneshot import driver
+
+    ids, mask = _ragged()
+    calib = {"input_ids": ids, "attention_mask": mask}
+    a, b = build(family), build(family)
+    cut = prune_model(a, calib, method=method, progress=False, batch_size=3)
+    monkeypatch.setattr(driver, "_real_lengths", lambda ids, keep: [int(ids.shape[1])] * int(ids.shape[0]))
+    full = prune_model(b, calib, method=method, progress=False, batch_size=3)
+    assert cut.tokens == full.tokens == int(mask.sum())
+    for name, m in full.masks.items():
+        assert torch.equal(m, cut.masks[name]), name
+    for x, y in zip(full.blocks, cut.blocks, strict=True):
+        assert x.error == pytest.approx(y.error, rel=1e-4, abs=1e-9)
+    state_a, state_b = snapshot(a), snapshot(b)
+    assert all(torch.allclose(state_a[k], state_b[k], rtol=1e-4, atol=1e-6) for k in state_a)
+
+
+def test_batches_are_grouped_by_length_and_only_right_padding_is_cut() -> None:
+    from sparseforge.oneshot.driver import _batches
+
+    model = build("llama")
+    ids = calibration(5, 8)
+    keep = torch.ones(5, 8, dtype=torch.bool)
+    keep[0, 3:] = False  # right padded, length 3
+    keep[1, 6:] = False  # right padded, length 6
+    keep[2, :2] = False  # left padded: keeps all 8 columns
+    keep[3, 4:] = False  # right padded, length 4
+    batches, token_masks = _batches(model, ids, keep, 2)
+    # lengths 3, 6, 8, 4, 8 -> order 2, 4 (8, 8), 1, 3 (6, 4), 0 (3)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 8), (2, 6), (1, 3)]
+    assert torch.equal(batches[0]["input_ids"], ids[[2, 4]])
+    assert torch.equal(batches[1]["input_ids"], ids[[1, 3], :6])
+    assert torch.equal(batches[2]["attention_mask"], keep[[0], :3].long())
+    assert token_masks[2] is None  # cut to its real tokens: no padding left
+    assert token_masks[1] is not None and torch.equal(token_masks[1], keep[[1, 3], :6])
+    # no padding: the given order and width, whatever the mask says
+    same, masks = _batches(model, ids, torch.ones(5, 8, dtype=torch.bool), 2)
+    assert [b["input_ids"].tolist() for b in same] == [ids[0:2].tolist(), ids[2:4].tolist(), ids[4:5].tolist()]
+    assert masks == [None, None, None]
+
+
+def test_padded_calibration_is_deterministic() -> None:
+    ids, mask = _ragged()
+    runs = []
+    for _ in range(2):
+        model = build("llama")
+        report = prune_model(model, (ids, mask), method="sparsegpt", progress=False, batch_size=3)
+        runs.append((snapshot(model), report))
+    (state_a, rep_a), (state_b, rep_b) = runs
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert all(torch.equal(rep_a.masks[k], rep_b.masks[k]) for k in rep_a.masks)
+    assert [b.error for b in rep_a.blocks] == [b.error for b in rep_b.blocks]
+
+
+# -- layers fed the same input share one gathering of statistics -----------------------------------------
+
+
+def _gather_both_ways(
+    block: nn.Module, calls: list[object], inputs: list[torch.Tensor], todo: list[object], hessian: bool
+) -> tuple[dict[str, object], dict[str, object]]:
+    from sparseforge.oneshot.driver import _run_dense
+    from sparseforge.oneshot.stats import InputStats
+
+    results = []
+    for share in (True, False):
+        stats = {x.param_name: InputStats(x.in_features, hessian=hessian) for x in todo}  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            _run_dense(block, calls, inputs, [None] * len(inputs), stats, todo, share=share)  # type: ignore[arg-type]
+        results.append(stats)
+    return results[0], results[1]
+
+
+def _assert_same_stats(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name], b[name]
+        assert x.tokens == y.tokens, name  # type: ignore[attr-defined]
+        assert torch.equal(x.sums, y.sums) and torch.equal(x.sq_sums, y.sq_sums), name  # type: ignore[attr-defined]
+        assert (x.xtx is None and y.xtx is None) or torch.equal(x.xtx, y.xtx), name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_layers_on_the_same_input_share_statistics_bitwise(family: str) -> None:
+    from sparseforge.oneshot import driver
+
+    model = build(family)
+    name, blocks = find_blocks(model)
+    todo = [x for x in find_linear_layers(model, ()) if x.name.startswith(f"{name}.0.")]
+    batches, _ = driver._batches(model, calibration(6), None, 4)
+    with torch.inference_mode():
+        captured = capture_block_inputs(model, blocks, batches, name=name)
+    shared, alone = _gather_both_ways(blocks[0], captured.calls[0], captured.hidden, todo, hessian=True)
+    _assert_same_stats(shared, alone)
+    gathered = []
+    original = driver._Gather.finish
+
+    def spy(self: driver._Gather) -> bool:
+        gathered.append(dict(self.follows))
+        return original(self)
+
+    driver._Gather.finish = spy  # type: ignore[method-assign]
+    try:
+        _gather_both_ways(blocks[0], captured.calls[0], captured.hidden, todo, hessian=False)
+    finally:
+        driver._Gather.finish = original  # type: ignore[method-assign]
+    assert len(gathered[0]) >= 2  # the key and value projections follow the query's (not vacuous)
+
+
+class _Switching(nn.Module):
+    """Layer ``b`` gets ``a``'s input in the first batch only: the sharing must be undone."""
+
+    def __init__(self, first: torch.Tensor) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x if x is self.first else x * 2)
+
+
+def test_sharing_that_breaks_in_a_later_batch_gathers_again() -> None:
+    from sparseforge.oneshot.capture import BlockCall
+    from sparseforge.oneshot.driver import _run_dense
+    from sparseforge.oneshot.stats import InputStats
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 4) for _ in range(3)]
+    results = []
+    for share in (True, False):
+        torch.manual_seed(1)
+        block = _Switching(inputs[0])
+        todo = find_linear_layers(block, ())
+        stats = {x.param_name: InputStats(x.in_features, hessian=True) for x in todo}
+        with torch.inference_mode():
+            outs = _run_dense(block, [BlockCall((), {})] * 3, inputs, [None] * 3, stats, todo, share=share)
+        results.append((stats, outs))
+    (shared, out_s), (alone, out_a) = results
+    _assert_same_stats(shared, alone)
+    assert shared["b.weight"].tokens == 18
+    assert not torch.equal(shared["a.weight"].sq_sums, shared["b.weight"].sq_sums)
+    assert len(out_s) == 3 and all(o.shape == (2, 3, 4) for o in out_s)

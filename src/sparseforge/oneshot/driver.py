@@ -394,14 +394,79 @@ def _rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
-def _accumulate(
-    stats: InputStats, current: list[torch.Tensor | None], module: nn.Module, inputs: tuple[Any, ...], output: Any
-) -> None:
-    """Forward hook on a linear layer: add its input rows of the current batch to ``stats``."""
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise SparseforgeError(f"a {type(module).__name__} was called without a tensor input; cannot gather statistics")
-    stats.add(_rows(x, current[0]).to(stats.sums.device))
+class _Gather:
+    """Forward hooks that add each layer's real input rows of the current batch to its statistics.
+
+    Layers called on the very same input tensor in one forward (a block's query, key and value
+    projections) would add the same rows to equal statistics: the first one in the first batch
+    leads, the others follow it and add nothing, and :meth:`finish` gives each follower a copy of
+    its leader's statistics (bitwise what it would have summed itself). If a later batch does not
+    call a follower on its leader's input, :meth:`finish` says so and the caller gathers again
+    without sharing.
+    """
+
+    def __init__(self, stats: dict[str, InputStats], share: bool) -> None:
+        self.stats, self.share = stats, share
+        self.token_mask: torch.Tensor | None = None
+        self.first = True
+        self.follows: dict[str, str] = {}
+        self.seen: dict[str, torch.Tensor] = {}  # this batch's inputs of the leaders, by layer
+        self.calls: dict[str, int] = {}  # this batch's calls, by layer
+        self.broken = False
+
+    def _check_batch(self) -> None:
+        """Sharing holds for a batch when each follower and its leader were called once each."""
+        if any(self.calls.get(f, 0) != 1 or self.calls.get(lead, 0) != 1 for f, lead in self.follows.items()):
+            self.broken = True
+        self.seen.clear()
+        self.calls.clear()
+
+    def next_batch(self, token_mask: torch.Tensor | None, first: bool) -> None:
+        self._check_batch()
+        self.token_mask, self.first = token_mask, first
+
+    def hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor):
+            raise SparseforgeError(
+                f"a {type(module).__name__} was called without a tensor input; cannot gather statistics"
+            )
+        if self.share:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            leader = self.follows.get(name)
+            if self.first and leader is None and name not in self.seen:
+                leader = next((n for n, t in self.seen.items() if t is x and self._alike(n, name)), None)
+                if leader is not None:
+                    self.follows[name] = leader
+            if leader is not None:
+                if self.seen.get(leader) is not x:
+                    self.broken = True
+                return
+            self.seen[name] = x
+        stats = self.stats[name]
+        stats.add(_rows(x, self.token_mask).to(stats.sums.device))
+
+    def _alike(self, a: str, b: str) -> bool:
+        x, y = self.stats[a], self.stats[b]
+        return (
+            type(x) is type(y)
+            and x.in_features == y.in_features
+            and x.device == y.device
+            and (x.xtx is None) == (y.xtx is None)
+        )
+
+    def finish(self) -> bool:
+        """Copy each leader's statistics to its followers; ``False`` when the sharing did not hold."""
+        self._check_batch()
+        if self.broken:
+            return False
+        for name, leader in self.follows.items():
+            source, target = self.stats[leader], self.stats[name]
+            target.tokens = source.tokens
+            target.sums = source.sums.clone()
+            target.sq_sums = source.sq_sums.clone()
+            target.xtx = None if source.xtx is None else source.xtx.clone()
+        return True
 
 
 def _squared(dense: torch.Tensor, pruned: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[float, float]:
@@ -579,17 +644,48 @@ def _plan(
     )
 
 
+def _real_lengths(ids: torch.Tensor, keep: torch.Tensor | None) -> list[int]:
+    """Per sample, the columns its batch needs: its real length if right-padded, else the full seqlen.
+
+    A right-padded sample (mask ones then zeros) gives the same values on its real tokens once its
+    trailing padding columns are dropped: padded keys are masked out, a causal token never sees
+    later columns, and the positions of the real tokens stay ``0 .. length - 1``. Any other mask
+    (left padding, holes) keeps every column.
+    """
+    seqlen = int(ids.shape[1])
+    if keep is None:
+        return [seqlen] * int(ids.shape[0])
+    counts = keep.sum(dim=1)
+    columns = torch.arange(seqlen, device=keep.device)
+    right_padded = (keep == (columns.unsqueeze(0) < counts.unsqueeze(1))).all(dim=1)
+    return [int(c) if bool(r) else seqlen for c, r in zip(counts.tolist(), right_padded.tolist(), strict=True)]
+
+
 def _batches(
     model: nn.Module, ids: torch.Tensor, keep: torch.Tensor | None, batch_size: int
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor | None]]:
-    """The model's keyword arguments per batch, and per batch the real tokens (``None``: no padding)."""
+    """The model's keyword arguments per batch, and per batch the real tokens (``None``: no padding).
+
+    With padding, the samples are grouped by length (longest first, ties in their given order:
+    deterministic) and each batch is cut to its longest sample (:func:`_real_lengths`), so the
+    blocks run on fewer padded positions; the statistics are sums over real tokens, which the
+    order of the samples changes only by float rounding. Without padding nothing moves.
+    """
     device = _device_of(model)
     use_cache = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+    lengths = _real_lengths(ids, keep)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    if order != list(range(len(lengths))):
+        index = torch.tensor(order, device=ids.device)
+        ids = ids.index_select(0, index)
+        keep = keep.index_select(0, index.to(keep.device)) if keep is not None else None
+        lengths = [lengths[i] for i in order]
     batches: list[dict[str, Any]] = []
     token_masks: list[torch.Tensor | None] = []
     for s in range(0, ids.shape[0], batch_size):
-        batch: dict[str, Any] = {"input_ids": ids[s : s + batch_size].to(device), **use_cache}
-        part = keep[s : s + batch_size] if keep is not None else None
+        width = max(lengths[s : s + batch_size])
+        batch: dict[str, Any] = {"input_ids": ids[s : s + batch_size, :width].to(device), **use_cache}
+        part = keep[s : s + batch_size, :width] if keep is not None else None
         if part is not None:
             batch["attention_mask"] = part.long().to(device)
         batches.append(batch)
@@ -604,23 +700,31 @@ def _run_dense(
     token_masks: list[torch.Tensor | None],
     stats: dict[str, InputStats],
     todo: list[LinearLayer],
+    *,
+    share: bool = True,
 ) -> list[torch.Tensor]:
     """The block's dense outputs per batch; on the way, each layer's inputs are added to its stats."""
-    current: list[torch.Tensor | None] = [None]
+    fresh = {name: (s.in_features, s.xtx is not None, s.device) for name, s in stats.items()} if share else {}
+    gather = _Gather(stats, share)
     handles = [
-        layer.module.register_forward_hook(functools.partial(_accumulate, stats[layer.param_name], current))
+        layer.module.register_forward_hook(functools.partial(gather.hook, layer.param_name))
         for layer in todo
         if layer.param_name in stats
     ]
     outputs: list[torch.Tensor] = []
     try:
         for b, hidden in enumerate(inputs):
-            current[0] = token_masks[b]
+            gather.next_batch(token_masks[b], b == 0)
             outputs.append(calls[b].run(block, hidden))
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
+    if gather.finish():
+        return outputs
+    del outputs  # a later batch broke the sharing seen in the first: gather again, each layer on its own
+    for name, (width, hessian, device) in fresh.items():
+        stats[name] = InputStats(width, hessian=hessian, device=device)
+    return _run_dense(block, calls, inputs, token_masks, stats, todo, share=False)
 
 
 def _refine(
@@ -744,7 +848,9 @@ def prune_model(
             :func:`~sparseforge.oneshot.find_blocks`); any dtype, on one device, not on ``meta``.
         calibration: token ids, a LongTensor ``(n_samples, seqlen)``; or ``(ids, attention_mask)``
             or a mapping with ``input_ids`` and optionally ``attention_mask`` (0/1, same shape;
-            padded tokens are left out of the statistics and of the error).
+            padded tokens are left out of the statistics and of the error). Padded samples are
+            grouped by length (longest first) and each batch is cut to its longest right-padded
+            sample, so trailing padding costs no compute; left padding is kept as given.
         method: a name from :func:`available_methods` (``"magnitude"``, ``"wanda"``, ...).
         sparsity: fraction of zeros of every pruned layer, in [0, 1); default 0.5. With an N:M
             structure the structure fixes it (``None`` or the same value).
