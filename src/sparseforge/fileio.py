@@ -45,6 +45,7 @@ __all__ = [
     "clean_stale_temps",
     "describe_os_error",
     "describe_read_error",
+    "pid_alive",
     "write_text",
     "tensor_checksum",
     "verify_checksums",
@@ -143,7 +144,8 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(f".{path.name}{TEMP_MARK}") + r"(\d+)-[^/]*$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (the owner of a temporary file or folder) still runs."""
     if pid == os.getpid():
         return True
     try:
@@ -166,7 +168,7 @@ def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 entry.unlink()
                 removed.append(entry)

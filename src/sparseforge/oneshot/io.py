@@ -39,6 +39,7 @@ from ..fileio import (
     checksum_table,
     describe_os_error,
     describe_read_error,
+    pid_alive,
     verify_checksums,
 )
 from ..masks import MaskState
@@ -268,18 +269,6 @@ def _temp_dir_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(f".{path.name}{TEMP_MARK}") + r"(\d+)-(new|old)-[^/]*$")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temp_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary folders of ``out_dir`` left by processes that no longer run.
 
@@ -295,7 +284,7 @@ def clean_stale_temp_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         try:
             if match.group(2) == "old" and not path.exists():
