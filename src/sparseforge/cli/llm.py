@@ -135,24 +135,6 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
-def _perplexity(model: Any, ids: Any, batch_size: int) -> tuple[float, int]:
-    """``(mean next-token NLL in nats, tokens scored)`` of a causal LM over the windows."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for s in range(0, ids.shape[0], batch_size):
-            batch = ids[s : s + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            target = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-            total += float(nll.double())
-            count += target.numel()
-    return total / count, count
-
-
 def _sentences(text: Path, samples: int) -> list[str]:
     from ..fileio import describe_os_error
 
@@ -212,6 +194,7 @@ def eval_cmd(
     from rich.table import Table
 
     from ..fileio import check_input_file, check_output_file, write_text
+    from ..oneshot.evaluate import perplexity as _perplexity
     from ..oneshot.io import check_model_dir, load_transformer, text_windows
 
     # 1. everything that needs no weights
