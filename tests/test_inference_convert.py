@@ -223,7 +223,10 @@ def test_corrupted_file_is_refused(tmp_path, damage):
 @needs_kernels
 def test_load_refuses_a_mismatched_skeleton(tmp_path):
     path = save_converted(tmp_path / "m.safetensors", all_sparse(mlp()))
-    with pytest.raises(SparseforgeError, match="expects"):
+    with pytest.raises(
+        SparseforgeError,
+        match=r"does not fit the skeleton: its layer .0. is a Linear of \(out, in\) shape \(65, 48\) there; the file holds \(out, in\) shape \(64, 48\)",
+    ):
         load_converted(path, nn.Sequential(nn.Linear(48, 65), nn.ReLU(), nn.Linear(65, 24)))
 
 

@@ -25,7 +25,7 @@ def _converted(tmp_path):
     [
         (
             lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 9), nn.LayerNorm(8)),
-            "the file expects (8, 16)",
+            "layer '2' is a Linear of (out, in) shape (9, 16) there; the file holds (out, in) shape (8, 16)",
         ),
         (
             lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(9)),
@@ -75,3 +75,27 @@ def test_a_model_with_every_layer_kept_dense_saves_and_loads(tmp_path):
     x = torch.randn(3, 16)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_layers_only_file_holds_the_packed_layers_alone_and_keeps_the_rest(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(8))
+    sparseforge.prune(model, 0.9)
+    with torch.no_grad():
+        model[3].weight.uniform_(0.5, 2.0)  # not the default ones: must come from the skeleton below
+    fast, _ = convert(model, autotune=False)
+    path = save_converted(tmp_path / "layers.safetensors", fast, layers_only=True)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.split(".")[0] in {"0", "2"} for k in keys)  # no LayerNorm entry
+    target = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(8))
+    target[3].load_state_dict(model[3].state_dict())
+    loaded = load_converted(path, target)
+    assert isinstance(loaded[0], SparseLinear) and isinstance(loaded[2], SparseLinear)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    with pytest.raises(SparseforgeError, match="layers_only='yes' is not allowed"):
+        save_converted(tmp_path / "x.safetensors", fast, layers_only="yes")

@@ -80,10 +80,36 @@ def prune_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the calibration windows.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a pruned model sparseforge wrote.")] = False,
+    packed: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the pruned layers packed for fast CPU inference (sparseforge_packed.safetensors); "
+            "sparseforge.oneshot.load(OUT) loads them in place. Needs float32 weights."
+        ),
+    ] = False,
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="With --packed: rows per layer call to tune for (batch x tokens), comma-separated. "
+            "Default: 1,8,128 for a decoder (generation, prompts), 32,128,512 for an encoder.",
+            show_default=False,
+        ),
+    ] = None,
+    autotune: Annotated[
+        bool | None,
+        typer.Option(
+            "--autotune/--no-autotune",
+            help="With --packed: measure every format against dense (default), or use the rule "
+            "(CSR where at most 25% of the weights are kept, else dense).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Prune a pretrained transformer in one shot on calibration text and save it (save_pretrained layout).
 
     Example: sparseforge llm prune ./llama --method wanda --structure 2:4 --calibration c4.txt --out ./llama-2of4
+
+    Example: sparseforge llm prune ./gpt2 --sparsity 0.8 --calibration c4.txt --out ./gpt2-80 --packed --batch-sizes 1,16
     """
     from ..oneshot import available_methods, prune_model
     from ..oneshot.io import REPORT_FILE, calibration_ids, check_pruned_out, load_transformer, save_pruned
@@ -97,6 +123,7 @@ def prune_cmd(
     _check_positive(samples, "--samples")
     _check_positive(seqlen, "--seqlen")
     _check_positive(batch_size, "--batch-size")
+    tuned = _packing_options(packed, batch_sizes, autotune, method_sparsity)
     from ..fileio import check_input_file
 
     check_input_file(calibration, "calibration text")
@@ -105,14 +132,26 @@ def prune_cmd(
     with err_console.status(f"loading {model_dir} ..."):
         model, tokenizer, kind = load_transformer(model_dir)
     _check_seqlen(model, seqlen, f"{model_dir}")
+    if packed:  # float32 on the CPU, checked before the work
+        from ..oneshot import find_linear_layers
+        from ..oneshot.packed import check_packable
+
+        try:
+            check_packable(model, [layer.param_name for layer in find_linear_layers(model)])
+        except SparseforgeError as exc:
+            raise SparseforgeError(str(exc).replace("packed=True", "--packed", 1)) from None
     ids = calibration_ids(tokenizer, calibration, samples, seqlen, seed)
 
     # 4. the work (prune_model checks N:M against every layer before it changes a weight)
     report = prune_model(
         model, ids, method=method, sparsity=method_sparsity, structure=parsed, batch_size=batch_size, progress=True
     )
-    with err_console.status(f"saving to {out} ..."):
-        path = outputs_of(ctx).wrote(save_pruned(model, tokenizer, out, report, overwrite=overwrite))
+    status = f"packing the pruned layers and saving to {out} ..." if packed else f"saving to {out} ..."
+    with err_console.status(status):
+        pack_kw: dict[str, Any] = {"packed": True, "batch_sizes": tuned, "autotune": autotune is not False}
+        path = outputs_of(ctx).wrote(
+            save_pruned(model, tokenizer, out, report, overwrite=overwrite, **(pack_kw if packed else {}))
+        )
 
     from rich.table import Table
 
@@ -128,7 +167,73 @@ def prune_cmd(
         f"(target {report.sparsity:g}; left dense: {', '.join(report.dense) or 'none'}); "
         f"{report.samples} x {report.seqlen} calibration tokens, {report.seconds:.1f} s"
     )
+    _print_sizes(path, REPORT_FILE)
     console.print(f"wrote {path} (report: {path / REPORT_FILE})")
+
+
+def _parse_batch_sizes(text: str) -> tuple[int, ...]:
+    from ..oneshot.packed import MAX_BATCH_ROWS, check_batch_sizes
+
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise SparseforgeError(
+            f"--batch-sizes {text!r} is not allowed; allowed: comma-separated integers in [1, {MAX_BATCH_ROWS}] "
+            "(rows per call: batch x tokens), e.g. 1,8,128"
+        )
+    try:
+        return check_batch_sizes([int(p) for p in parts])
+    except SparseforgeError:
+        raise SparseforgeError(
+            f"--batch-sizes {text!r} is not allowed; allowed: comma-separated integers in [1, {MAX_BATCH_ROWS}] "
+            "(rows per call: batch x tokens), e.g. 1,8,128"
+        ) from None
+
+
+def _packing_options(
+    packed: bool, batch_sizes: str | None, autotune: bool | None, sparsity: float | None
+) -> tuple[int, ...] | None:
+    """The batch sizes of --batch-sizes (``None``: the default of the model's kind), checked with --packed."""
+    if not packed:
+        given = [
+            o for o, v in (("--batch-sizes", batch_sizes), ("--autotune/--no-autotune", autotune)) if v is not None
+        ]
+        if given:
+            raise SparseforgeError(f"{given[0]} tunes the packed layers; allowed: only with --packed")
+        return None
+    if sparsity == 0.0:
+        raise SparseforgeError("--packed with --sparsity 0 has nothing to pack; allowed: --sparsity in (0, 1)")
+    return _parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
+
+
+def _print_sizes(path: Path, report_file: str) -> None:
+    """A table of every file in the output folder (bytes, MB), then dense weights vs packed layers."""
+    from rich.table import Table
+
+    data = json.loads((path / report_file).read_text(encoding="utf-8"))
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())
+    table = Table(title=f"files written to {path}")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    table.add_column("MB", justify="right")
+    for name in files:
+        size = (path / name).stat().st_size
+        table.add_row(name, str(size), f"{size / 1e6:.3f}")
+    console.print(table)
+    weights = int(data.get("weights_bytes") or 0)
+    pack = data.get("packed")
+    if pack:
+        ratio = f"{pack['bytes'] / pack['dense_bytes']:.1%} of dense" if pack["dense_bytes"] else "no layer packed"
+        console.print(
+            f"dense weights (model files): {weights} bytes ({weights / 1e6:.3f} MB); packed layers "
+            f"({pack['sparse_layers']} of {len(pack['layers'])} pruned layers run sparse, batch sizes "
+            f"{','.join(map(str, pack['batch_sizes']))}, {'measured' if pack['autotune'] else 'rule'}): "
+            f"{pack['file']} {pack['bytes']} bytes ({pack['bytes'] / 1e6:.3f} MB) vs {pack['dense_bytes']} bytes "
+            f"({pack['dense_bytes'] / 1e6:.3f} MB) as dense float32 ({ratio})"
+        )
+        for note in pack.get("notes") or []:
+            console.print(f"note: {note}")
+    else:
+        console.print(f"dense weights (model files): {weights} bytes ({weights / 1e6:.3f} MB); no packed layers")
 
 
 def _a(kind: str) -> str:

@@ -1,6 +1,7 @@
 """``convert(model)``: replace pruned Linear / 1x1 Conv layers by fast packed inference modules.
 
 The input model is deep-copied unless ``inplace=True``. Every eligible layer (``nn.Linear``,
+transformers' ``Conv1D`` of GPT-2 (a linear layer whose weight is stored transposed, ``(in, out)``),
 ``nn.Conv1d`` / ``nn.Conv2d`` with kernel size 1, stride 1, padding 0, dilation 1, groups 1,
 float32 weights on CPU) becomes a :class:`~.modules.SparseLinear` whose path per batch size
 (rows = batch x leading dims) is chosen by measurement (``autotune=True``) or by a rule.
@@ -16,10 +17,12 @@ Decisions timed while other processes kept the cores busy are flagged in the rep
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import TypeGuard, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -47,6 +50,8 @@ class LayerDecision:
 
     name: str
     layer_type: str
+    #: the weight's shape as the layer computes it: ``(out, in)`` for Linear and GPT-2's Conv1D
+    #: (whose parameter is stored ``(in, out)``), ``(out, in, 1[, 1])`` for a 1x1 convolution
     shape: tuple[int, ...]
     sparsity: float
     action: str
@@ -131,8 +136,38 @@ def _check_args(*, reps: object, max_formats: object, min_sparsity: object, **fl
 
 
 # ------------------------------------------------------------------------------------ layers
-#: The layers convert rebuilds (see _LAYER_TYPES).
-_Layer = nn.Linear | nn.Conv1d | nn.Conv2d | SparseLinear
+#: The layers convert rebuilds (see _layer_types); transformers' Conv1D is typed as a Module.
+_Layer = nn.Linear | nn.Conv1d | nn.Conv2d | SparseLinear | Any
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` (GPT-2), or ``None`` without transformers (an optional dependency)."""
+    try:
+        module = importlib.import_module("transformers.pytorch_utils")
+    except ImportError:
+        return None
+    conv1d = getattr(module, "Conv1D", None)
+    return conv1d if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else None
+
+
+def is_hf_conv1d(m: object) -> bool:
+    """Whether ``m`` is transformers' ``Conv1D`` with a 2-D ``(in, out)`` weight (a transposed Linear).
+
+    transformers is imported only when a module that is none of torch's own layers is checked,
+    so a model without such modules never loads it.
+    """
+    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)) or not isinstance(m, nn.Module):
+        return False
+    if not any(c.__name__ == "Conv1D" for c in type(m).__mro__):  # cheap guard: no import for other modules
+        return False
+    conv1d = _hf_conv1d_type()
+    weight = getattr(m, "weight", None)
+    return conv1d is not None and isinstance(m, conv1d) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, _LAYER_TYPES) or is_hf_conv1d(m)
 
 
 def _conv_is_pointwise(m: nn.Conv1d | nn.Conv2d) -> bool:
@@ -154,13 +189,26 @@ def _weight_2d(m: _Layer) -> torch.Tensor:
         assert m.packed is not None  # SparseLinear refuses neither a packed nor a dense weight
         return m.packed.to_dense().detach()
     w = m.weight.detach()
+    if is_hf_conv1d(m):
+        return w.t().contiguous()  # stored (in, out); computed as (out, in) like nn.Linear
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
 def _layout(m: _Layer) -> str:
     if isinstance(m, SparseLinear):
         return m.layout
-    return "linear" if isinstance(m, nn.Linear) else ("conv1d" if isinstance(m, nn.Conv1d) else "conv2d")
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
+        return "linear"
+    return "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+
+
+def _shape(m: _Layer) -> tuple[int, ...]:
+    """The shape reported for ``m``: ``(out, in)`` for Linear, Conv1D and SparseLinear."""
+    if isinstance(m, SparseLinear):
+        return (m.out_features, m.in_features)
+    if is_hf_conv1d(m):
+        return (int(m.weight.shape[1]), int(m.weight.shape[0]))
+    return tuple(m.weight.shape)
 
 
 def _skip_reason(m: _Layer) -> str | None:
@@ -184,7 +232,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def build_module(m: _Layer, choice: LayerChoice, batch_sizes: tuple[int, ...] | None = None) -> SparseLinear:
-    """A :class:`SparseLinear` for layer ``m`` (a Linear / 1x1 conv or a SparseLinear) following
+    """A :class:`SparseLinear` for layer ``m`` (a Linear / Conv1D / 1x1 conv or a SparseLinear) following
     ``choice`` (keeps the dense weight only if needed); ``batch_sizes`` are recorded for :func:`retune`."""
     plan = BatchPlan.from_choices(choice.choices)
     w = _weight_2d(m)
@@ -224,7 +272,7 @@ def _convert_layers(
     out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps: int, min_sparsity: float, max_formats: int
 ) -> tuple[nn.Module, list[LayerDecision]]:
     """Decide and rebuild every Linear / conv / SparseLinear layer of ``out`` in place (the root too: returned)."""
-    layers = [n for n, m in out.named_modules() if isinstance(m, _LAYER_TYPES)]
+    layers = [n for n, m in out.named_modules() if _is_layer(m)]
     decisions: list[LayerDecision] = []
     kernel_problem = unavailable_reason()
     if kernel_problem:
@@ -233,12 +281,12 @@ def _convert_layers(
         )
     with torch.inference_mode():
         for name in layers:
-            m = cast(_Layer, out.get_submodule(name) if name else out)  # layers holds only _LAYER_TYPES
+            m = cast(_Layer, out.get_submodule(name) if name else out)  # layers holds only _is_layer modules
             was_sparse = isinstance(m, SparseLinear)
             kind = f"SparseLinear({m.layout})" if was_sparse else type(m).__name__
             skip = _skip_reason(m)
             w = _weight_2d(m)
-            shape = (m.out_features, m.in_features) if isinstance(m, SparseLinear) else tuple(m.weight.shape)
+            shape = _shape(m)
             sparsity = float((w == 0).float().mean()) if w.numel() else float("nan")
             new: nn.Module | None = None
             if skip is not None:
@@ -347,7 +395,8 @@ def convert(
     """Return ``(converted_model, report)`` with pruned layers packed for fast CPU inference.
 
     Args:
-        model: a model whose ``nn.Linear`` / 1x1 conv weights contain exact zeros (not on the meta device).
+        model: a model whose ``nn.Linear`` / GPT-2 ``Conv1D`` / 1x1 conv weights contain exact zeros
+            (not on the meta device).
         batch_sizes: input rows per call to tune for (batch x leading dims); each one is measured.
         autotune: measure every candidate format against dense (``True``) or use the rule in
             :func:`.autotune.rule_layer` (``False``).
@@ -366,9 +415,9 @@ def convert(
     check_model(model)
     sizes = _check_batch_sizes(batch_sizes)
     _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, autotune=autotune, inplace=inplace)
-    if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
+    if not any(_is_layer(m) for m in model.modules()):
         raise SparseforgeError(
-            f"nothing to convert: {type(model).__name__} has no nn.Linear or 1x1 nn.Conv1d/Conv2d layer"
+            f"nothing to convert: {type(model).__name__} has no nn.Linear, transformers Conv1D or 1x1 nn.Conv1d/Conv2d layer"
         )
     out = model if inplace else copy.deepcopy(model)
     out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
@@ -415,7 +464,7 @@ def retune(
     else:
         sizes = _check_batch_sizes(batch_sizes)
     _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, inplace=inplace)
-    if not any(isinstance(m, _LAYER_TYPES) for m in model.modules()):
+    if not any(_is_layer(m) for m in model.modules()):
         raise SparseforgeError(
             f"nothing to re-tune: {type(model).__name__} has no SparseLinear, nn.Linear or 1x1 nn.Conv1d/Conv2d layer"
         )

@@ -9,6 +9,14 @@ on load. ``sparseforge.crc32`` (the CRC-32 of the bytes alone) is written too, s
 from before the dtype and shape were covered still read the files; files that have only it (written
 by those releases) are checked against it.
 
+With ``layers_only=True`` only the ``SparseLinear`` layers are stored (metadata
+``sparseforge.layers_only = "1"``): the file rides beside a model whose other weights are stored
+elsewhere (a pruned transformer's folder, see :mod:`sparseforge.oneshot.packed`), and loading it
+replaces those layers of the skeleton and leaves the rest of its state as it is.
+
+A skeleton layer may be an ``nn.Linear``, a 1x1 convolution or transformers' ``Conv1D`` (GPT-2,
+weight stored ``(in, out)``): the file's shape is ``(out, in)`` in every case.
+
 Unstructured packings are *stored* as :class:`~.formats.Bitmask` (``4 d + 1/8`` bytes per
 weight: 13.1 % of dense at 90 % sparsity, below CSR's ``6 d``) and re-packed on load into the
 format the layer runs. The file is written with :func:`sparseforge.fileio.atomic_write` (a
@@ -55,10 +63,12 @@ def _storage_format(module: SparseLinear):
     return module.packed
 
 
-def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
+def save_converted(path: str | os.PathLike, model: nn.Module, *, layers_only: bool = False) -> Path:
     """Write ``model`` (output of :func:`.convert.convert`) to ``path`` as safetensors; returns the path.
 
-    The folder of ``path`` must exist. A path that cannot be written (a directory, no such
+    ``layers_only=True`` stores the packed (``SparseLinear``) layers alone, not the rest of the
+    model's state (for a file that accompanies the model's own weights file). The folder of
+    ``path`` must exist. A path that cannot be written (a directory, no such
     directory, permission denied, disk full) raises a one-line :class:`SparseforgeError`, and an
     existing file at ``path`` keeps its old content then. A model in which ``convert`` kept every
     layer dense is saved with its plain weights (and loads back the same way).
@@ -66,6 +76,8 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
     from .convert import check_model
 
     check_model(model)
+    if not isinstance(layers_only, bool):
+        raise SparseforgeError(f"layers_only={layers_only!r} is not allowed; allowed: True or False")
     path = check_output_file(path, _WHAT)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -95,11 +107,12 @@ def save_converted(path: str | os.PathLike, model: nn.Module) -> Path:
         }
     for key, value in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        if owner in sparse_names:
+        if owner in sparse_names or layers_only:
             continue
         tensors[key] = value.detach().contiguous().clone()
     meta = {
         "sparseforge.version": _FORMAT_VERSION,
+        "sparseforge.layers_only": "1" if layers_only else "0",
         "sparseforge.layers": json.dumps(layers, sort_keys=True),
         "sparseforge.tensor_crc32": json.dumps(checksum_table(tensors), sort_keys=True),
         "sparseforge.crc32": json.dumps(checksum_table(tensors, layout=False), sort_keys=True),
@@ -140,11 +153,37 @@ def _repack(stored, runs: str, params: dict | None, layer: str):
         ) from None
 
 
+def _skeleton_shape(target: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of a skeleton layer (Linear, 1x1 conv, GPT-2 Conv1D, SparseLinear), else ``None``."""
+    from .convert import is_hf_conv1d
+
+    if isinstance(target, SparseLinear):
+        return (target.out_features, target.in_features)
+    tw = getattr(target, "weight", None)
+    if not isinstance(tw, torch.Tensor) or tw.dim() < 2:
+        return None
+    if is_hf_conv1d(target):
+        return (int(tw.shape[1]), int(tw.shape[0]))
+    return (int(tw.shape[0]), int(tw[0].numel()))
+
+
+def _describe_shape(target: nn.Module) -> str:
+    """How a skeleton layer looks, for the message of a file that does not fit it."""
+    shape = _skeleton_shape(target)
+    if shape is not None:
+        return f"a {type(target).__name__} of (out, in) shape {shape}"
+    tw = getattr(target, "weight", None)
+    if isinstance(tw, torch.Tensor):
+        return f"a {type(target).__name__} with weight shape {tuple(tw.shape)}"
+    return f"a {type(target).__name__} with no weight"
+
+
 def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     """Load a file written by :func:`save_converted` into ``skeleton`` (the dense architecture).
 
     ``skeleton`` is modified in place and returned: its converted layers are replaced by
-    :class:`SparseLinear` modules rebuilt from the file and all other state is loaded strictly.
+    :class:`SparseLinear` modules rebuilt from the file and all other state is loaded strictly
+    (a file written with ``layers_only=True`` holds no other state: the rest of ``skeleton`` is kept).
     Everything is checked before the first layer is replaced, so a refused file leaves
     ``skeleton`` as it was.
     Raises :class:`SparseforgeError` (one line) on a path that is a directory, missing or
@@ -165,6 +204,9 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
     except (KeyError, ValueError):
         raise SparseforgeError(f"file {str(path)!r} has corrupted sparseforge metadata") from None
     verify_checksums(tensors, crcs, f"{_WHAT} {str(path)!r}", layout=layout)
+    layers_only = meta.get("sparseforge.layers_only", "0") == "1"
+    if not isinstance(layers, dict):
+        raise SparseforgeError(f"file {str(path)!r} has corrupted sparseforge metadata")
     # Build every module and check every other entry first; change the skeleton only when all fit.
     built: dict[str, SparseLinear] = {}
     for name, spec in layers.items():
@@ -173,10 +215,10 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         except AttributeError:
             raise SparseforgeError(f"file layer {name!r} is not in the skeleton {type(skeleton).__name__}") from None
         shape = (int(spec["shape"][0]), int(spec["shape"][1]))
-        tw = getattr(target, "weight", None)
-        if tw is None or (tw.shape[0], tw[0].numel()) != shape:
+        if _skeleton_shape(target) != shape:
             raise SparseforgeError(
-                f"skeleton layer {name!r} has weight shape {None if tw is None else tuple(tw.shape)}; the file expects {shape}"
+                f"file {str(path)!r} does not fit the skeleton: its layer {name!r} is {_describe_shape(target)} "
+                f"there; the file holds (out, in) shape {shape}"
             )
         cls = FORMATS.get(spec["stored"])
         if cls is None:
@@ -210,7 +252,11 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         built[name] = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     own = {k: v for k, v in skeleton.state_dict().items() if k.rpartition(".")[0] not in layers}
-    if set(rest) != set(own):
+    if layers_only and rest:
+        raise SparseforgeError(
+            f"file {str(path)!r} is marked layers-only but holds other entries such as {sorted(rest)[0]!r} (corrupted)"
+        )
+    if not layers_only and set(rest) != set(own):
         raise SparseforgeError(
             f"file {str(path)!r} does not match the skeleton: differing entries {sorted(set(rest) ^ set(own))[:3]}"
         )

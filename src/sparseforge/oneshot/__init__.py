@@ -84,3 +84,8 @@ __all__ += [
     "save_pruned",
     "text_windows",
 ]
+
+# pruned models with packed layers: written by save_pruned(packed=True), loaded ready to run fast
+from .packed import PACKED_FILE, LoadedModel, load  # noqa: E402
+
+__all__ += ["PACKED_FILE", "LoadedModel", "load"]

@@ -9,7 +9,10 @@
 * :func:`save_pruned` writes the pruned model, its tokenizer, the masks (safetensors, with a
   CRC-32 of every mask) and the report (JSON) into a temporary folder beside the output folder,
   then renames it into place, so a half-written model is never found at the output path;
-  :func:`load_masks` reads the masks back, checked.
+  :func:`load_masks` reads the masks back, checked. With ``packed=True`` the pruned layers,
+  converted for fast CPU inference, are written into the same temporary folder
+  (:data:`~sparseforge.oneshot.packed.PACKED_FILE`), and :func:`sparseforge.oneshot.load` loads
+  the folder with them in place.
 
 Temporary folders are named ``.NAME.sftmp-PID-...`` like :mod:`sparseforge.fileio`'s temporary
 files; those of processes that no longer run are removed by the next save of ``NAME``.
@@ -25,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -381,6 +384,13 @@ def _save_model(model: nn.Module, folder: Path) -> None:
     save(str(folder), **({"safe_serialization": True} if accepts_safe else {}))
 
 
+def _weights_bytes(sizes: dict[str, int]) -> int:
+    """Bytes of the model's own weight files (``model*.safetensors``, ``pytorch_model*.bin``) among ``sizes``."""
+    return sum(
+        n for name, n in sizes.items() if re.fullmatch(r"(model.*\.safetensors|pytorch_model.*\.bin)", Path(name).name)
+    )
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
@@ -388,12 +398,26 @@ def save_pruned(
     report: OneShotReport,
     *,
     overwrite: bool = False,
+    packed: bool = False,
+    batch_sizes: Sequence[int] | None = None,
+    autotune: bool = True,
 ) -> Path:
     """Save a pruned transformer into the folder ``out_dir``, all or nothing; return its path.
 
     The folder gets what ``save_pretrained`` writes (safetensors weights, config, tokenizer), the
     masks (:data:`MASKS_FILE`, read back by :func:`load_masks`) and the report
-    (:data:`REPORT_FILE`: ``report.to_dict()`` and the size in bytes of every file). All of it is
+    (:data:`REPORT_FILE`: ``report.to_dict()``, the size in bytes of every other file under
+    ``"files"`` and of the model's weight files under ``"weights_bytes"``).
+
+    ``packed=True`` also writes the pruned layers converted for fast CPU inference
+    (:data:`~sparseforge.oneshot.packed.PACKED_FILE`, see :func:`sparseforge.oneshot.load`):
+    :func:`sparseforge.inference.convert` tunes them for ``batch_sizes`` (rows per call, batch x
+    tokens; default :func:`~sparseforge.oneshot.packed.default_batch_sizes` of the model's kind)
+    by measurement (``autotune=True``) or by its rule. The report's ``"packed"`` entry holds the
+    file, the batch sizes, each layer's format and plan, the notes of convert, the file's size
+    and the size of the same layers as dense float32 weights. The pruned layers must be float32
+    on the CPU (checked before anything is written); ``batch_sizes`` and ``autotune`` need
+    ``packed=True``. ``model`` is never changed (copies of its layers are converted). All of it is
     written into a temporary folder ``.NAME.sftmp-PID-new-...`` beside ``out_dir``, flushed to
     disk, then renamed to ``out_dir``. An existing ``out_dir`` is refused unless ``overwrite``
     (and even then only an empty folder or one this function wrote, see :func:`check_pruned_out`):
@@ -403,6 +427,18 @@ def save_pruned(
     """
     path = check_pruned_out(out_dir, overwrite=overwrite)
     what = "output folder"
+    if not isinstance(packed, bool):
+        raise SparseforgeError(f"packed={packed!r} is not allowed; allowed: True or False")
+    if not packed and (batch_sizes is not None or autotune is not True):
+        raise SparseforgeError("batch_sizes and autotune tune the packed layers; allowed: pass them with packed=True")
+    pack = None
+    if packed:
+        from .packed import check_batch_sizes, default_batch_sizes, model_kind, pack_layers
+
+        sizes_tuned = (
+            check_batch_sizes(batch_sizes) if batch_sizes is not None else default_batch_sizes(model_kind(model))
+        )
+        pack = pack_layers(model, report.masks.names(), sizes_tuned, autotune=autotune)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -420,8 +456,33 @@ def save_pruned(
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         save_masks(tmp / MASKS_FILE, report.masks)
+        packed_entry = None
+        if pack is not None:
+            from ..inference.serialization import save_converted
+            from .packed import PACKED_FILE, dense_bytes
+
+            save_converted(tmp / PACKED_FILE, pack.layers, layers_only=True)
+            packed_entry = {
+                "file": PACKED_FILE,
+                "batch_sizes": list(pack.report.batch_sizes),
+                "autotune": pack.report.autotune,
+                "sparse_layers": len(pack.report.sparse_layers),
+                "layers": {
+                    d.name: {"action": d.action, "format": d.format, "plan": d.plan, "reason": d.reason}
+                    for d in pack.report.layers
+                },
+                "notes": pack.notes,
+                "bytes": (tmp / PACKED_FILE).stat().st_size,
+                "dense_bytes": dense_bytes(pack.report, pack.layers),
+            }
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        payload = {**report.to_dict(), "masks_file": MASKS_FILE, "files": sizes}
+        payload = {
+            **report.to_dict(),
+            "masks_file": MASKS_FILE,
+            "files": sizes,
+            "weights_bytes": _weights_bytes(sizes),
+            "packed": packed_entry,
+        }
         (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         _finish_tree(tmp)
         if path.exists():
