@@ -370,3 +370,52 @@ def test_cli_packing_options_it_cannot_serve_are_refused_before_work(
     err = capsys.readouterr().err
     assert needle in " ".join(err.split()) and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_measured_packing_loads_to_the_same_outputs(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """autotune=True (the default): whatever this machine measures, the loaded model computes the same."""
+    from sparseforge.inference import SparseLinear
+    from sparseforge.oneshot import load, save_pruned
+    from sparseforge.oneshot.io import REPORT_FILE
+
+    model, tokenizer, report, ids = _pruned(assets, "llama")
+    out = save_pruned(model, tokenizer, tmp_path / "out", report, packed=True, batch_sizes=[1, 32])
+    pack = json.loads((out / REPORT_FILE).read_text())["packed"]
+    assert pack["autotune"] is True and len(pack["layers"]) == len(report.layers)
+    loaded = load(out)
+    assert loaded.packing == "packed"
+    assert sum(isinstance(m, SparseLinear) for m in loaded.model.modules()) == pack["sparse_layers"]
+    assert torch.allclose(_outputs(loaded.model, ids), _outputs(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failure_while_writing_the_packed_file_leaves_no_folder(
+    tmp_path: Path, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sparseforge.inference.serialization as serialization
+    from sparseforge.oneshot import save_pruned
+
+    model, tokenizer, report, _ = _pruned(assets, "opt")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serialization, "save_converted", broken)
+    with pytest.raises(SparseforgeError, match="no space left"):
+        save_pruned(model, tokenizer, tmp_path / "out", report, packed=True, batch_sizes=[1], autotune=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary folder
+
+
+def test_cli_packed_refuses_a_float16_model_before_pruning(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    half = tmp_path / "llama-fp16"
+    AutoModelForCausalLM.from_pretrained(assets["llama"]).half().save_pretrained(half)
+    AutoTokenizer.from_pretrained(assets["llama"]).save_pretrained(half)
+    out = tmp_path / "out"
+    args = ["--samples", "2", "--seqlen", "16", "--calibration", assets["text"], "--out", out, "--packed"]
+    assert cli("llm", "prune", half, *args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: --packed: pruned layer 'model.layers.0.self_attn.q_proj' has torch.float16 weights" in err
+    assert not out.exists()
