@@ -39,7 +39,7 @@ def _interrupted(outputs: Any, argv: list[str] | None) -> NoReturn:
 
 def _app() -> typer.Typer:
     """The typer app with every command registered (imported after the SIGINT handler is set)."""
-    from . import bench, demo, llm, prune, report  # noqa: F401  (each module adds its command to `app`)
+    from . import bench, demo, experiments, llm, prune, report  # noqa: F401  (each module adds its command to `app`)
     from .app import app
 
     return app
