@@ -54,7 +54,7 @@ def test_native_matches_dense(shape, batch, density):
 
 
 @needs_native
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1, 2])
 def test_both_spmv_variants_match_dense(monkeypatch, variant):
     w = _weight(300, 520, 0.4, seed=3)
     x = np.random.default_rng(0).standard_normal((1, 520)).astype(np.float32)
@@ -387,7 +387,7 @@ def test_bias_added_in_the_kernel_is_bitwise_the_bias_added_afterwards(monkeypat
     bias = torch.from_numpy(np.random.default_rng(3).standard_normal(301).astype(np.float32))
     x = torch.from_numpy(np.random.default_rng(4).standard_normal((batch, 200)).astype(np.float32))
     for fmt in (CompactCSR.from_dense(w), Bitmask.from_dense(w)):
-        for variant in (0, 1):
+        for variant in (0, 1, 2):
             kernels.set_spmv_variant(fmt, variant)
             for t in (1, 2):
                 runner = KernelRunner(threads=t)
@@ -454,3 +454,106 @@ def test_native_block_spmm_column_blocking_matches_dense(monkeypatch, block):
         monkeypatch.setattr(kernels, "CSR_SPMM_BLOCK_BYTES", block_bytes)
         got = kernels.sparse_matmul_tensor(fmt, x)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, msg=f"block {block}, range bytes {block_bytes}")
+
+
+# ---------------------------------------------------------------- AVX-512 bitmask SpMV (variant 2)
+# A hardware property, not an install: skipped on a CPU without AVX-512F, but on one with it the
+# library must have the path (a build that lost it fails here instead of silently skipping).
+_CPU_AVX512 = "avx512f" in native._cpu_flags().split()
+needs_avx512 = pytest.mark.skipif(not _CPU_AVX512, reason="this CPU has no AVX-512F")
+
+
+def _avx512_weight(rows: int, cols: int, density: float, seed: int) -> torch.Tensor:
+    w = torch.from_numpy(_weight(rows, cols, density, seed))
+    w[0] = 0.0  # nothing kept
+    if rows > 2:
+        w[2] = torch.linspace(-1.0, 1.0, cols)
+        w[2][w[2] == 0] = 0.5  # every column kept
+    w[-1] = torch.linspace(0.5, 1.5, cols)  # the last row of the values array, every column kept
+    return w
+
+
+@needs_native
+@needs_avx512
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 48, 63, 64, 65, 100, 127, 128, 130, 384, 1000])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.95])
+def test_avx512_bitmask_spmv_matches_dense(cols, density):
+    assert kernels.bitmask_spmv_avx512(), "CPU has AVX-512F but the C library was built without it"
+    assert kernels.BITMASK_SPMV_VARIANT == 2  # the default on such a CPU
+    rows = 11
+    w = _avx512_weight(rows, cols, density, seed=cols * 7 + int(density * 100))
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(cols))
+    fmt = Bitmask.from_dense(w)
+    kernels.set_spmv_variant(fmt, 2)
+    wide = torch.randn(1, 3 * cols, generator=torch.Generator().manual_seed(cols + 1))
+    for x in (wide[:, :cols], wide[:, ::3]):  # contiguous and strided input
+        for b in (None, bias):
+            got = kernels.sparse_matmul_tensor(fmt, x, bias=b)
+            ref = torch.nn.functional.linear(x, w, b)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, cols**0.5))
+    assert torch.equal(kernels.sparse_matmul_tensor(fmt, wide[:, :cols])[0, 0], torch.tensor(0.0))
+
+
+@needs_native
+@needs_avx512
+@pytest.mark.parametrize("cols", [16, 70, 200])
+def test_avx512_bitmask_spmv_propagates_nan_and_inf_like_dense(cols):
+    # every lane of every 16-column step is multiplied, so as in dense F.linear a NaN in x makes
+    # every output NaN (0 * NaN), rows that keep nothing included, and an infinity gives NaN
+    # where the weight is 0 (0 * inf) and +-inf where it is kept
+    w = _avx512_weight(9, cols, 0.4, seed=cols)
+    w[4, 3] = 2.0
+    w[5, 3] = 0.0
+    fmt = Bitmask.from_dense(w)
+    kernels.set_spmv_variant(fmt, 2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, cols, generator=torch.Generator().manual_seed(1))
+        x[0, 3] = bad
+        got, ref = kernels.sparse_matmul_tensor(fmt, x), torch.nn.functional.linear(x, w)
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), (bad, got, ref)
+        assert torch.equal(torch.isposinf(got), torch.isposinf(ref)) and torch.equal(
+            torch.isneginf(got), torch.isneginf(ref)
+        )
+        assert torch.isnan(got[0, 0]) and torch.isnan(got[0, 5])  # a row that keeps nothing, or not column 3
+        if bad == bad:
+            assert torch.isinf(got[0, 4]) and torch.sign(got[0, 4]) == torch.sign(torch.tensor(bad))
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np, torch
+from sparseforge.inference import kernels
+from sparseforge.inference.formats import Bitmask
+cols = int(sys.argv[1])
+w = np.zeros((3, cols), np.float32)
+w[0, : cols // 3] = 1.0
+w[-1] = np.linspace(0.5, 1.5, cols, dtype=np.float32)  # the last row keeps every column
+fmt = Bitmask.from_dense(w)
+n, page = fmt.values.shape[0], mmap.PAGESIZE
+body = (4 * n + page - 1) // page * page
+buf = mmap.mmap(-1, body + page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(base + body, page, 0) == 0  # PROT_NONE: any read past the values faults
+vals = np.frombuffer(buf, dtype=np.float32, count=n, offset=body - 4 * n)
+vals[:] = fmt.values
+fmt.values = vals
+kernels.set_spmv_variant(fmt, int(sys.argv[2]))
+x = torch.randn(1, cols)
+got = kernels.sparse_matmul_tensor(fmt, x)
+torch.testing.assert_close(got, x @ torch.from_numpy(w).T, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@needs_native
+@needs_avx512
+@pytest.mark.parametrize("cols", [100, 128, 1000])
+def test_avx512_bitmask_spmv_never_reads_past_the_values(cols):
+    # the values end right before a PROT_NONE page: an unmasked 16-lane load at the last row's
+    # end would crash the child process
+    res = subprocess.run(
+        [sys.executable, "-c", _GUARD_PAGE_SCRIPT, str(cols), "2"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])

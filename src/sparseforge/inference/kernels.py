@@ -5,7 +5,8 @@ use) when a C compiler is available; otherwise, and for N:M, on the Numba kernel
 neither is available, :func:`kernels_available` is ``False`` and callers run dense.
 
 C kernels (see ``csrc/spmm.c``): batch 1 = SpMV (CSR: 8 scalar accumulators per row; bitmask:
-each mask byte expands 8 values into place with a permutation table, AVX2; block: a group of up
+with AVX-512 each 16 mask bits expand-load the row's next values into place, else each mask
+byte expands 8 values with a permutation table, AVX2; block: a group of up
 to 8 rows keeps one vector accumulator per row while the block-row's blocks stream past);
 batch > 1 = SpMM on the transposed, zero-padded input ``xt`` ``(in_features, ceil8(batch))``:
 each kept weight does an AVX2 axpy on a 8-64 column tile held in registers. Rows are split into
@@ -282,8 +283,16 @@ CSR_SPMM_BLOCK_ROWS = 256
 #: SpMV variant for CSR: 0 = scalar, 8 accumulators; 1 = AVX2 gather (see docs/design-notes.md).
 #: Neither wins reliably on the reference CPU, so ``convert`` times both per layer.
 CSR_SPMV_VARIANT = 0
-#: SpMV variant for bitmask: 0 = bit iteration (tzcnt); 1 = byte -> 8-lane expand (AVX2).
-BITMASK_SPMV_VARIANT = 1
+#: SpMV variant for bitmask: 0 = bit iteration (tzcnt); 1 = byte -> 8-lane expand (AVX2);
+#: 2 = 16 mask bits -> masked expand-load (AVX-512; the C library runs 1 where it was compiled
+#: without AVX-512, see :func:`bitmask_spmv_avx512`).
+BITMASK_SPMV_VARIANT = 2
+
+
+def bitmask_spmv_avx512() -> bool:
+    """Whether the loaded C library has the AVX-512 bitmask SpMV (variant 2); ``False`` without C kernels."""
+    lib = get_library()
+    return bool(lib is not None and lib.sf_has_avx512())
 
 
 class _NativePlan:
@@ -347,7 +356,8 @@ class _NativePlan:
             raise TypeError(f"no C kernel for format {type(fmt).__name__}")
         self.ptrs = tuple(a.ctypes.data for a in self.keep)
         self.cuts_ptr: dict[int, tuple[int, int]] = {}
-        #: SpMV variant this weight runs (CSR: 0 scalar / 1 gather; bitmask: 0 tzcnt / 1 expand);
+        #: SpMV variant this weight runs (CSR: 0 scalar / 1 gather; bitmask: 0 tzcnt / 1 expand /
+        #: 2 AVX-512 expand-load);
         #: ``None`` = the module default. ``convert`` sets it from its measurement.
         self.spmv_variant: int | None = getattr(fmt, "_sf_spmv_variant", None)
         lib = get_library()
@@ -391,7 +401,8 @@ def _native_plan(fmt: PackedFormat) -> _NativePlan:
 
 
 def set_spmv_variant(fmt: PackedFormat, variant: int | None) -> None:
-    """Pin the batch-1 kernel variant of a CSR weight on the C kernels (0 scalar, 1 AVX2 gather; None = default)."""
+    """Pin the batch-1 kernel variant of a weight on the C kernels (CSR: 0 scalar, 1 AVX2 gather; bitmask:
+    0 tzcnt, 1 AVX2 byte expand, 2 AVX-512 expand-load; None = the module default)."""
     fmt._sf_spmv_variant = variant  # type: ignore[attr-defined]  # plain int: survives deepcopy
     if has_native_kernel(fmt):
         _native_plan(fmt).spmv_variant = variant

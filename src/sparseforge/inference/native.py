@@ -70,7 +70,7 @@ CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", 
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 7
+ABI = 8
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.
@@ -221,6 +221,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_set_threading.argtypes = [_INT]
     lib.sf_set_threading.restype = _INT
     lib.sf_openmp_available.restype = _INT
+    lib.sf_has_avx2.restype = _INT
+    lib.sf_has_avx512.restype = _INT
     lib.sf_get_threading.restype = _INT
     for name in (
         "sf_csr_spmv_u16",

@@ -30,11 +30,18 @@
 #else
 #define SF_AVX2 0
 #endif
+/* AVX-512 (F is enough: masked expand-loads, masked loads of the mask registers) on top of AVX2 */
+#if SF_AVX2 && defined(__AVX512F__)
+#define SF_AVX512 1
+#else
+#define SF_AVX512 0
+#endif
 
-#define SF_ABI 7
+#define SF_ABI 8
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
+int sf_has_avx512(void) { return SF_AVX512; }
 
 /* ------------------------------------------------------------------ thread pool
  * A small persistent pthread pool with chunk claiming. The caller's thread works too and claims
@@ -603,6 +610,54 @@ static inline float bitmask_row_expand(const uint64_t *m, int64_t words, const f
 }
 #endif
 
+#if SF_AVX512
+/* 16 columns per step: the mask's 16 bits go straight from memory into a mask register, the
+ * row's next values are expand-loaded into the set lanes (zeros elsewhere), FMA with 16
+ * contiguous x. Masked-off lanes are never read, so nothing past the row's values is touched.
+ * Every lane is multiplied (no step or word is skipped), so a NaN or infinity in x gives the
+ * same NaN as dense F.linear (0 * NaN), whatever the row keeps. The 4 steps of a 64-column word
+ * take their value offsets from popcounts of the word's low 16 / 32 / 48 bits, so they do not
+ * wait for each other; 8 accumulators (2 words) hide the FMA latency. */
+#ifndef SF_BM512_PF_DIST
+#define SF_BM512_PF_DIST 1024
+#endif
+#define SF_PREFETCH_T0(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define SF_EXPAND16(ACC, K, VP, XP) \
+    ACC = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((K), (VP)), _mm512_loadu_ps(XP), ACC)
+static inline void sf_expand_word512(const uint64_t *mw, const float *v, const float *xw,
+                                     __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
+    const uint64_t bits = *mw;
+    const __mmask16 *k = (const __mmask16 *)mw;
+    const int o1 = __builtin_popcountll(bits & 0xffffu);
+    const int o2 = __builtin_popcountll(bits & 0xffffffffu);
+    const int o3 = __builtin_popcountll(bits & 0xffffffffffffull);
+    SF_EXPAND16(*a0, _load_mask16((__mmask16 *)k), v, xw);
+    SF_EXPAND16(*a1, _load_mask16((__mmask16 *)(k + 1)), v + o1, xw + 16);
+    SF_EXPAND16(*a2, _load_mask16((__mmask16 *)(k + 2)), v + o2, xw + 32);
+    SF_EXPAND16(*a3, _load_mask16((__mmask16 *)(k + 3)), v + o3, xw + 48);
+}
+static inline float bitmask_row_expand512(const uint64_t *m, int64_t words, const float *v,
+                                          const float *x) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+    int64_t w = 0;
+    for (; w + 2 <= words; w += 2) {
+        SF_PREFETCH_T0(v + SF_BM512_PF_DIST);
+        SF_PREFETCH_T0(v + SF_BM512_PF_DIST + 16);
+        SF_PREFETCH_T0(v + SF_BM512_PF_DIST + 32);
+        SF_PREFETCH_T0(v + SF_BM512_PF_DIST + 48);
+        const int n0 = __builtin_popcountll(m[w]);
+        sf_expand_word512(m + w, v, x + 64 * w, &a0, &a1, &a2, &a3);
+        sf_expand_word512(m + w + 1, v + n0, x + 64 * w + 64, &b0, &b1, &b2, &b3);
+        v += n0 + __builtin_popcountll(m[w + 1]);
+    }
+    if (w < words) sf_expand_word512(m + w, v, x + 64 * w, &a0, &a1, &a2, &a3);
+    a0 = _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1));
+    a2 = _mm512_add_ps(_mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3));
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a2));
+}
+#endif
+
 typedef struct { const uint64_t *mask; int64_t words; const int64_t *rowptr; const float *val;
                  int64_t nnz; const float *x; float *y; const int64_t *cuts; int variant;
                  const float *xt; int64_t ldx; float *out_t; _Atomic int failed; const float *bias; } bitmask_ctx;
@@ -612,8 +667,14 @@ static void bitmask_spmv_chunk(const void *p, int c) {
     for (int64_t r = a->cuts[c]; r < a->cuts[c + 1]; ++r) {
         const uint64_t *m = a->mask + r * a->words;
         const float *v = a->val + a->rowptr[r];
+#if SF_AVX512
+        if (a->variant == 2) {  /* no over-read: masked-off lanes are not loaded */
+            a->y[r] = bitmask_row_expand512(m, a->words, v, a->x);
+            continue;
+        }
+#endif
 #if SF_AVX2
-        if (a->variant == 1 && a->rowptr[r + 1] + 8 <= a->nnz) {
+        if (a->variant >= 1 && a->rowptr[r + 1] + 8 <= a->nnz) {
             a->y[r] = bitmask_row_expand(m, a->words, v, a->x);
             continue;
         }
@@ -623,7 +684,8 @@ static void bitmask_spmv_chunk(const void *p, int c) {
     sf_add_bias(a->y, a->bias, a->cuts[c], a->cuts[c + 1]);
 }
 
-/* variant 0: bit iteration (tzcnt), 1: byte expand (AVX2 only; falls back to 0). */
+/* variant 0: bit iteration (tzcnt), 1: byte expand (AVX2 only; falls back to 0), 2: 16-column
+ * expand-load (AVX-512 only; falls back to 1). */
 void sf_bitmask_spmv(const uint64_t *mask, int64_t words, const int64_t *rowptr,
                      const float *val, int64_t nnz, const float *x, float *y,
                      const int64_t *cuts, int nchunks, int nthreads, int variant, const float *bias) {
