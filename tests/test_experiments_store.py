@@ -146,7 +146,7 @@ def test_damaged_or_foreign_files_are_refused_and_left_untouched(tmp_path):
     damaged = tmp_path / "damaged.sqlite"
     broken = bytearray(data)
     page = 4096
-    broken[page + 100 : page + 400] = b"\xff" * 300
+    broken[page : page + 16] = b"\xff" * 16  # the b-tree header of page 2: an invalid page type
     damaged.write_bytes(bytes(broken))
     with pytest.raises(SparseforgeError, match="damaged|not a SQLite"):
         ResultsStore(damaged)

@@ -183,24 +183,36 @@ class ResultsStore:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if existed:
                 self._check_existing(conn, where)
-            self._retry(lambda: self._create(conn), "create the tables")
+            self._retry(lambda: self._create(conn, where), "create the tables")
         except BaseException:
             conn.close()
             raise
         return conn
 
+    @staticmethod
+    def _identity(conn: sqlite3.Connection) -> tuple[int, int]:
+        """``(application id, number of schema objects)``: ``(0, 0)`` is a database nobody has set up yet."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        objects = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+        return int(app_id), int(objects)
+
+    @staticmethod
+    def _foreign(where: str, app_id: int) -> SparseforgeError:
+        return SparseforgeError(
+            f"{where} is a SQLite database but not a sparseforge results store (application id {app_id:#x}); "
+            "it was left untouched; allowed: a store sparseforge created, or a new file name"
+        )
+
     def _check_existing(self, conn: sqlite3.Connection, where: str) -> None:
+        """Read-only checks of a file that existed: a SQLite database, ours (or still empty), intact."""
         try:  # another process may hold the lock (e.g. while it creates the tables): wait for it
-            app_id = self._retry(lambda: conn.execute("PRAGMA application_id").fetchone()[0], "open it")
+            app_id, objects = self._retry(lambda: self._identity(conn), "open it")
         except sqlite3.DatabaseError as exc:
             raise SparseforgeError(
                 f"{where} is not a SQLite database or is damaged ({exc}); it was left untouched"
             ) from None
-        if app_id != APPLICATION_ID:
-            raise SparseforgeError(
-                f"{where} is a SQLite database but not a sparseforge results store (application id {app_id:#x}); "
-                "it was left untouched; allowed: a store sparseforge created, or a new file name"
-            )
+        if app_id != APPLICATION_ID and (app_id != 0 or objects):
+            raise self._foreign(where, app_id)
         try:
             check = self._retry(lambda: conn.execute("PRAGMA quick_check").fetchall(), "check the file")
         except sqlite3.DatabaseError as exc:
@@ -214,14 +226,18 @@ class ResultsStore:
                 f"{where} has schema version {version}, newer than this sparseforge's {SCHEMA_VERSION}; upgrade sparseforge"
             )
 
-    @staticmethod
-    def _create(conn: sqlite3.Connection) -> None:
+    def _create(self, conn: sqlite3.Connection, where: str) -> None:
+        """Set up the tables once; under the write lock, so two processes creating one store agree."""
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            app_id, objects = self._identity(conn)
+            if app_id != APPLICATION_ID:
+                if objects:  # someone else's tables appeared since the read-only check
+                    raise self._foreign(where, app_id)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 conn.execute(statement)
             conn.execute("COMMIT")
