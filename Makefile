@@ -12,7 +12,7 @@ EXTRAS ?= dev,experiments,kernels,docs,llm
 STAMP := $(VENV)/.sparseforge-installed
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: install demo test lint docs bench validate clean
+.PHONY: install demo test lint docs bench validate clean decoder
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,20 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-bench: $(STAMP)
+# the small decoder LM trained offline on the standard library's source (minutes on 2 cores), built
+# only when missing: the benchmarks' pretrained decoder
+DECODER := .cache/stdlib-llama
+
+decoder: $(DECODER)/config.json
+
+$(DECODER)/config.json: | $(STAMP)
+	$(PY) -m sparseforge.experiments.stdlib_lm --out $(DECODER) --size small
+
+bench: $(STAMP) decoder
 	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_oneshot.py
+	$(PY) benchmarks/bench_decoder.py --model-dir $(DECODER)
 
 validate: $(STAMP)
 	$(PY) benchmarks/validate_training.py
