@@ -926,3 +926,147 @@ def test_sharing_that_breaks_in_a_later_batch_gathers_again() -> None:
     assert shared["b.weight"].tokens == 18
     assert not torch.equal(shared["a.weight"].sq_sums, shared["b.weight"].sq_sums)
     assert len(out_s) == 3 and all(o.shape == (2, 3, 4) for o in out_s)
+
+
+# -- true-sequential pruning inside a block ------------------------------------------------------------
+
+
+def _stage_names(family: str) -> list[list[str]]:
+    from sparseforge.oneshot.driver import _stages
+
+    model = build(family)
+    _, blocks = find_blocks(model)
+    todo = [x for x in find_linear_layers(model, ("lm_head",)) if x.name.startswith(f"{BLOCKS[family]}.0.")]
+    ids = calibration(2)
+    with torch.inference_mode():
+        captured = capture_block_inputs(model, blocks, [{"input_ids": ids}])
+        stages = _stages(blocks[0], captured.calls[0][0], captured.hidden[0], todo)
+    prefix = f"{BLOCKS[family]}.0."
+    return [[x.name[len(prefix) :] for x in stage] for stage in stages]
+
+
+def test_true_sequential_stages_follow_the_forward_with_shared_inputs_together() -> None:
+    assert _stage_names("bert") == [
+        ["attention.self.query", "attention.self.key", "attention.self.value"],
+        ["attention.output.dense"],
+        ["intermediate.dense"],
+        ["output.dense"],
+    ]
+    assert _stage_names("llama") == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    assert _stage_names("gpt2") == [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
+
+
+def _spy_sums(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """Register a method 'spy' (Wanda) that records the per-column input sums each layer is given."""
+    from sparseforge.oneshot.registry import METHODS, Method
+    from sparseforge.oneshot.wanda import prune_wanda
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(weight, stats, sparsity, structure):  # type: ignore[no-untyped-def]
+        seen[f"#{len(seen)}"] = stats.sums.clone()
+        return prune_wanda(weight, stats, sparsity, structure)
+
+    monkeypatch.setitem(METHODS, "spy", Method("spy", spy, "norms"))
+    return seen
+
+
+def _input_sums(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per layer, the float64 column sums of its inputs over every token of one forward."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: sums.__setitem__(n, i[0].reshape(-1, i[0].shape[-1]).double().sum(0))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_gathers_each_stage_from_the_pruned_stages_before_it(
+    monkeypatch: pytest.MonkeyPatch, true_sequential: bool
+) -> None:
+    """Block 0 of tiny BERT: with true_sequential the attention output projection (and the FFN's
+    layers) are calibrated on the inputs the *pruned* earlier layers give; without, on the dense ones."""
+    seen = _spy_sums(monkeypatch)
+    ids = calibration(4)
+    dense = build("bert")
+    model = build("bert")
+    report = prune_model(
+        model, ids, method="spy", progress=False, batch_size=4, true_sequential=true_sequential, exclude=()
+    )
+    assert report.true_sequential is true_sequential and report.to_dict()["true_sequential"] is true_sequential
+    order = [r.name.removesuffix(".weight") for r in report.layers]
+    given = dict(zip(order, seen.values(), strict=True))
+    block0 = [n for n in order if n.startswith("encoder.layer.0.")]
+    assert len(block0) == 6
+    pruned_in, dense_in = _input_sums(model, ids, block0), _input_sums(dense, ids, block0)
+    for name in block0:
+        expected = pruned_in[name] if true_sequential else dense_in[name]
+        torch.testing.assert_close(given[name], expected, rtol=1e-5, atol=1e-4)
+        if not name.endswith(("query", "key", "value")):  # the test sees a difference where it matters
+            assert not torch.allclose(pruned_in[name], dense_in[name], rtol=1e-3, atol=1e-2)
+
+
+def test_true_sequential_changes_the_result_and_is_deterministic() -> None:
+    ids = calibration()
+    runs = []
+    for _ in range(2):
+        model = build("llama")
+        report = prune_model(model, ids, method="sparsegpt", progress=False, batch_size=4, true_sequential=True)
+        runs.append((snapshot(model), report))
+    (state_a, rep_a), (state_b, rep_b) = runs
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert [b.error for b in rep_a.blocks] == [b.error for b in rep_b.blocks]
+    plain = build("llama")
+    prune_model(plain, ids, method="sparsegpt", progress=False, batch_size=4)
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(plain.state_dict()[down], state_a[down])
+    assert abs(rep_a.masks.sparsity() - 0.5) < 0.01
+
+
+def test_true_sequential_with_a_layer_called_twice_prunes_the_block_in_one_stage() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (4, 6))
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = _Toy().eval()
+        model.stack[0].experts[1] = model.stack[0].experts[0]  # one expert called twice in block 0
+        prune_model(model, ids, method="wanda", progress=False, batch_size=2, exclude=(), true_sequential=flag)
+        results.append(snapshot(model))
+    block0 = [k for k in results[0] if k.startswith("stack.0.")]
+    assert all(torch.equal(results[0][k], results[1][k]) for k in block0)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_true_sequential_bad_value_is_refused_before_pruning(bad: object) -> None:
+    model = build("bert")
+    before = snapshot(model)
+    with pytest.raises(SparseforgeError, match=r"true_sequential=.* is not allowed; allowed: True or False") as err:
+        prune_model(model, calibration(), progress=False, true_sequential=bad)  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_non_finite_activations_are_refused_before_any_weight_changes(method: str) -> None:
+    model = build("bert")
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight[3] = float("nan")  # every block-0 input holds a NaN column
+    before = snapshot(model)
+    with pytest.raises(SparseforgeError, match=r"calibration inputs contain NaN or Inf; allowed: finite") as err:
+        prune_model(model, calibration(), method=method, progress=False)
+    assert "\n" not in str(err.value)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "encoder" in k)

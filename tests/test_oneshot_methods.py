@@ -527,3 +527,41 @@ def test_registry_names_functions_and_needs() -> None:
     with pytest.raises(AttributeError):
         METHODS["wanda"].needs = "none"  # type: ignore[misc]
     assert isinstance(METHODS["wanda"], Method)
+
+
+# ---------------------------------------------------------------------------------------------
+# InputStats: sums by hand, means optional, NaN/Inf checked once when read
+
+
+def test_input_stats_sums_by_hand_and_without_means() -> None:
+    x = T([[1.0, -2.0], [3.0, 0.5]])
+    full = stats_of(x)
+    assert full.tokens == 2
+    torch.testing.assert_close(full.col_norms(), T([10.0, 4.25]).sqrt())
+    torch.testing.assert_close(full.mean(), T([2.0, -0.75]))
+    torch.testing.assert_close(full.variance(), T([1.0, 1.5625]))
+    torch.testing.assert_close(full.hessian(), T([[10.0, -0.5], [-0.5, 4.25]]))  # 2 X^T X / 2
+    lean = InputStats(2, means=False)
+    lean.add(x)
+    assert lean.sums is None
+    torch.testing.assert_close(lean.col_norms(), full.col_norms(), rtol=0, atol=0)
+    with pytest.raises(SparseforgeError, match=r"without means=True"):
+        lean.mean()
+    with pytest.raises(SparseforgeError, match=r"without means=True"):
+        lean.variance()
+    with pytest.raises(SparseforgeError, match=r"means='no' is not allowed; allowed: True or False"):
+        InputStats(2, means="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("means", [True, False])
+def test_input_stats_non_finite_inputs_are_refused_when_read(bad: float, means: bool) -> None:
+    s = InputStats(3, hessian=True, means=means)
+    s.add(T([[1.0, 2.0, 3.0]]))
+    assert torch.isfinite(s.col_norms()).all()  # finite so far
+    s.add(T([[1.0, bad, 3.0], [0.0, 1.0, 2.0]]))
+    for read in (s.col_norms, s.hessian):
+        with pytest.raises(SparseforgeError, match=r"calibration inputs contain NaN or Inf; allowed: finite"):
+            read()
+    with pytest.raises(SparseforgeError, match="NaN or Inf"):
+        prune_wanda(torch.ones(2, 3), s, 0.5, Unstructured())

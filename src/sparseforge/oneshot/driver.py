@@ -66,6 +66,10 @@ _NEEDS = ("none", "norms", "hessian")
 #: and GPT-2 (block 0, 50%): SparseGPT 0.0080 -> 0.0182 relative error with DSnoT (Wanda 0.0127).
 _UPDATES_WEIGHTS = frozenset({"sparsegpt"})
 
+#: Built-in methods that read no input means or variances (only column norms or ``X^T X``); their
+#: statistics skip the column sums unless DSnoT needs them. Any other method gets them.
+_NO_MEANS = frozenset({"magnitude", "wanda", "ria", "sparsegpt"})
+
 
 def _method_table() -> dict[str, tuple[MethodFn, str]]:
     """Every registered method: name -> (function, what statistics it needs)."""
@@ -203,6 +207,7 @@ class OneShotReport:
     per_block_arguments: bool
     owl: OWL | None = None
     dsnot: DSnoT | None = None
+    true_sequential: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers and strings (the masks left out)."""
@@ -218,6 +223,7 @@ class OneShotReport:
             "per_block_arguments": self.per_block_arguments,
             "owl": None if self.owl is None else {"lam": self.owl.lam, "m": self.owl.m},
             "dsnot": None if self.dsnot is None else dict(vars(self.dsnot)),
+            "true_sequential": self.true_sequential,
             "pruned_sparsity": self.masks.sparsity(),
             "layers": [
                 {
@@ -444,7 +450,7 @@ class _Gather:
                 return
             self.seen[name] = x
         stats = self.stats[name]
-        stats.add(_rows(x, self.token_mask).to(stats.sums.device))
+        stats.add(_rows(x, self.token_mask).to(stats.device))
 
     def _alike(self, a: str, b: str) -> bool:
         x, y = self.stats[a], self.stats[b]
@@ -453,6 +459,7 @@ class _Gather:
             and x.in_features == y.in_features
             and x.device == y.device
             and (x.xtx is None) == (y.xtx is None)
+            and (x.sums is None) == (y.sums is None)
         )
 
     def finish(self) -> bool:
@@ -463,7 +470,7 @@ class _Gather:
         for name, leader in self.follows.items():
             source, target = self.stats[leader], self.stats[name]
             target.tokens = source.tokens
-            target.sums = source.sums.clone()
+            target.sums = None if source.sums is None else source.sums.clone()
             target.sq_sums = source.sq_sums.clone()
             target.xtx = None if source.xtx is None else source.xtx.clone()
         return True
@@ -561,6 +568,7 @@ class _Plan:
     keep: torch.Tensor | None
     owl: OWL | None = None
     dsnot: DSnoT | None = None
+    true_sequential: bool = False
 
 
 def _option(value: object, kind: type[OWL] | type[DSnoT], name: str) -> Any:
@@ -702,29 +710,92 @@ def _run_dense(
     todo: list[LinearLayer],
     *,
     share: bool = True,
+    stop_after: nn.Module | None = None,
 ) -> list[torch.Tensor]:
-    """The block's dense outputs per batch; on the way, each layer's inputs are added to its stats."""
-    fresh = {name: (s.in_features, s.xtx is not None, s.device) for name, s in stats.items()} if share else {}
+    """The block's outputs per batch; on the way, each layer's inputs are added to its stats.
+
+    ``stop_after``: a layer after whose call each batch's forward is cut short (its statistics
+    gathered first); nothing is returned then (true-sequential stages need only statistics).
+    """
+    fresh = (
+        {name: (s.in_features, s.xtx is not None, s.device, s.sums is not None) for name, s in stats.items()}
+        if share
+        else {}
+    )
     gather = _Gather(stats, share)
     handles = [
         layer.module.register_forward_hook(functools.partial(gather.hook, layer.param_name))
         for layer in todo
         if layer.param_name in stats
     ]
+    if stop_after is not None:  # registered last: runs after the layer's own gathering hook
+        handles.append(stop_after.register_forward_hook(_stop_block))
     outputs: list[torch.Tensor] = []
     try:
         for b, hidden in enumerate(inputs):
             gather.next_batch(token_masks[b], b == 0)
-            outputs.append(calls[b].run(block, hidden))
+            if stop_after is None:
+                outputs.append(calls[b].run(block, hidden))
+                continue
+            try:
+                calls[b].run(block, hidden)
+            except _StopBlock:
+                pass
     finally:
         for handle in handles:
             handle.remove()
     if gather.finish():
         return outputs
     del outputs  # a later batch broke the sharing seen in the first: gather again, each layer on its own
-    for name, (width, hessian, device) in fresh.items():
-        stats[name] = InputStats(width, hessian=hessian, device=device)
-    return _run_dense(block, calls, inputs, token_masks, stats, todo, share=False)
+    for name, (width, hessian, device, means) in fresh.items():
+        stats[name] = InputStats(width, hessian=hessian, device=device, means=means)
+    return _run_dense(block, calls, inputs, token_masks, stats, todo, share=False, stop_after=stop_after)
+
+
+class _StopBlock(Exception):
+    """Raised by a hook to cut a block's forward short once a true-sequential stage is gathered."""
+
+
+def _stop_block(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    raise _StopBlock
+
+
+def _stages(
+    block: nn.Module, call: BlockCall, hidden: torch.Tensor, todo: list[LinearLayer]
+) -> list[list[LinearLayer]]:
+    """The block's layers in stages for true-sequential pruning, from one forward on one batch.
+
+    Layers are taken in the order the block calls them; a layer called on the very same input
+    tensor as the layer before it joins that layer's stage (query, key and value; gate and up),
+    any other starts a new one. If a layer is called more than once, or not at all, the order is
+    not well defined and the whole block is one stage (pruned as without true-sequential).
+    """
+    seen: list[tuple[LinearLayer, torch.Tensor | None]] = []
+    counts = dict.fromkeys(range(len(todo)), 0)
+
+    def record(index: int, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        counts[index] += 1
+        if counts[index] == 1:
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            seen.append((todo[index], x))
+
+    handles = [layer.module.register_forward_hook(functools.partial(record, k)) for k, layer in enumerate(todo)]
+    try:
+        call.run(block, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(c != 1 for c in counts.values()):
+        return [list(todo)]
+    stages: list[list[LinearLayer]] = []
+    previous: torch.Tensor | None = None
+    for layer, x in seen:
+        if stages and x is not None and x is previous:
+            stages[-1].append(layer)
+        else:
+            stages.append([layer])
+        previous = x
+    return stages
 
 
 def _refine(
@@ -754,14 +825,19 @@ def _refine(
 
 
 def _prune_layers(
-    plan: _Plan, index: int, stats: dict[str, InputStats], sparsity: float | None
+    plan: _Plan,
+    index: int,
+    stats: dict[str, InputStats],
+    sparsity: float | None,
+    layers: list[LinearLayer] | None = None,
 ) -> list[tuple[LayerReport, torch.Tensor]]:
     """Prune the block's layers with the method; each layer's report and mask (parameter layout, CPU).
 
     ``sparsity``: what the method gets (the block's OWL sparsity, the target, or ``None`` for N:M).
+    ``layers``: the block's layers to prune now (default: all of them).
     """
     done: list[tuple[LayerReport, torch.Tensor]] = []
-    for layer in plan.by_block[index]:
+    for layer in plan.by_block[index] if layers is None else layers:
         old = layer.weight_out_in()
         stat = stats.pop(layer.param_name, None)  # freed once the layer is done (a Hessian is in^2 floats)
         given = old.clone() if plan.dsnot is not None else old  # DSnoT needs the dense weight intact
@@ -793,7 +869,7 @@ def _owl_pass(
     ratios: dict[str, float] = {}
     for i, block in enumerate(plan.blocks):
         todo = plan.by_block[i]
-        stats = {x.param_name: InputStats(x.in_features) for x in todo}
+        stats = {x.param_name: InputStats(x.in_features, means=False) for x in todo}
         outputs = _run_dense(block, captured.calls[i], inputs, token_masks, stats, todo)
         if todo:
             pairs = [(x.weight_out_in(), stats[x.param_name].col_norms()) for x in todo]
@@ -840,6 +916,7 @@ def prune_model(
     options: Mapping[str, Any] | None = None,
     owl: bool | OWL = False,
     dsnot: bool | DSnoT = False,
+    true_sequential: bool = False,
 ) -> OneShotReport:
     """Prune every linear layer of the model's repeated blocks in place, one block at a time.
 
@@ -872,6 +949,13 @@ def prune_model(
             ``method="sparsegpt"``: keeping dense values drops SparseGPT's weight update (the
             DSnoT reference does so, using SparseGPT's saliency only as the initial mask), and on
             tiny Llama / GPT-2 that more than doubled the block error, worse than Wanda + DSnoT.
+        true_sequential: prune each block in stages, in the order its forward calls its layers
+            (layers on the same input together: query/key/value, then the attention output, then
+            the first and the second feed-forward layers), and gather each stage's statistics
+            with the stages before it already pruned, so e.g. the attention output projection
+            is calibrated on the pruned attention's outputs (SparseGPT's "true sequential"
+            option). Costs one partial forward of the block per stage after the first. A block
+            whose forward calls a layer twice (or never) is pruned in one stage.
 
     Runs under ``torch.inference_mode()`` in the model's own dtype, in eval mode (restored after).
     Everything is validated before any weight changes; if a method itself fails part-way, the
@@ -892,6 +976,9 @@ def prune_model(
     )
     if not isinstance(progress, bool):
         raise SparseforgeError(f"progress={progress!r} is not allowed; allowed: True or False")
+    if not isinstance(true_sequential, bool):
+        raise SparseforgeError(f"true_sequential={true_sequential!r} is not allowed; allowed: True or False")
+    plan.true_sequential = true_sequential
     batches, token_masks = _batches(model, plan.ids, plan.keep, check_int(batch_size, "batch_size", minimum=1))
     layers: list[LayerReport] = []
     blocks: list[BlockReport] = []
@@ -912,13 +999,28 @@ def prune_model(
                 todo = plan.by_block[i]
                 hessian = plan.needs == "hessian"
                 gather = plan.needs != "none" or plan.dsnot is not None
-                stats = {x.param_name: InputStats(x.in_features, hessian=hessian) for x in todo} if gather else {}
-                outputs = _run_dense(block, captured.calls[i], inputs, token_masks, stats, todo)
+                means = plan.dsnot is not None or plan.method not in _NO_MEANS
+                stages = [todo]
+                if plan.true_sequential and gather and len(todo) > 1:
+                    stages = _stages(block, captured.calls[i][0], inputs[0], todo)
                 given = None if plan.method_sparsity is None else block_sparsity[i]
-                for report, mask in _prune_layers(plan, i, stats, given):
-                    layers.append(report)
-                    masks[report.name] = mask
-                    targets[report.name] = block_sparsity[i]
+                outputs: list[torch.Tensor] = []
+                for k, stage in enumerate(stages):
+                    stats = (
+                        {x.param_name: InputStats(x.in_features, hessian=hessian, means=means) for x in stage}
+                        if gather
+                        else {}
+                    )
+                    # the first stage runs the dense block to the end (its outputs are the block's
+                    # reference); later ones run it with the earlier stages pruned, up to their last layer
+                    stop = None if k == 0 else stage[-1].module
+                    got = _run_dense(block, captured.calls[i], inputs, token_masks, stats, stage, stop_after=stop)
+                    outputs = got if k == 0 else outputs
+                    for report, mask in _prune_layers(plan, i, stats, given, stage):
+                        layers.append(report)
+                        masks[report.name] = mask
+                        targets[report.name] = block_sparsity[i]
+                    del stats
                 # a block with nothing pruned (all excluded) has outputs equal to the dense ones already
                 error = _run_pruned(block, captured.calls[i], inputs, outputs, token_masks) if todo else 0.0
                 inputs = outputs  # the previous block's activations are freed here
@@ -946,4 +1048,5 @@ def prune_model(
         per_block_arguments=captured.per_block,
         owl=plan.owl,
         dsnot=plan.dsnot,
+        true_sequential=plan.true_sequential,
     )
