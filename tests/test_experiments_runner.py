@@ -49,6 +49,12 @@ def test_every_algorithm_trains_to_its_target(algorithm):
     assert summary["epochs"] == 3 and summary["steps"] == 3 * 8  # 480 training samples / 64
     assert 0.0 <= summary["accuracy"] <= 1.0 and math.isfinite(summary["train_loss"])
     assert summary["train_flops"] > 0
+    if name in ("dense", "static"):
+        assert summary["mask_change"] == 0.0
+    elif name == "gmp":  # from all-ones masks: every pruned weight is a changed entry
+        assert summary["mask_change"] == pytest.approx(summary["sparsity"], abs=1e-3)
+    else:  # drop-and-grow moved some weights, far fewer than all
+        assert 0.0 < summary["mask_change"] < 0.6
 
 
 def test_training_flops_follow_the_kept_weights():

@@ -231,11 +231,34 @@ def _sparsity(setup: Setup) -> float:
     return float(setup.sparsifier.masks.sparsity()) if setup.sparsifier is not None else 0.0
 
 
+def _mask_snapshot(setup: Setup) -> dict[str, torch.Tensor]:
+    if setup.sparsifier is None:
+        return {}
+    return {name: mask.clone() for name, mask in setup.sparsifier.masks.items()}
+
+
+def mask_change(initial: dict[str, torch.Tensor], setup: Setup) -> float:
+    """Fraction of mask entries (over all masked weights) that differ from ``initial``; 0 for dense."""
+    if setup.sparsifier is None or not initial:
+        return 0.0
+    changed = total = 0
+    for name, mask in setup.sparsifier.masks.items():
+        changed += int((mask != initial[name]).sum())
+        total += mask.numel()
+    return changed / max(1, total)
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------
 
 
 def _checkpoint_state(
-    setup: Setup, run: Run, epoch: int, step: int, history: list[dict[str, Any]], flops: float
+    setup: Setup,
+    run: Run,
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    flops: float,
+    initial: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -252,6 +275,7 @@ def _checkpoint_state(
         "sparsifier": setup.sparsifier.state_dict() if setup.sparsifier is not None else None,
         "rng": torch.get_rng_state(),
         "history": history,
+        "initial_masks": initial,
     }
 
 
@@ -339,9 +363,11 @@ def run_experiment(
         state = load_checkpoint(path, run)
         _restore(setup, state)
         history = list(state["history"])
+        initial = dict(state["initial_masks"])
         start_epoch, step, flops = int(state["epoch"]) + 1, int(state["step"]), float(state["flops"])
     else:
         torch.manual_seed(run.seed)  # the global RNG (dropout, ...) from the seed, not from what ran before
+        initial = _mask_snapshot(setup)
     if store is not None:
         from .store import code_version, machine_info
 
@@ -375,6 +401,7 @@ def run_experiment(
             "step": step,
             "train_loss": loss_sum / seen,
             "sparsity": _sparsity(setup),
+            "mask_change": mask_change(initial, setup),
             "train_flops": flops,
             "lr": setup.optimizer.param_groups[0]["lr"],
         }
@@ -382,7 +409,7 @@ def run_experiment(
             metrics["test_loss"], metrics["accuracy"] = evaluate(setup.model, (data.x_test, data.y_test))
         history.append(metrics)
         if path is not None:
-            save_checkpoint(path, _checkpoint_state(setup, run, epoch, step, history, flops))
+            save_checkpoint(path, _checkpoint_state(setup, run, epoch, step, history, flops, initial))
         if store is not None:
             store.log_epoch(run.key, epoch, step, _numbers(metrics))
         if on_epoch is not None:
@@ -393,6 +420,7 @@ def run_experiment(
         "test_loss": last.get("test_loss"),
         "train_loss": last["train_loss"],
         "sparsity": last["sparsity"],
+        "mask_change": last["mask_change"],
         "train_flops": last["train_flops"],
         "epochs": setup.epochs,
         "steps": step,
