@@ -33,7 +33,13 @@ import torch
 
 from ..errors import SparseforgeError
 from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
-from .kernels import has_native_kernel, kernel_available_for, set_spmv_variant, sparse_matmul_tensor
+from .kernels import (
+    bitmask_spmv_avx512,
+    has_native_kernel,
+    kernel_available_for,
+    set_spmv_variant,
+    sparse_matmul_tensor,
+)
 
 __all__ = [
     "LayerChoice",
@@ -114,6 +120,13 @@ _NS_CSR_SPMM = ((16, 0.032), (128, 0.043))
 #: Bitmask: batch 1 costs 0.32 ns per mask byte (8 columns) + 0.41 ns per kept weight; above,
 #: 0.40 ns per mask byte (decoding) + the SpMM cost per kept weight x padded column.
 _NS_BITMASK_SPMV = (0.32, 0.41)
+#: Bitmask with the AVX-512 SpMV (variant 2, :func:`~.kernels.bitmask_spmv_avx512`): 1.1 ns of one
+#: thread per 16 columns (one masked expand-load and FMA; the same at any density), and that
+#: work overlaps the prefetched value stream, so a call costs the larger of the two, not their
+#: sum. One thread, 4096x4096, fastest of 10 calls: 1.30-1.45 / 1.04-1.16 / 1.14-1.19 ms at 50 /
+#: 70 / 90 % (streams 1.23 / 0.77 / 0.31 ms at MODEL_GBPS; 1.05 M steps); the sum model would
+#: predict 1.0x of dense at 50 % where 1.6-2.4x was measured, and cap it there under load.
+_NS_BITMASK512_STEP = 1.1
 _NS_BITMASK_DECODE = 0.40
 _NS_BITMASK_SPMM = ((16, 0.040), (128, 0.056))
 #: Block: ns per stored weight (zeros inside kept blocks included) at batch 1, per stored weight x padded column above.
@@ -210,6 +223,12 @@ def _dense_ms(rows: int, cols: int, batch: int, threads: int) -> float:
     )
 
 
+def _bitmask_avx512(fmt: Bitmask) -> bool:
+    """Whether ``fmt`` runs the AVX-512 bitmask SpMV at batch 1 (the library has it, and the weight
+    is not pinned to another variant)."""
+    return getattr(fmt, "_sf_spmv_variant", None) in (None, 2) and bitmask_spmv_avx512()
+
+
 def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, threads: int | None = None) -> float:
     """Predicted milliseconds of one call at ``batch`` input rows: dense ``F.linear`` when ``fmt``
     is ``None``, else ``fmt``'s kernel (bias ignored). See the constants above for the calibration."""
@@ -237,6 +256,10 @@ def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, thr
             ns = kept * (_NS_BLOCK_SPMV if batch == 1 else padded * _interp(_NS_BLOCK_SPMM, batch))
         elif isinstance(fmt, Bitmask):
             steps = rows * ((cols + 63) // 64) * 8
+            if batch == 1 and _bitmask_avx512(fmt):
+                t = threads if kept >= _PARALLEL_WORK else 1
+                stream = (fmt.nbytes + io) / (MODEL_GBPS * 1e6)
+                return overhead + max(stream, steps / 2 * _NS_BITMASK512_STEP / t * 1e-6)  # 8-column steps / 2
             if batch == 1:
                 ns = steps * _NS_BITMASK_SPMV[0] + kept * _NS_BITMASK_SPMV[1]
             else:
