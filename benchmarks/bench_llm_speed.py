@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import os
@@ -65,6 +66,8 @@ from sparseforge.inference import SparseLinear, convert  # noqa: E402
 from sparseforge.oneshot import prune_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+#: Progress lines, flushed at once (the full run takes minutes; its stdout may go to a file).
+_log = functools.partial(print, flush=True)
 
 CONFIGS = ("50%", "2:4", "70%")
 #: The converted model counts as "not slower" when sparse_ms <= (1 + NOISE) x dense_ms.
@@ -239,7 +242,7 @@ def _tiny_encoder(tokenizer: Any) -> nn.Module:
     return BertModel(cfg).eval()
 
 
-def run_encoder(*, quick: bool, repeats: int, reps: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_encoder(*, quick: bool, repeats: int, reps: int, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Latency of sentence embeddings, dense vs pruned + converted, at batch 1 and batch ``n``."""
     if quick:  # the MiniLM tokenizer, a tiny BERT, and docstrings of builtins (no parsing of the stdlib)
         from transformers import AutoTokenizer
@@ -411,7 +414,7 @@ def time_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, clock: _
 
 
 def run_decoder(
-    *, quick: bool, repeats: int, reps: int, new_tokens: int, prompt: int, log: Callable[[str], None] = print
+    *, quick: bool, repeats: int, reps: int, new_tokens: int, prompt: int, log: Callable[[str], None] = _log
 ) -> dict[str, Any]:
     """Greedy decode tokens/s at batch 1, dense vs pruned (magnitude) + converted."""
     cfg = TINY_DECODER if quick else FULL_DECODER
@@ -569,7 +572,7 @@ def run_memory_case(cfg: dict[str, int], samples: int, seqlen: int, batch_size: 
     }
 
 
-def run_memory(*, quick: bool, threads: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_memory(*, quick: bool, threads: int, log: Callable[[str], None] = _log) -> dict[str, Any]:
     samples, seqlen, batch = (4, 32, 2) if quick else (32, 256, 8)
     cases = []
     for cfg in (TINIER_DECODER, TINY_DECODER) if quick else (SMALL_DECODER, FULL_DECODER):
