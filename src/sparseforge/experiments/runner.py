@@ -23,6 +23,7 @@ steps are not counted).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -169,11 +170,17 @@ def _sparsifier(
     return sf.Sparsifier(model, optimizer, masks, algorithm)
 
 
-def build(config: ExperimentConfig, seed: int) -> Setup:
-    """Model, data, optimizer, per-step LR schedule and sparsifier of one run (deterministic in ``seed``)."""
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seed: int, samples: int) -> Any:
+    """A built-in data set, generated once per process (runs only read it)."""
     from .datasets import load_dataset
 
-    data = load_dataset(config.data.name, seed=config.data.seed, num_samples=config.data.samples)
+    return load_dataset(name, seed=seed, num_samples=samples)
+
+
+def build(config: ExperimentConfig, seed: int) -> Setup:
+    """Model, data, optimizer, per-step LR schedule and sparsifier of one run (deterministic in ``seed``)."""
+    data = _dataset(config.data.name, config.data.seed, config.data.samples)
     model = _model(config, data.num_features, data.num_classes, seed)
     optimizer = _optimizer(model, config)
     per_epoch = -(-len(data.y_train) // config.training.batch_size)

@@ -1,0 +1,133 @@
+"""Sweeps: local worker processes and a local Ray instance fill one store with the same numbers as
+in-process runs; a dead worker is retried once from its checkpoint; an error is recorded, not retried."""
+
+from __future__ import annotations
+
+import importlib.util
+import textwrap
+
+import pytest
+
+from conftest import requires
+from sparseforge.errors import SparseforgeError
+from sparseforge.experiments.config import expand, parse_config
+from sparseforge.experiments.runner import run_experiment
+from sparseforge.experiments.store import ResultsStore
+from sparseforge.experiments.sweep import checkpoint_path, run_sweep
+
+BASE = {
+    "data": {"name": "mnist1d", "samples": 600},
+    "model": {"name": "mlp", "width": 16},
+    "training": {"epochs": 2, "batch_size": 64},
+    "sparsity": {"target": 0.8},
+}
+
+
+def _runs(**changes):
+    return expand(parse_config({**BASE, **changes}))
+
+
+def _in_process(run):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_experiment(run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_local_workers_fill_the_store_and_a_rerun_skips_done_runs(tmp_path):
+    runs = _runs(seeds=[0, 1], grid={"algorithm": ["static", {"name": "rigl", "every": 5}]})
+    store_path = tmp_path / "results.sqlite"
+    result = run_sweep(runs, store_path, workers=2, threads=1, progress=False)
+    assert sorted(result.done) == sorted(r.key for r in runs) and not result.failed and not result.retried
+    with ResultsStore(store_path) as store:
+        records = {r.key: r for r in store.runs()}
+        assert all(r.status == "done" and r.attempts == 1 for r in records.values())
+        expected = _in_process(runs[-1])  # the same run in this process, one thread: the same numbers
+        assert records[runs[-1].key].summary["accuracy"] == expected["accuracy"]
+        assert records[runs[-1].key].summary["train_loss"] == expected["train_loss"]
+        assert len(store.metrics(runs[0].key)) == 2
+    assert checkpoint_path(store_path, runs[0].key).exists()
+    again = run_sweep(runs, store_path, workers=2, threads=1, progress=False)
+    assert again.done == [] and sorted(again.skipped) == sorted(r.key for r in runs)
+
+
+FACTORIES = textwrap.dedent(
+    """
+    import os, signal
+    from pathlib import Path
+    import torch
+
+    MARKER = Path(__file__).with_name("died-once")
+
+    class DiesOnce(torch.nn.Sequential):
+        def forward(self, x):
+            if not MARKER.exists() and self.training:
+                MARKER.touch()
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-run, once
+            return super().forward(x)
+
+    class Broken(torch.nn.Sequential):
+        def forward(self, x):
+            if self.training:
+                raise RuntimeError("this model cannot train")
+            return super().forward(x)
+
+    def dies_once():  # for MNIST-1D: 40 features, 10 classes
+        return DiesOnce(torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    def broken():
+        return Broken(torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    """
+)
+
+
+def test_a_dead_worker_is_retried_once_and_an_error_is_recorded(tmp_path):
+    factories = tmp_path / "factories.py"
+    factories.write_text(FACTORIES, encoding="utf-8")
+    dies = _runs(model=f"{factories}:dies_once", algorithm="static")
+    broken = _runs(model=f"{factories}:broken", algorithm="static")
+    store_path = tmp_path / "results.sqlite"
+    result = run_sweep(dies + broken, store_path, workers=2, threads=1, progress=False, check=False)
+    assert result.retried == [dies[0].key] and result.done == [dies[0].key]
+    assert result.failed == [broken[0].key]
+    with ResultsStore(store_path) as store:
+        died = store.runs(keys=[dies[0].key])[0]
+        assert died.status == "done" and died.attempts == 2
+        failed = store.runs(keys=[broken[0].key])[0]
+        assert failed.status == "failed" and failed.attempts == 1
+        assert failed.error == "RuntimeError: this model cannot train"
+
+
+def test_settings_that_cannot_work_stop_the_sweep_before_anything_is_written(tmp_path):
+    runs = _runs(algorithm={"name": "rigl", "every": 1000})  # 16 steps in all
+    store_path = tmp_path / "results.sqlite"
+    with pytest.raises(SparseforgeError, match=r"run seed=0: RigL with every=1000 .* never updates the masks"):
+        run_sweep(runs, store_path, progress=False)
+    assert not store_path.exists()
+    for bad, message in [
+        ({"workers": 0}, "workers=0"),
+        ({"backend": "dask"}, "backend='dask' is not allowed"),
+        ({"address": "ray://x:1"}, "applies to backend ray only"),
+    ]:
+        with pytest.raises(SparseforgeError, match=message):
+            run_sweep(runs, store_path, progress=False, **bad)
+
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+
+
+@requires(HAVE_RAY, "needs the [ray] extra")
+def test_the_ray_backend_gives_the_local_numbers(tmp_path):
+    runs = _runs(seeds=[0, 1], algorithm={"name": "set", "every": 5})
+    local, ray = tmp_path / "local.sqlite", tmp_path / "ray.sqlite"
+    run_sweep(runs, local, workers=2, threads=1, progress=False)
+    result = run_sweep(runs, ray, backend="ray", threads=1, progress=False)
+    assert sorted(result.done) == sorted(r.key for r in runs)
+    with ResultsStore(local) as a, ResultsStore(ray) as b:
+        for run in runs:
+            assert a.runs(keys=[run.key])[0].summary["accuracy"] == b.runs(keys=[run.key])[0].summary["accuracy"]
+            assert a.metrics(run.key) == b.metrics(run.key)
