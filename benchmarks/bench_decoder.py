@@ -184,6 +184,32 @@ def run(
     }
 
 
+def _run_part(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return run(**kwargs)
+
+
+def run_parallel(jobs: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run` with the sparsities split over ``jobs`` worker processes (same numbers, in order)."""
+    sparsities = list(kwargs.pop("sparsities"))
+    jobs = max(1, min(jobs, len(sparsities)))
+    if jobs == 1:
+        return run(sparsities=sparsities, **kwargs)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parts = [sparsities[i::jobs] for i in range(jobs)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        results = list(pool.map(_run_part, [{**kwargs, "sparsities": part} for part in parts]))
+    merged = results[0]
+    cells = {label: r["cells"][label] for r in results for label in r["cells"]}
+    merged["cells"] = {label: cells[label] for label in sparsities}
+    merged["ordering"] = {label: ordering(cells[label]) for label in sparsities}
+    merged["settings"]["sparsities"] = sparsities
+    merged["settings"]["jobs"] = jobs
+    return merged
+
+
 def _pm(s: dict[str, Any]) -> str:
     return f"{s['mean']:.2f} ± {s['std']:.2f}"
 
@@ -255,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default=None, help=f"comma-separated, default {','.join(METHODS)}")
     parser.add_argument("--sparsities", default=None, help=f"comma-separated, default {','.join(SPARSITIES)}")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, each taking some of the sparsities")
     parser.add_argument("--quick", action="store_true", help="1 seed, few windows, 50%% and 2:4 only")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where decoder.json and decoder.md go")
     args = parser.parse_args(argv)
@@ -275,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     before = helpers._load()
     machine = helpers.machine_info()
     t0 = time.perf_counter()
-    result = run(
-        model_dir,
+    result = run_parallel(
+        args.jobs,
+        model_dir=model_dir,
         methods=methods,
         sparsities=sparsities,
         seeds=seeds,
