@@ -246,14 +246,19 @@ static inline void sf_add_bias(float *y, const float *bias, int64_t r0, int64_t 
 #ifndef SF_PF_DIST
 #define SF_PF_DIST 256
 #endif
-/* Locality hint of those prefetches: 3 (prefetcht0, into every cache level). On the 2-vCPU
- * AVX-512 Xeon (KVM) the non-temporal hint (0, prefetchnta) made the streaming kernels 2-5x
- * slower: one thread, 4096² layers, fastest of 20 calls relative to dense F.linear in the same
- * process (machine under load): CSR at 50 % density 0.31-0.69x with hint 0 vs 0.95-1.42x with 3,
+/* Locality hint of those prefetches: 3 (prefetcht0, into every cache level) where AVX-512 is
+ * compiled in, 0 (prefetchnta) elsewhere (the hint the AVX2 kernels were tuned with on Zen 3;
+ * T0 is unmeasured there). On the 2-vCPU AVX-512 Xeon (KVM) the non-temporal hint made the
+ * streaming kernels 2-5x slower: one thread, 4096² layers, fastest of 20 calls relative to
+ * dense F.linear in the same process (machine under load): CSR at 50 % density 0.31-0.69x with hint 0 vs 0.95-1.42x with 3,
  * at 30 % 0.65-1.07x vs 1.38-3.03x; the AVX-512 bitmask kernel at 50 % 3.8 GB/s vs 25 GB/s (C
  * micro-benchmark); 8x8 blocks unchanged (3.6-4.4x either way). */
 #ifndef SF_PF_LOCALITY
+#if defined(__AVX512F__)
 #define SF_PF_LOCALITY 3
+#else
+#define SF_PF_LOCALITY 0
+#endif
 #endif
 #define SF_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, SF_PF_LOCALITY)
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
