@@ -219,3 +219,15 @@ def test_cli_validate(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: config") and "training.epochs" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_the_guide_config_validates_to_the_run_count_it_states(tmp_path):
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "experiments.md").read_text(encoding="utf-8")
+    block = re.findall(r"```yaml\n(.*?)```", guide, re.S)[0]
+    stated = re.search(r"(\d+) runs, not (\d+)", guide)
+    assert stated is not None
+    _, runs = load_runs(_write(tmp_path, block))
+    assert len(runs) == int(stated.group(1))
