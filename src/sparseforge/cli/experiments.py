@@ -51,6 +51,12 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the runs the grid expands into; run nothing.")
     ] = False,
+    tensorboard: Annotated[
+        Path | None, typer.Option(help="Also log to TensorBoard event files in this folder.")
+    ] = None,
+    mlflow: Annotated[
+        str | None, typer.Option(help="Also log to MLflow at this tracking URI (e.g. http://localhost:5000).")
+    ] = None,
 ) -> None:
     """Run every experiment of a config (grid x seeds) into a results store; finished runs are skipped."""
     from ..experiments.config import load_runs
@@ -60,12 +66,23 @@ def run(
         _print_runs(parsed.name, expanded)
         console.print(f"{len(expanded)} runs; nothing was run (--dry-run)")
         return
+    from ..experiments.loggers import LoggerSpec
     from ..experiments.sweep import run_sweep
+
+    loggers = [LoggerSpec("tensorboard", str(tensorboard))] if tensorboard is not None else []
+    loggers += [LoggerSpec("mlflow", mlflow)] if mlflow is not None else []
 
     if store == Path("runs/results.sqlite"):
         store.parent.mkdir(exist_ok=True)  # the default folder
     result = run_sweep(
-        expanded, store, workers=workers, threads=threads, backend=backend, address=address, resume=resume
+        expanded,
+        store,
+        workers=workers,
+        threads=threads,
+        backend=backend,
+        address=address,
+        resume=resume,
+        loggers=loggers,
     )
     console.print(
         f"{len(result.done)} runs done, {len(result.failed)} failed, {len(result.skipped)} already done"

@@ -27,7 +27,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,7 @@ def run_experiment(
     resume: bool = True,
     store: Any | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    loggers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train one run to the end and return its summary (final accuracy, sparsity, FLOPs, seconds).
 
@@ -360,6 +361,8 @@ def run_experiment(
         store: a :class:`~.store.ResultsStore`; the run is marked started, each epoch's metrics
             are logged, and the summary is stored at the end.
         on_epoch: called with each epoch's metrics (progress bars).
+        loggers: :class:`~.loggers.Logger` objects (TensorBoard, MLflow) told about the run,
+            each epoch's metrics and the end.
     """
     config = run.config
     setup = build(config, run.seed)
@@ -381,6 +384,10 @@ def run_experiment(
         store.start(run.key, machine=machine_info(), version=code_version())
         for done in history:  # epochs a previous attempt finished (idempotent)
             store.log_epoch(run.key, done["epoch"], done["step"], _numbers(done))
+    for logger in loggers:
+        logger.start(run.key, run.label, config.model_dump(mode="json"))
+        for done in history:
+            logger.log(done["step"], _present(done))
     data = setup.data
     x, y = data.x_train, data.y_train
     batch = config.training.batch_size
@@ -419,6 +426,8 @@ def run_experiment(
             save_checkpoint(path, _checkpoint_state(setup, run, epoch, step, history, flops, initial))
         if store is not None:
             store.log_epoch(run.key, epoch, step, _numbers(metrics))
+        for logger in loggers:
+            logger.log(step, _present(metrics))
         if on_epoch is not None:
             on_epoch(metrics)
     last = history[-1]
@@ -435,7 +444,13 @@ def run_experiment(
     }
     if store is not None:
         store.finish(run.key, summary)
+    for logger in loggers:
+        logger.finish(summary)
     return summary
+
+
+def _present(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k not in ("epoch", "step") and v is not None}
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float | None]:

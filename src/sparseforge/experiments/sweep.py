@@ -72,16 +72,18 @@ def preflight(runs: Sequence[Run]) -> None:
             raise SparseforgeError(f"run {run.label}: {exc}") from None
 
 
-def _worker(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int) -> None:
+def _worker(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int, loggers: tuple[Any, ...]) -> None:
     """One run in a worker process; exit status 3 when it recorded a failure."""
     import torch
 
     torch.set_num_threads(threads)
+    from .loggers import open_loggers
     from .runner import run_experiment
 
     store = ResultsStore(store_path)
     try:
-        run_experiment(run, checkpoint=checkpoint, resume=resume, store=store)
+        opened = open_loggers(list(loggers), run.config.name)
+        run_experiment(run, checkpoint=checkpoint, resume=resume, store=store, loggers=opened)
     except Exception as exc:  # noqa: BLE001  # recorded in the store with its message
         store.fail(run.key, f"{type(exc).__name__}: {exc}")
         os._exit(_FAILED)
@@ -100,7 +102,14 @@ def _context() -> Any:
 
 
 def _local(
-    todo: list[Run], store: ResultsStore, resume: bool, workers: int, threads: int, progress: Any, result: SweepResult
+    todo: list[Run],
+    store: ResultsStore,
+    resume: bool,
+    workers: int,
+    threads: int,
+    loggers: tuple[Any, ...],
+    progress: Any,
+    result: SweepResult,
 ) -> None:
     ctx = _context()
     queue = list(todo)
@@ -113,7 +122,14 @@ def _local(
             retry = attempts[run.key] > 1
             process = ctx.Process(
                 target=_worker,
-                args=(run, str(store.path), str(checkpoint_path(store.path, run.key)), resume or retry, threads),
+                args=(
+                    run,
+                    str(store.path),
+                    str(checkpoint_path(store.path, run.key)),
+                    resume or retry,
+                    threads,
+                    loggers,
+                ),
                 name=f"sparseforge-run-{run.key}",
             )
             process.start()
@@ -147,6 +163,7 @@ def _ray(
     resume: bool,
     address: str | None,
     threads: int,
+    logger_specs: tuple[Any, ...],
     progress: Any,
     result: SweepResult,
 ) -> None:
@@ -164,7 +181,9 @@ def _ray(
     remote = ray.remote(num_cpus=threads, max_retries=1)(_ray_task)
     try:
         pending = {
-            remote.remote(run, str(store.path), str(checkpoint_path(store.path, run.key)), resume, threads): run
+            remote.remote(
+                run, str(store.path), str(checkpoint_path(store.path, run.key)), resume, threads, logger_specs
+            ): run
             for run in todo
         }
         while pending:
@@ -184,17 +203,19 @@ def _ray(
             ray.shutdown()
 
 
-def _ray_task(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int) -> bool:
+def _ray_task(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int, loggers: tuple[Any, ...]) -> bool:
     """A Ray task: one run; ``False`` when it recorded a failure. A retried task resumes from its checkpoint."""
     import torch
 
     torch.set_num_threads(threads)
+    from .loggers import open_loggers
     from .runner import run_experiment
 
     store = ResultsStore(store_path)
     try:
         previous = store.runs(keys=[run.key])[0].attempts
-        run_experiment(run, checkpoint=checkpoint, resume=resume or previous > 0, store=store)
+        opened = open_loggers(list(loggers), run.config.name)
+        run_experiment(run, checkpoint=checkpoint, resume=resume or previous > 0, store=store, loggers=opened)
         return True
     except Exception as exc:  # noqa: BLE001  # recorded in the store
         store.fail(run.key, f"{type(exc).__name__}: {exc}")
@@ -265,6 +286,7 @@ def run_sweep(
     resume: bool = False,
     progress: bool = True,
     check: bool = True,
+    loggers: Sequence[Any] = (),
 ) -> SweepResult:
     """Run every run not yet done into the store at ``store_path``; returns what happened.
 
@@ -276,6 +298,8 @@ def run_sweep(
         address: the Ray cluster (``ray``); default a local Ray instance.
         resume: continue unfinished runs from their checkpoints.
         check: build every run before training (see :func:`preflight`).
+        loggers: :class:`~.loggers.LoggerSpec` entries (TensorBoard folder, MLflow URI); each
+            run opens its own loggers in its worker.
     """
     from ..errors import check_int
 
@@ -288,6 +312,10 @@ def run_sweep(
         raise SparseforgeError(f"address={address!r} applies to backend ray only")
     cores = os.cpu_count() or 1
     threads = check_int(threads, "threads", 1) if threads is not None else max(1, cores // workers)
+    from .loggers import check_available
+
+    specs = tuple(loggers)
+    check_available(list(specs))
     started = time.perf_counter()
     if check:
         preflight(runs)  # before the store is even created
@@ -304,9 +332,9 @@ def run_sweep(
             if not todo:
                 pass
             elif backend == "local":
-                _local(todo, store, resume, workers, threads, bars, result)
+                _local(todo, store, resume, workers, threads, specs, bars, result)
             else:
-                _ray(todo, store, resume, address, threads, bars, result)
+                _ray(todo, store, resume, address, threads, specs, bars, result)
     finally:
         store.close()
     result.seconds = time.perf_counter() - started
