@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,experiments,kernels,docs,llm
+EXTRAS ?= dev,experiments,kernels,docs,llm,ray,loggers
 STAMP := $(VENV)/.sparseforge-installed
 export PYTHONDONTWRITEBYTECODE = 1
 
@@ -52,6 +52,7 @@ bench: $(STAMP) decoder
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_oneshot.py
 	$(PY) benchmarks/bench_decoder.py --model-dir $(DECODER)
+	$(PY) benchmarks/bench_llm_speed.py
 
 validate: $(STAMP)
 	$(PY) benchmarks/validate_training.py
