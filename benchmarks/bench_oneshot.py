@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseforge.errors import SparseforgeError
 from sparseforge.fileio import write_text
 from sparseforge.oneshot import prune_model
 
@@ -80,6 +81,8 @@ FULL_CONFIGS = (
     "sparsegpt@2:4",
     "ria@0.5",
     "ria@2:4",
+    "sparsegpt@0.5+perrow",
+    "sparsegpt@2:4+ts",
 )
 QUICK_CONFIGS = ("magnitude@0.5", "wanda@0.5")
 
@@ -223,26 +226,53 @@ def nn_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
 # -- configurations --------------------------------------------------------------------------------
 
 
+#: Extra options of a configuration, ``+name`` after its sparsity: name -> (label word, prune_model keywords).
+FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "perrow": ("per-row", {"options": {"per_row": True}}),
+    "ts": ("true-seq", {"true_sequential": True}),
+    "owl": ("OWL", {"owl": True}),
+    "dsnot": ("DSnoT", {"dsnot": True}),
+}
+
+
 @dataclass(frozen=True)
 class Config:
-    """One pruning configuration: ``method@0.5`` (unstructured) or ``method@2:4``."""
+    """One pruning configuration: ``method@0.5`` (unstructured) or ``method@2:4``, then ``+flag`` options.
+
+    Flags (see :data:`FLAGS`): ``+perrow`` (SparseGPT's exact count per row), ``+ts``
+    (``true_sequential``), ``+owl``, ``+dsnot``; e.g. ``sparsegpt@0.5+perrow``.
+    """
 
     method: str
     sparsity: float | None
     structure: str
+    flags: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> Config:
-        method, _, how = spec.partition("@")
+        head, *flags = spec.split("+")
+        unknown = [f for f in flags if f not in FLAGS]
+        if unknown:
+            raise SparseforgeError(f"configuration {spec!r}: unknown flag {unknown[0]!r}; allowed: {', '.join(FLAGS)}")
+        method, _, how = head.partition("@")
         if ":" in how:
-            return cls(method, None, how)
-        return cls(method, float(how or 0.5), "unstructured")
+            return cls(method, None, how, tuple(flags))
+        return cls(method, float(how or 0.5), "unstructured", tuple(flags))
 
     @property
     def label(self) -> str:
+        words = "".join(f" {FLAGS[f][0]}" for f in self.flags)
         if self.structure != "unstructured":
-            return f"{self.method} {self.structure}"
-        return f"{self.method} {100 * (self.sparsity or 0):g}%"
+            return f"{self.method} {self.structure}{words}"
+        return f"{self.method} {100 * (self.sparsity or 0):g}%{words}"
+
+    def keywords(self) -> dict[str, Any]:
+        """The ``prune_model`` keywords of the flags (method options merged)."""
+        out: dict[str, Any] = {}
+        for flag in self.flags:
+            for key, value in FLAGS[flag][1].items():
+                out[key] = {**out.get(key, {}), **value} if key == "options" else value
+        return out
 
 
 def _summary(values: Sequence[float]) -> dict[str, Any]:
@@ -399,6 +429,7 @@ def run(
                 structure=config.structure,
                 progress=False,
                 batch_size=batch_size,
+                **config.keywords(),
             )
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             pruned = embed(model, tokenizer, quality, max_len)
@@ -426,6 +457,7 @@ def run(
             "method": config.method,
             "sparsity": config.sparsity,
             "structure": config.structure,
+            "flags": list(config.flags),
             "cosine": _summary(cos),
             "nn10": _summary(nns),
             "seconds": _summary(secs),
@@ -467,7 +499,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=None, help="calibration seeds (default 3; 1 with --quick)")
     parser.add_argument("--calibration", type=int, default=None, help="calibration texts (default 128; 32 quick)")
     parser.add_argument("--quality", type=int, default=None, help="quality texts (default 500; 100 quick)")
-    parser.add_argument("--configs", default=None, help="comma-separated method@sparsity or method@N:M")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated method@sparsity or method@N:M, each with optional +flags (+perrow, +ts, +owl, +dsnot)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer texts, magnitude and Wanda 50%%")

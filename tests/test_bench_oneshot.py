@@ -80,3 +80,19 @@ def test_texts_are_deterministic_and_quality_and_calibration_do_not_overlap():
     assert not set(quality) & set(calibration)
     assert calibration != bench.calibration_texts(rest, 128, 1)
     assert calibration == bench.calibration_texts(rest, 128, 0)
+
+
+def test_configurations_parse_flags_into_labels_and_prune_keywords():
+    from sparseforge.errors import SparseforgeError
+
+    bench = _bench()
+    plain = bench.Config.parse("sparsegpt@0.5")
+    assert plain.label == "sparsegpt 50%" and plain.keywords() == {}
+    best = bench.Config.parse("sparsegpt@0.5+perrow+ts")
+    assert best.label == "sparsegpt 50% per-row true-seq"
+    assert best.keywords() == {"options": {"per_row": True}, "true_sequential": True}
+    nm = bench.Config.parse("ria@2:4+dsnot")
+    assert (nm.sparsity, nm.structure, nm.label) == (None, "2:4", "ria 2:4 DSnoT")
+    assert nm.keywords() == {"dsnot": True}
+    with pytest.raises(SparseforgeError, match=r"unknown flag 'fast'; allowed: perrow, ts, owl, dsnot"):
+        bench.Config.parse("wanda@0.5+fast")
