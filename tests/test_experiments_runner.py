@@ -187,3 +187,41 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path):
     # resume=False starts again and replaces the file
     summary = run_experiment(other, checkpoint=path, resume=False)
     assert load_checkpoint(path, other)["epoch"] == 1 and summary["epochs"] == 1
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in ("cats", "dogs"):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = (torch.rand(12, 12, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            if label == "dogs":
+                pixels[:, :6] = 255  # something to learn
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+@pytest.mark.parametrize("model", ["lenet5", "resnet20", "vit"])
+def test_image_models_train_on_a_folder_of_images(tmp_path, model):
+    _image_folder(tmp_path / "images")
+    raw = {
+        "data": {"name": "folder", "root": str(tmp_path / "images"), "image_size": 16},
+        "model": {"name": model, "width": 8},
+        "training": {"epochs": 1, "batch_size": 4},
+        "sparsity": {"target": 0.5},
+        "algorithm": "static",
+    }
+    summary = run_experiment(expand(parse_config(raw))[0])
+    assert summary["steps"] == 3  # 2 classes x 8 images, 2 of each held out: 12 for training, batches of 4
+    assert summary["sparsity"] == pytest.approx(0.5, abs=0.02) and 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_local_data_needs_a_root_and_says_where_it_looked(tmp_path):
+    with pytest.raises(SparseforgeError, match=r"data: data 'cifar10' is read from a local folder: set data.root"):
+        parse_config({"data": "cifar10"})
+    with pytest.raises(SparseforgeError, match=r"data.root applies to cifar10, cifar100, folder, not to 'mnist1d'"):
+        parse_config({"data": {"name": "mnist1d", "root": "x"}})
+    run = expand(parse_config({"data": {"name": "cifar10", "root": str(tmp_path / "nope")}}))[0]
+    with pytest.raises(SparseforgeError, match="nope"):
+        run_experiment(run)

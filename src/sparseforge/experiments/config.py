@@ -109,11 +109,15 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """``samples`` (MNIST-1D: train + test) and ``seed`` make the generated data."""
+    """``samples`` (MNIST-1D: train + test) and ``seed`` make the generated data; ``root`` is the
+    local folder of ``cifar10``, ``cifar100`` and ``folder`` (class sub-folders of images, resized
+    to ``image_size``)."""
 
     name: str = "mnist1d"
     samples: Annotated[int, Field(ge=10)] = 5000
     seed: Annotated[int, Field(ge=0)] = 42
+    root: Annotated[str, Field(min_length=1)] | None = None
+    image_size: Annotated[int, Field(ge=4, le=1024)] | None = None
 
     @field_validator("name")
     @classmethod
@@ -121,6 +125,17 @@ class DataSpec(_Strict):
         if name not in DATASETS:
             raise ValueError(f"data {name!r} is not known; allowed: {', '.join(DATASETS)}")
         return name
+
+    @model_validator(mode="after")
+    def _local(self) -> DataSpec:
+        local = _datasets.LOCAL_DATASETS
+        if self.name in local and self.root is None:
+            raise ValueError(f"data {self.name!r} is read from a local folder: set data.root")
+        if self.name not in local and self.root is not None:
+            raise ValueError(f"data.root applies to {', '.join(local)}, not to {self.name!r}")
+        if self.image_size is not None and self.name != "folder":
+            raise ValueError(f"data.image_size applies to folder, not to {self.name!r}")
+        return self
 
 
 class OptimizerSpec(_Strict):

@@ -108,11 +108,13 @@ def _optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def _model(config: ExperimentConfig, features: int, classes: int, seed: int) -> nn.Module:
+def _model(config: ExperimentConfig, data: Any, seed: int) -> nn.Module:
     from .models import MODELS, build_model, model_from_spec
 
+    features, classes = data.num_features, data.num_classes
     if config.model.name in MODELS:
-        return build_model(config.model.name, features, classes, seed=seed, width=config.model.width)
+        shape = getattr(data, "input_shape", None)
+        return build_model(config.model.name, features, classes, seed=seed, width=config.model.width, input_shape=shape)
     if config.model.width is not None:
         raise SparseforgeError(
             f"model.width applies to the built-in models {', '.join(MODELS)}, not {config.model.name!r}"
@@ -171,17 +173,18 @@ def _sparsifier(
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, seed: int, samples: int) -> Any:
-    """A built-in data set, generated once per process (runs only read it)."""
+def _dataset(name: str, seed: int, samples: int, root: str | None, image_size: int | None) -> Any:
+    """A data set, built or read once per process (runs only read it)."""
     from .datasets import load_dataset
 
-    return load_dataset(name, seed=seed, num_samples=samples)
+    return load_dataset(name, seed=seed, num_samples=samples, root=root, image_size=image_size)
 
 
 def build(config: ExperimentConfig, seed: int) -> Setup:
     """Model, data, optimizer, per-step LR schedule and sparsifier of one run (deterministic in ``seed``)."""
-    data = _dataset(config.data.name, config.data.seed, config.data.samples)
-    model = _model(config, data.num_features, data.num_classes, seed)
+    spec = config.data
+    data = _dataset(spec.name, spec.seed, spec.samples, spec.root, spec.image_size)
+    model = _model(config, data, seed)
     optimizer = _optimizer(model, config)
     per_epoch = -(-len(data.y_train) // config.training.batch_size)
     epochs = config.training.total_epochs
