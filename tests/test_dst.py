@@ -71,6 +71,8 @@ class Recorder:
                 for state in _states(sp, name):
                     assert torch.all(state[dropped | grown] == 0.0), "optimizer state not zeroed"
                 record[name] = {"old": old[name], "new": new.clone(), "dropped": dropped, "grown": grown}
+                if sp.dense_grads is not None:  # the growth signal of gradient-based methods
+                    record[name]["grad"] = sp.dense_grads[name].clone()
             self.changes.append((sp.masks.step, record))
             return result
 
@@ -161,8 +163,16 @@ def test_dst_invariants(method: str, optimizer: str) -> None:
                 k = int(r["old"].sum()) // rows
                 planned = rows * min(_round(fraction * k), r["old"].shape[1] - k)
                 assert torch.all(r["new"].sum(1) == k)
-            assert int(r["dropped"].sum()) == planned
-            if method != "SNFS":
+            if method in ("RigL", "SNFS"):
+                # growth only where the dense gradient is nonzero; never into a zero-gradient position
+                assert torch.all(r["grad"][r["grown"]] != 0), "grew where the gradient is exactly 0"
+            if method == "RigL":  # a shortfall of useful positions is kept, not dropped
+                useful = int(((r["grad"] != 0) & ~r["old"]).sum())
+                planned = min(planned, useful)
+            if method == "SNFS":  # every layer drops its fraction, less what could not grow anywhere
+                assert int(r["dropped"].sum()) <= _round(fraction * nnz)
+            else:
+                assert int(r["dropped"].sum()) == planned
                 assert int(r["grown"].sum()) == planned
 
 
@@ -579,3 +589,34 @@ def test_default_zero_state_is_grads_and_bit_identical_to_step(algorithm: str, o
     for (n, a), (_, b) in zip(fast.named_parameters(), full.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     assert all(torch.equal(sp_fast.masks[n], sp_full.masks[n]) for n in sp_fast.masks)
+
+
+@pytest.mark.parametrize("method", ["RigL", "SNFS"])
+def test_gradient_growth_never_grows_behind_dead_units(method: str) -> None:
+    """Hidden units that never fire give their outgoing columns a zero gradient; a weight grown there
+    would start at 0 and stay 0. Nothing grows there, and no kept weight ends exactly 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    dead = torch.arange(16) >= 4  # 12 of 16 hidden units dead
+    with torch.no_grad():
+        model[0].bias[dead] = -1e6
+    masks = MaskState({"2.weight": torch.zeros(4, 16, dtype=torch.bool)})
+    masks["2.weight"][:, :4] = True  # the live columns, full ...
+    masks["2.weight"][0, 4:8] = True  # ... and four weights behind dead units
+    masks.apply(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algorithm = DST_FACTORIES[method](60)
+    sp = Sparsifier(model, opt, masks, algorithm)
+    rec = Recorder(sp)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    grown_dead = sum(int(r["grown"][:, dead].sum()) for _, record in rec.changes for r in record.values())
+    assert grown_dead == 0
+    weight, mask = model[2].weight.detach(), sp.masks["2.weight"]
+    assert sp.masks.nnz() == 20  # exact count kept
+    # the four weights behind dead units were dropped (smallest: they never trained) or kept as they were
+    kept_zero = int(((weight == 0) & mask).sum())
+    assert kept_zero == 0, f"{kept_zero} kept weights are exactly 0"

@@ -149,6 +149,9 @@ class DynamicSparse(Algorithm):
         #: ``(step, {layer: (n_dropped, n_grown)})`` for every update that ran.
         self.history: list[tuple[int, dict[str, tuple[int, int]]]] = []
 
+    #: Whether a position must have a positive growth score to grow (see :class:`RigL`).
+    grow_needs_signal = False
+
     def _never_updates(self) -> bool:
         """Whether no step is an update step (the first, ``every``, is not before ``end``)."""
         return self.schedule.every >= self.end
@@ -191,6 +194,14 @@ class DynamicSparse(Algorithm):
             if n_grow:
                 scores = self.grow_scores(sparsifier, name, index, step).to(param.device, torch.float32).reshape(-1)
                 scores[active] = float("-inf")  # only positions inactive before this update may grow
+                if self.grow_needs_signal:
+                    # a position whose growth score is 0 (e.g. the column of a dead unit: zero gradient)
+                    # would start at 0 and stay there; keep that many more of the active weights instead
+                    useful = int(torch.count_nonzero(scores > 0))
+                    if useful < n_grow:
+                        n_keep, n_grow = n_keep + (n_grow - useful), useful
+                        new_mask.zero_()
+                        new_mask[active[top_indices(param.detach().reshape(-1)[active].abs(), n_keep)]] = True
                 new_mask[top_indices(scores, n_grow)] = True
             new[name] = new_mask.reshape(param.shape)
         self.history.append((step, sparsifier.change_masks(new) if new else {}))
@@ -211,9 +222,15 @@ class SET(DynamicSparse):
 
 
 class RigL(DynamicSparse):
-    """Rigged Lottery: regrow where the dense gradient's magnitude is largest."""
+    """Rigged Lottery: regrow where the dense gradient's magnitude is largest.
+
+    Positions whose dense gradient is exactly 0 never grow (a weight grown there would start at 0
+    and stay 0, e.g. behind a dead unit); where fewer positions have a gradient than the layer
+    drops, it keeps that many more of its largest active weights, so its count stays exact.
+    """
 
     needs_dense_grads = True
+    grow_needs_signal = True
 
     def grow_scores(self, sparsifier: Sparsifier, name: str, index: int, step: int) -> torch.Tensor:
         if sparsifier.dense_grads is None:

@@ -15,8 +15,11 @@ Momentum signals (documented choices):
   update step (the newest term of the momentum an unmasked optimizer would have), which costs
   nothing between updates (no dense-gradient EMA kept every step).
 
-Integer budgets use largest-remainder rounding; a layer never grows more than its inactive
-positions (just-dropped ones excluded); the overflow goes to the other layers.
+Integer budgets use largest-remainder rounding. Every layer drops its fraction of active weights
+(not limited by its own free room: the regrowth is redistributed anyway); a layer never grows more
+than its inactive positions with a nonzero dense gradient (just-dropped ones excluded: a weight
+grown where the gradient is 0 would start at 0 and stay there); the overflow goes to the other
+layers, and what fits nowhere is not dropped.
 """
 
 from __future__ import annotations
@@ -51,19 +54,38 @@ class SNFS(RigL):
     @torch.no_grad()
     def plan(self, sparsifier: Sparsifier, step: int) -> dict[str, tuple[int, int]]:
         fraction = self.drop_fraction(step)
-        keep, room, signal = {}, {}, {}
+        keep, drop, capacity, signal = {}, {}, {}, {}
+        grads = sparsifier.dense_grads
         for name, mask in sparsifier.masks.items():
             nnz = int(torch.count_nonzero(mask))
-            keep[name] = nnz - min(round_half_up(fraction * nnz), mask.numel() - nnz)
-            room[name] = mask.numel() - nnz
+            # every layer drops its fraction; the regrowth budget goes where momentum says, not back by
+            # layer, so a layer's own free room does not limit what it drops
+            drop[name] = round_half_up(fraction * nnz)
+            keep[name] = nnz - drop[name]
             active = mask.to(sparsifier.params[name].device)
             signal[name] = float(_momentum(sparsifier, name).abs()[active].float().mean()) if nnz else 0.0
-        budget = sum(m.numel() for _, m in sparsifier.masks.items()) - sum(room.values()) - sum(keep.values())
+            # growth goes only to inactive positions with a nonzero growth score (the dense gradient):
+            # a weight grown where the gradient is 0 starts at 0 and stays there
+            score = grads[name] if grads is not None else _momentum(sparsifier, name)
+            capacity[name] = int(torch.count_nonzero((score != 0) & ~active))
+        budget = sum(drop.values())
         total_signal = sum(signal.values())
         share = {n: (signal[n] / total_signal if total_signal > 0 else 1.0 / len(signal)) for n in signal}
+        growable = min(budget, sum(capacity.values()))
         grow = kept_counts_from_densities(
-            {n: (room[n],) for n in room}, {n: share[n] * budget / room[n] if room[n] else 0.0 for n in room}, budget
+            {n: (capacity[n],) for n in capacity},
+            {n: share[n] * growable / capacity[n] if capacity[n] else 0.0 for n in capacity},
+            growable,
         )
+        # what cannot grow anywhere is not dropped: returned to the layers in proportion to their drops
+        shortfall = budget - sum(grow.values())
+        if shortfall:
+            back = kept_counts_from_densities(
+                {n: (drop[n],) for n in drop},
+                {n: shortfall / budget if drop[n] else 0.0 for n in drop},
+                shortfall,
+            )
+            keep = {n: keep[n] + back[n] for n in keep}
         for name in keep:
             sparsifier.masks.targets[name] = 1.0 - (keep[name] + grow[name]) / sparsifier.masks[name].numel()
         return {n: (keep[n], grow[n]) for n in keep}
