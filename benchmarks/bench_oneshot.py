@@ -82,7 +82,6 @@ FULL_CONFIGS = (
     "ria@0.5",
     "ria@2:4",
     "sparsegpt@0.5+perrow",
-    "sparsegpt@2:4+ts",
 )
 QUICK_CONFIGS = ("magnitude@0.5", "wanda@0.5")
 
