@@ -24,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command(capsys) -> None:
     main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "prune", "report", "bench"):
+    for command in ("demo", "essential", "prune", "report", "bench", "validate", "run", "results"):
         assert command in text
 
 
@@ -56,11 +56,11 @@ def test_help_lists_every_command(capsys) -> None:
             "'nothing_here' matches no prunable layer",
         ),
         (["prune", "x.pt", "--model", "cnn", "--structure", "1:8"], "cannot split into groups of m=8"),
-        (["demo", "--epochs", "0"], "epochs=0"),
-        (["demo", "--model", "resnet"], "--model 'resnet'"),
+        (["essential", "--epochs", "0"], "epochs=0"),
+        (["essential", "--model", "resnet"], "--model 'resnet'"),
         (["report", "missing.safetensors"], "'missing.safetensors' does not exist"),
-        (["demo", "--sparsities", "0.1,abc"], "sparsities='0.1,abc'"),
-        (["demo", "--methods", "magnitude,psychic"], "method='psychic'"),
+        (["essential", "--sparsities", "0.1,abc"], "sparsities='0.1,abc'"),
+        (["essential", "--methods", "magnitude,psychic"], "method='psychic'"),
         (["bench", "--batches", "0,1"], "batches='0,1'"),
         (["bench", "--batches", "99999999999999999999"], "allowed: comma-separated integers in [1, 65536]"),
         (["bench", "--sparsities", "0.9,3:2"], "n_keep=3"),
@@ -152,7 +152,7 @@ def test_essential_sweep_small(tmp_path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_demo_keeps_layers_dense_that_some_nm_pattern_cannot_tile() -> None:
+def test_essential_keeps_layers_dense_that_some_nm_pattern_cannot_tile() -> None:
     from sparseforge.experiments.essential import _untileable_layers
     from sparseforge.experiments.models import build_model
     from sparseforge.structures import NM
@@ -181,7 +181,7 @@ def test_output_path_errors_name_the_path_and_the_problem(tmp_path, capsys) -> N
     code, line = _exit_line(["report", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in line and "does not exist" not in line
     code, line = (
-        _exit_line(["demo", "--out", str(tmp_path / "f.txt"), "--epochs", "1"], capsys)
+        _exit_line(["essential", "--out", str(tmp_path / "f.txt"), "--epochs", "1"], capsys)
         if (tmp_path / "f.txt").write_text("x")
         else (0, "")
     )
@@ -312,7 +312,7 @@ def test_interrupt_in_a_real_process_exits_130_with_one_line(tmp_path) -> None:
                 sys.executable,
                 "-c",
                 "from sparseforge.cli import main; main()",
-                "demo",
+                "essential",
                 "--out",
                 str(out_dir),
                 "--epochs",
@@ -342,7 +342,7 @@ def test_interrupt_after_a_file_was_written_says_what_was_kept(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
-                "demo",
+                "essential",
                 "--out",
                 str(tmp_path),
                 "--model",
@@ -379,7 +379,7 @@ def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys) -> N
     ran = 0
     for line in lines:
         args = line.split()[1:]
-        if args[0] in ("demo", "bench", "llm") or "mypkg" in line:
+        if args[0] in ("demo", "essential", "bench", "llm", "run") or "mypkg" in line:
             main([*args, "--help"])  # exits by returning (status 0), or raises on an unknown option
             assert "Usage" in capsys.readouterr().out, line
         else:
