@@ -100,10 +100,12 @@ def spec(label: str, method: str) -> Config:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, called round-robin ``warmup + repeats`` times (warm-up dropped)."""
+    """Seconds per call of each function, called round-robin ``warmup + repeats`` times (warm-up dropped);
+    the first function of a round rotates, so no function always runs right after the same other one."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name, fn in items[r % len(items) :] + items[: r % len(items)]:
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
@@ -128,7 +130,18 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process, bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this address space, which
+    ``clear_refs`` resets. Not ``ru_maxrss``: the kernel carries that across ``exec``, so a child
+    started by a large parent would report the parent's peak. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -136,7 +149,7 @@ def peak_rss() -> int:
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux: ``/proc/self/clear_refs``, value 5).
 
-    ``ru_maxrss`` follows the reset, so it then gives the peak *since* this call (imports, which
+    :func:`peak_rss` follows the reset, so it then gives the peak *since* this call (imports, which
     briefly take more memory than they keep, no longer count). ``False`` where not supported.
     """
     try:
@@ -145,6 +158,12 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def _nbytes(packed: Any) -> int:
+    """Bytes of a packed format (its ``nbytes()``) or of a plain tensor (its ``nbytes``)."""
+    size = packed.nbytes
+    return int(size() if callable(size) else size)
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -157,7 +176,7 @@ def param_bytes(model: nn.Module) -> int:
             total += t.numel() * t.element_size()
     for m in model.modules():
         if isinstance(m, SparseLinear):
-            total += sum(f.nbytes() for f in (m.packed, m.extra) if f is not None)
+            total += sum(_nbytes(f) for f in (m.packed, m.extra) if f is not None)
     return total
 
 
@@ -293,14 +312,10 @@ def run_encoder(*, quick: bool, repeats: int, reps: int, log: Callable[[str], No
         got = embed(fast, tokenizer, timed, tokens, batch=batch)
         cosine = float((ref * got).sum(-1).min())
         del model
-        times = interleaved(
-            {
-                "dense_b1": pooled(dense, query),
-                "sparse_b1": pooled(fast, query),
-                "dense_bn": pooled(dense, sentences),
-                "sparse_bn": pooled(fast, sentences),
-            },
-            repeats=repeats,
+        # each batch size timed on its own (a long batch-32 call does not precede the short ones)
+        times = interleaved({"dense_b1": pooled(dense, query), "sparse_b1": pooled(fast, query)}, repeats=repeats)
+        times |= interleaved(
+            {"dense_bn": pooled(dense, sentences), "sparse_bn": pooled(fast, sentences)}, repeats=repeats
         )
         row: dict[str, Any] = {"label": label, "method": config.method, "prune_s": prune_s, "convert_s": convert_s}
         for b in ("b1", "bn"):
@@ -683,7 +698,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             "MiB. Bound = 1.2 x (fp32 model + 2 x samples x seqlen x hidden x 4 bytes: the block inputs and "
             "outputs over the calibration set), compared with peak RSS − baseline. Baseline: the child's RSS after "
             "its imports and a warm-up prune of a tiny decoder (lazily loaded code and libraries); the peak "
-            "(`ru_maxrss`) is reset there"
+            "(`VmHWM`) is reset there"
             + ("" if all(c["peak_reset"] for c in mem["cases"]) else " where the OS allows it")
             + ", so it is the peak of building and pruning the model. Activations inside a block (one calibration batch of "
             f"{mem['cases'][0]['batch_size']} samples: attention scores, q/k/v, MLP intermediate) are not in the "

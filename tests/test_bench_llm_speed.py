@@ -63,11 +63,11 @@ def test_tiny_decoder_parameter_count_matches_the_config():
     assert 4 * 133_440 <= bench.param_bytes(model) < 4 * 133_440 + 1024  # + the rotary buffers
 
 
-def test_interleaved_calls_round_robin_and_drops_the_warmup():
+def test_interleaved_calls_round_robin_rotating_and_drops_the_warmup():
     bench = _bench()
     calls: list[str] = []
     times = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 4
+    assert calls == ["a", "b", "b", "a"] * 2  # the first of each round rotates
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert all(t >= 0 for v in times.values() for t in v)
 

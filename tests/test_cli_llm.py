@@ -110,6 +110,24 @@ def test_llm_eval_perplexity_of_dense_and_pruned_decoder(
     assert pruned["perplexity"] != dense["perplexity"]
     assert math.isclose(pruned["reference"]["perplexity"], dense["perplexity"], rel_tol=1e-9)
     assert f"{pruned['perplexity']:.4f}" in printed
+    # latency of both, the pruned folder without packed layers timed as it is
+    assert pruned["layers"] == "dense" and "latency" in printed
+    for role in ("model", "reference"):
+        rate = pruned["latency"][role]["generate tokens/s (batch 1)"]
+        assert math.isfinite(rate) and rate > 0
+
+
+def test_llm_eval_runs_the_packed_layers(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / "packed"
+    prune = ["--method", "magnitude", "--sparsity", "0.8", "--samples", "2", "--seqlen", "16", "--packed"]
+    prune += ["--batch-sizes", "1,16", "--no-autotune"]
+    assert cli("llm", "prune", models["llama"], *prune, "--calibration", models["text"], "--out", out) == 0
+    evaluate = ["--text", models["text"], "--samples", "2", "--seqlen", "32", "--reference", models["llama"]]
+    assert cli("llm", "eval", out, *evaluate) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["layers"] == "packed" and "packed layers" in capsys.readouterr().out
+    assert result["latency"]["model"]["generate tokens/s (batch 1)"] > 0
+    assert math.isfinite(result["perplexity"])
 
 
 def test_llm_eval_encoder_cosine_to_the_dense_model(
@@ -128,6 +146,8 @@ def test_llm_eval_encoder_cosine_to_the_dense_model(
     assert itself["kind"] == "encoder" and itself["sentences"] == 12
     assert itself["cosine_mean"] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= result["cosine_min"] <= result["cosine_mean"] < 0.99999
+    assert set(result["latency"]["model"]) == {"embed 1 ms", "embed 32 ms"}
+    assert all(v > 0 for v in result["latency"]["reference"].values())
 
 
 def _listing(folder: Path) -> list[str]:

@@ -273,6 +273,40 @@ def _embeddings(model: Any, tokenizer: Any, sentences: list[str], seqlen: int, b
     return torch.cat(rows)
 
 
+def _latency(
+    loaded: dict[str, Any], kind: str, text: Path, seqlen: int, repeats: int = 5
+) -> dict[str, dict[str, float]]:
+    """Median wall times, the models' calls interleaved: a decoder's greedy generation of 32 tokens
+    after a 16-token prompt at batch 1 (tokens/s of the generated ones); an encoder's sentence
+    embedding of 1 and of 32 sentences (ms)."""
+    import statistics
+    import time
+
+    import torch
+
+    out: dict[str, dict[str, list[float]]] = {role: {} for role in loaded}
+    if kind == "decoder":
+        model, tokenizer, _ = loaded["model"]
+        ids = tokenizer(text.read_text(encoding="utf-8")[:4000], return_tensors="pt")["input_ids"][:, :16]
+        new = 32
+        for _ in range(repeats):
+            for role, (m, _tok, _) in loaded.items():
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                    seconds = time.perf_counter() - start
+                out[role].setdefault("generate tokens/s (batch 1)", []).append(new / seconds)
+    else:
+        sentences = _sentences(text, 32)
+        for _ in range(repeats):
+            for role, (m, tok, _) in loaded.items():
+                for count in (1, 32):
+                    start = time.perf_counter()
+                    _embeddings(m, tok, sentences[:count], min(seqlen, 128), 32)
+                    out[role].setdefault(f"embed {count} ms", []).append(1000 * (time.perf_counter() - start))
+    return {role: {k: statistics.median(v) for k, v in values.items()} for role, values in out.items()}
+
+
 @llm_app.command("eval")
 def eval_cmd(
     ctx: typer.Context,
@@ -290,9 +324,17 @@ def eval_cmd(
         Path | None, typer.Option("--json", help="Where to write the JSON report; default MODEL_DIR/eval.json.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    latency: Annotated[
+        bool,
+        typer.Option(
+            help="Also time what a user waits for: a decoder's greedy generation (tokens/s at batch 1), an "
+            "encoder's embedding of 1 and of 32 sentences; the model with its packed layers when the folder has them."
+        ),
+    ] = True,
 ) -> None:
     """Evaluate a (pruned) transformer: perplexity on the text for a decoder; for an encoder the mean
-    cosine similarity of its sentence embeddings (mean pooling) to those of --reference.
+    cosine similarity of its sentence embeddings (mean pooling) to those of --reference; and the
+    latency of both (the pruned model runs with its packed layers when the folder has them).
 
     Example: sparseforge llm eval ./llama-2of4 --text wiki.txt --samples 32 --seqlen 512 --reference ./llama
     """
@@ -317,16 +359,29 @@ def eval_cmd(
     # 2. the models and the score
     folders = [("model", model_dir)] + ([("reference", reference)] if reference is not None else [])
     loaded = {}
+    packing = "dense"
     for role, folder in folders:
         with err_console.status(f"loading {folder} ..."):
-            loaded[role] = load_transformer(folder, what="model folder" if role == "model" else "reference folder")
+            if role == "model":
+                from ..oneshot.packed import load as load_packed
+
+                found = load_packed(folder)
+                loaded[role], packing = (found.model, found.tokenizer, found.kind), found.packing
+            else:
+                loaded[role] = load_transformer(folder, what="reference folder")
     kind = loaded["model"][2]
     if reference is not None and loaded["reference"][2] != kind:
         raise SparseforgeError(
             f"--reference {str(reference)!r} is {_a(loaded['reference'][2])} and {str(model_dir)!r} {_a(kind)}; "
             "allowed: two models of the same kind"
         )
-    result: dict[str, Any] = {"model": str(model_dir), "kind": kind, "text": str(text), "seqlen": seqlen}
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "kind": kind,
+        "text": str(text),
+        "seqlen": seqlen,
+        "layers": packing,
+    }
     table = Table(title=f"{kind} evaluation on {text}")
     if kind == "decoder":
         result["samples"] = samples
@@ -381,5 +436,16 @@ def eval_cmd(
             f"{result['cosine_min']:.6f}",
         )
     console.print(table)
+    if latency:
+        with err_console.status("timing ..."):
+            result["latency"] = _latency(loaded, kind, text, seqlen)
+        timing = Table(title=f"latency ({'packed layers' if packing != 'dense' else 'dense layers'}; median of 5)")
+        timing.add_column("model")
+        for label in result["latency"]["model"]:
+            timing.add_column(label, justify="right")
+        for role, folder in folders:
+            values = result["latency"][role]
+            timing.add_row(str(folder), *(f"{v:.2f}" for v in values.values()))
+        console.print(timing)
     path = outputs_of(ctx).wrote(write_text(report_path, json.dumps(result, indent=2) + "\n", what="--json"))
     console.print(f"wrote {path}")

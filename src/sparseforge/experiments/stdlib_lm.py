@@ -37,11 +37,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import sysconfig
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -54,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SparseforgeError, check_int, check_seed
-from ..fileio import TEMP_MARK, describe_os_error
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -142,9 +139,9 @@ SIZES: dict[str, Size] = {
         intermediate=704,
         vocab=4096,
         seqlen=256,
-        batch=8,
-        steps=160,
-        lr=2e-3,
+        batch=16,
+        steps=400,
+        lr=3e-3,
         train_chars=3_000_000,
         heldout_chars=400_000,
         calibration_chars=1_500_000,
@@ -445,44 +442,11 @@ def write_folder(out_dir: str | os.PathLike[str], write: Callable[[Path], None],
     if anything fails). An existing ``out_dir`` is replaced only with ``overwrite`` and only if it
     is empty or holds :data:`INFO_FILE`.
     """
-    from ..oneshot.io import _finish_tree, _fsync_dir, clean_stale_temp_dirs
+    from ..oneshot.io import write_folder as write_atomically
 
     path = Path(out_dir)
     _check_out(path, overwrite)
-    what = "output folder"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise describe_os_error(exc, path.parent, what) from None
-    clean_stale_temp_dirs(path)
-    prefix = f".{path.name}{TEMP_MARK}{os.getpid()}-"
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix + "new-", dir=path.parent))
-    except OSError as exc:
-        raise describe_os_error(exc, path, what) from None
-    old: Path | None = None
-    try:
-        write(tmp)
-        _finish_tree(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=path.parent))
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise describe_os_error(exc, path, what) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                try:
-                    os.rename(old, path)
-                except OSError:
-                    pass
-    return path
+    return write_atomically(path, write)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -391,6 +391,50 @@ def _weights_bytes(sizes: dict[str, int]) -> int:
     )
 
 
+def write_folder(path: Path, write: Callable[[Path], None], *, what: str = "output folder") -> Path:
+    """Call ``write(tmp)`` on a new temporary folder beside ``path``, then rename it to ``path``: all or nothing.
+
+    Stale temporary folders of processes that no longer run are removed first; every file is
+    flushed to disk before the rename; an existing ``path`` (the caller decided it may be
+    replaced) is renamed aside, the new folder renamed in, and the old one deleted, or moved back
+    if anything fails in between. On any error or interrupt the temporary folder is deleted.
+    File-system errors are one-line :class:`SparseforgeError` messages naming ``what``.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise describe_os_error(exc, path.parent, what) from None
+    clean_stale_temp_dirs(path)
+    prefix = f".{path.name}{TEMP_MARK}{os.getpid()}-"
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix + "new-", dir=path.parent))
+    except OSError as exc:
+        raise describe_os_error(exc, path, what) from None
+    old: Path | None = None
+    try:
+        write(tmp)
+        _finish_tree(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=path.parent))
+            os.rename(path, old)  # onto the empty folder just made: a unique name, atomically
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise describe_os_error(exc, path, what) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    os.rename(old, path)
+                except OSError:
+                    pass
+    return path
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
@@ -439,18 +483,8 @@ def save_pruned(
             check_batch_sizes(batch_sizes) if batch_sizes is not None else default_batch_sizes(model_kind(model))
         )
         pack = pack_layers(model, report.masks.names(), sizes_tuned, autotune=autotune)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise describe_os_error(exc, path.parent, what) from None
-    clean_stale_temp_dirs(path)
-    prefix = f".{path.name}{TEMP_MARK}{os.getpid()}-"
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix + "new-", dir=path.parent))
-    except OSError as exc:
-        raise describe_os_error(exc, path, what) from None
-    old: Path | None = None
-    try:
+
+    def write(tmp: Path) -> None:
         with _quiet_transformers():
             _save_model(model, tmp)
             if tokenizer is not None:
@@ -484,24 +518,8 @@ def save_pruned(
             "packed": packed_entry,
         }
         (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        _finish_tree(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=path.parent))
-            os.rename(path, old)  # onto the empty folder just made: a unique name, atomically
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise describe_os_error(exc, path, what) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # the new folder did not make it: the old one goes back
-                with contextlib.suppress(OSError):
-                    os.rename(old, path)
-    return path
+
+    return write_folder(path, write, what=what)
 
 
 def _umask() -> int:

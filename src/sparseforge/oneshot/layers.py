@@ -8,8 +8,6 @@ transposed, ``(in, out)``. The one-shot methods see every weight as ``(out, in)`
 from __future__ import annotations
 
 import fnmatch
-import functools
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,20 +24,11 @@ __all__ = ["DEFAULT_EXCLUDE", "LinearLayer", "find_linear_layers", "is_prunable_
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
 
 
-@functools.lru_cache(maxsize=1)
-def _conv1d_type() -> type[nn.Module] | None:
-    """transformers' ``Conv1D`` class, or ``None`` without transformers (an optional dependency)."""
-    try:
-        module = importlib.import_module("transformers.pytorch_utils")
-    except ImportError:
-        return None
-    conv1d = getattr(module, "Conv1D", None)
-    return conv1d if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else None
-
-
 def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
+    """transformers' ``Conv1D`` (GPT-2's transposed Linear; transformers is an optional dependency)."""
+    from ..inference.convert import is_hf_conv1d
+
+    return is_hf_conv1d(module)
 
 
 def is_prunable_layer(module: nn.Module) -> bool:
