@@ -131,3 +131,63 @@ def test_the_ray_backend_gives_the_local_numbers(tmp_path):
         for run in runs:
             assert a.runs(keys=[run.key])[0].summary["accuracy"] == b.runs(keys=[run.key])[0].summary["accuracy"]
             assert a.metrics(run.key) == b.metrics(run.key)
+
+
+def test_ctrl_c_keeps_the_store_stops_the_workers_and_resume_finishes(tmp_path):
+    """SIGINT to `sparseforge run` mid-sweep: status 130, one line naming the store, no worker left
+    running; `--resume` then finishes every run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "long.yaml"
+    config.write_text(
+        "data: {name: mnist1d, samples: 600}\nmodel: {name: mlp, width: 16}\n"
+        "training: {epochs: 400, batch_size: 64}\nseeds: [0, 1]\ngrid:\n  algorithm: [static, dense]\n",
+        encoding="utf-8",
+    )
+    store = tmp_path / "r.sqlite"
+    command = [sys.executable, "-c", "from sparseforge.cli import main; main()", "run", str(config)]
+    command += ["--store", str(store), "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until a run has logged an epoch
+        time.sleep(0.5)
+        if store.exists():
+            with ResultsStore(store) as opened:
+                if any(opened.metrics(r.key) for r in opened.runs()):
+                    break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"interrupted; kept (complete): {store}; nothing else was written"
+    time.sleep(1)
+    assert _holders(store) == []  # every worker held the store open: none is left running
+    with ResultsStore(store) as opened:
+        assert opened.counts()["done"] < 4
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with ResultsStore(store) as opened:
+        assert opened.counts()["done"] == 4
+
+
+def _holders(path) -> list[int]:
+    """Processes with ``path`` (or its SQLite WAL / shared-memory files) open, from ``/proc``."""
+    import os
+
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
+                    found.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return found

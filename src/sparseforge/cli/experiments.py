@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .app import app, console
+from .outputs import outputs_of
 
 if TYPE_CHECKING:
     from ..experiments.config import Run
@@ -41,6 +42,7 @@ STORE_HELP = "Results store (SQLite file); created when missing."
 
 @app.command()
 def run(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="An experiment config (YAML).", show_default=False)],
     store: Annotated[Path, typer.Option(help=STORE_HELP)] = Path("runs/results.sqlite"),
     workers: Annotated[int, typer.Option(help="Runs at once (local backend).")] = 1,
@@ -57,6 +59,7 @@ def run(
     mlflow: Annotated[
         str | None, typer.Option(help="Also log to MLflow at this tracking URI (e.g. http://localhost:5000).")
     ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (on stderr).")] = True,
 ) -> None:
     """Run every experiment of a config (grid x seeds) into a results store; finished runs are skipped."""
     from ..experiments.config import load_runs
@@ -74,6 +77,9 @@ def run(
 
     if store == Path("runs/results.sqlite"):
         store.parent.mkdir(exist_ok=True)  # the default folder
+    # the store is consistent at every moment (one transaction per write) and checkpoints are
+    # written atomically: after Ctrl-C, finished runs are kept and --resume continues the others
+    outputs_of(ctx).wrote(store)
     result = run_sweep(
         expanded,
         store,
@@ -83,6 +89,7 @@ def run(
         address=address,
         resume=resume,
         loggers=loggers,
+        progress=progress,
     )
     console.print(
         f"{len(result.done)} runs done, {len(result.failed)} failed, {len(result.skipped)} already done"

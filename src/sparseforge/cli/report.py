@@ -49,7 +49,7 @@ def report(
     from .prune import _parse_shape
 
     check_input_file(checkpoint, "checkpoint")
-    if _is_sqlite(checkpoint):
+    if _is_sqlite(checkpoint) or checkpoint.suffix.lower() in (".sqlite", ".sqlite3", ".db"):
         if model is not None or input_shape is not None:
             raise SparseforgeError("--model and --input-shape apply to checkpoints, not to a results store")
         from ..experiments.summary import write_report

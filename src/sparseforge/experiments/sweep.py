@@ -84,6 +84,8 @@ def _worker(run: Run, store_path: str, checkpoint: str, resume: bool, threads: i
     try:
         opened = open_loggers(list(loggers), run.config.name)
         run_experiment(run, checkpoint=checkpoint, resume=resume, store=store, loggers=opened)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says what was kept
+        os._exit(130)
     except Exception as exc:  # noqa: BLE001  # recorded in the store with its message
         store.fail(run.key, f"{type(exc).__name__}: {exc}")
         os._exit(_FAILED)
@@ -115,6 +117,29 @@ def _local(
     queue = list(todo)
     attempts: dict[str, int] = {}
     running: dict[str, tuple[Any, Run]] = {}
+    try:
+        _drive(ctx, queue, attempts, running, store, resume, threads, loggers, progress, result, workers)
+    finally:  # an interrupt (or any error) here: no worker is left running on its own
+        for process, _ in running.values():
+            if process.is_alive():
+                process.terminate()
+        for process, _ in running.values():
+            process.join(10)
+
+
+def _drive(
+    ctx: Any,
+    queue: list[Run],
+    attempts: dict[str, int],
+    running: dict[str, tuple[Any, Run]],
+    store: ResultsStore,
+    resume: bool,
+    threads: int,
+    loggers: tuple[Any, ...],
+    progress: Any,
+    result: SweepResult,
+    workers: int,
+) -> None:
     while queue or running:
         while queue and len(running) < workers:
             run = queue.pop(0)
