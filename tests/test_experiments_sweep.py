@@ -143,8 +143,8 @@ def test_ctrl_c_keeps_the_store_stops_the_workers_and_resume_finishes(tmp_path):
 
     config = tmp_path / "long.yaml"
     config.write_text(
-        "data: {name: mnist1d, samples: 600}\nmodel: {name: mlp, width: 16}\n"
-        "training: {epochs: 400, batch_size: 64}\nseeds: [0, 1]\ngrid:\n  algorithm: [static, dense]\n",
+        "data: {name: mnist1d, samples: 2000}\nmodel: {name: mlp, width: 128}\n"
+        "training: {epochs: 150, batch_size: 32}\nseeds: [0, 1]\ngrid:\n  algorithm: [static, dense]\n",
         encoding="utf-8",
     )
     store = tmp_path / "r.sqlite"
@@ -152,8 +152,8 @@ def test_ctrl_c_keeps_the_store_stops_the_workers_and_resume_finishes(tmp_path):
     command += ["--store", str(store), "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until a run has logged an epoch
-        time.sleep(0.5)
+    while time.monotonic() < deadline:  # wait until a run has logged an epoch (seconds before any ends)
+        time.sleep(0.1)
         if store.exists():
             with ResultsStore(store) as opened:
                 if any(opened.metrics(r.key) for r in opened.runs()):
