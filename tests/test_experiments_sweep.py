@@ -150,7 +150,14 @@ def test_ctrl_c_keeps_the_store_stops_the_workers_and_resume_finishes(tmp_path):
     store = tmp_path / "r.sqlite"
     command = [sys.executable, "-c", "from sparseforge.cli import main; main()", "run", str(config)]
     command += ["--store", str(store), "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a test worker may ignore SIGINT, and an ignored SIGINT is inherited: give the command the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until a run has logged an epoch (seconds before any ends)
         time.sleep(0.1)
