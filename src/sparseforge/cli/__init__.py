@@ -37,6 +37,15 @@ def _interrupted(outputs: Any, argv: list[str] | None) -> NoReturn:
     sys.exit(130)
 
 
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside an import (the import machinery is on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _app() -> typer.Typer:
     """The typer app with every command registered (imported after the SIGINT handler is set)."""
     from . import bench, demo, experiments, llm, prune, report  # noqa: F401  (each module adds its command to `app`)
@@ -48,9 +57,14 @@ def _app() -> typer.Typer:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run one command; one line and exit status 2 on bad input, 130 on Ctrl-C."""
     received: list[int] = []
+    held: list[Any] = [None]  # the invocation's Outputs, once made
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
+        if argv is None and _importing(frame):
+            # raising inside an import can reach C++ extension code (pybind11), which aborts the
+            # process instead of unwinding; nothing is written while modules load: leave now
+            _interrupted(held[0], argv)
         raise Interrupted()
 
     previous = signal.getsignal(signal.SIGINT)
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from .outputs import Outputs
 
-        outputs = Outputs()
+        outputs = held[0] = Outputs()
         status = _app()(args=argv, standalone_mode=False, obj=outputs)
         if status == 130:  # typer's own answer to a KeyboardInterrupt that did not come through our handler
             raise Interrupted()
