@@ -245,6 +245,7 @@ def test_prune_each_family(family: str, method: str, structure: str) -> None:
     assert len(report.layers) == 2 * LAYERS_PER_BLOCK[family]
     assert [b.name for b in report.blocks] == [f"{blocks_name}.0", f"{blocks_name}.1"]
     assert all(math.isfinite(b.error) and b.error > 0 and b.seconds >= 0 for b in report.blocks)
+    assert report.to_dict()["pruned_sparsity"] == pytest.approx(report.masks.sparsity())
     params = dict(model.named_parameters())
     for layer in report.layers:
         assert layer.name.startswith(f"{blocks_name}.{layer.block}.")

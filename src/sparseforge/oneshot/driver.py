@@ -33,6 +33,7 @@ import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from torch import nn
 from ..errors import SparseforgeError, check_float, check_int, check_sparsity
 from ..masks import MaskState, check_materialized, unwrap
 from ..structures import NM, Structure, Unstructured, parse_structure
+from .bitmask import BitMask
 from .blocks import find_blocks
 from .capture import BlockCall, capture_block_inputs
 from .dsnot import refine_dsnot
@@ -185,7 +187,8 @@ class OneShotReport:
     """What :func:`prune_model` did.
 
     ``masks`` holds one bool mask per pruned weight, keyed by canonical parameter name, in the
-    parameter's own layout (``(in, out)`` for GPT-2's ``Conv1D``), on the CPU. ``dense`` lists
+    parameter's own layout (``(in, out)`` for GPT-2's ``Conv1D``), on the CPU. The report keeps
+    them packed at one bit per weight and unpacks them the first time ``masks`` is read. ``dense`` lists
     the linear layers left dense: excluded, or outside the repeated blocks (e.g. ``lm_head``).
     ``sparsity`` is the target fraction of zeros of the pruned layers (with OWL: the mean of the
     blocks' sparsities, each in ``blocks[i].sparsity``; ``masks.targets`` holds each layer's own).
@@ -198,7 +201,8 @@ class OneShotReport:
     blocks_name: str
     layers: list[LayerReport]
     blocks: list[BlockReport]
-    masks: MaskState
+    packed_masks: dict[str, BitMask]
+    targets: dict[str, float]
     dense: list[str]
     samples: int
     seqlen: int
@@ -208,6 +212,16 @@ class OneShotReport:
     owl: OWL | None = None
     dsnot: DSnoT | None = None
     true_sequential: bool = False
+
+    @cached_property
+    def masks(self) -> MaskState:
+        """The bool masks (unpacked once, on first use) with each layer's target sparsity."""
+        return MaskState({k: m.unpack() for k, m in self.packed_masks.items()}, targets=self.targets)
+
+    def pruned_sparsity(self) -> float:
+        """Fraction of zeros over all pruned weights together (0.0 when nothing was pruned)."""
+        total = sum(r.numel for r in self.layers)
+        return 0.0 if total == 0 else sum(r.numel - r.kept for r in self.layers) / total
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers and strings (the masks left out)."""
@@ -224,7 +238,7 @@ class OneShotReport:
             "owl": None if self.owl is None else {"lam": self.owl.lam, "m": self.owl.m},
             "dsnot": None if self.dsnot is None else dict(vars(self.dsnot)),
             "true_sequential": self.true_sequential,
-            "pruned_sparsity": self.masks.sparsity(),
+            "pruned_sparsity": self.pruned_sparsity(),
             "layers": [
                 {
                     "name": r.name,
@@ -982,7 +996,7 @@ def prune_model(
     batches, token_masks = _batches(model, plan.ids, plan.keep, check_int(batch_size, "batch_size", minimum=1))
     layers: list[LayerReport] = []
     blocks: list[BlockReport] = []
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, BitMask] = {}
     targets: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -1018,7 +1032,7 @@ def prune_model(
                     outputs = got if k == 0 else outputs
                     for report, mask in _prune_layers(plan, i, stats, given, stage):
                         layers.append(report)
-                        masks[report.name] = mask
+                        masks[report.name] = BitMask.pack(mask)
                         targets[report.name] = block_sparsity[i]
                     del stats
                 # a block with nothing pruned (all excluded) has outputs equal to the dense ones already
@@ -1039,7 +1053,8 @@ def prune_model(
         blocks_name=plan.blocks_name,
         layers=layers,
         blocks=blocks,
-        masks=MaskState({k: m.clone() for k, m in masks.items()}, targets=targets),
+        packed_masks=masks,
+        targets=targets,
         dense=plan.dense,
         samples=int(plan.ids.shape[0]),
         seqlen=int(plan.ids.shape[1]),

@@ -53,15 +53,21 @@ def _cholesky_of_inverse(
     at most ``max_damp_retries`` times. Returns ``(U, percdamp used, retries, damp used)``.
     """
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     frac = percdamp
     tried: list[float] = []
     for retry in range(max_damp_retries + 1):
         tried.append(frac)
         damp = frac * mean_diag
-        lower, info = torch.linalg.cholesky_ex(h + damp * eye)
+        # at most three in x in matrices alive here besides h (a Hessian of a wide layer is large)
+        dampened = h.clone()
+        dampened.diagonal().add_(damp)
+        lower, info = torch.linalg.cholesky_ex(dampened)
+        del dampened
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all() and bool((torch.diagonal(upper) > 0).all()):
                 return upper, frac, retry, damp
         frac = frac * 10.0 if frac > 0 else _FIRST_RETRY_PERCDAMP
@@ -170,7 +176,7 @@ def prune_sparsegpt(
     else:
         raise SparseforgeError(f"structure {structure!r} is not supported by SparseGPT; allowed: unstructured or N:M")
 
-    h = stats.hessian().to(device=w.device, dtype=torch.float32).clone()
+    h = stats.hessian().to(device=w.device, dtype=torch.float32)  # a new tensor: modified below
     if not torch.isfinite(h).all():
         raise SparseforgeError("the Hessian X^T X overflowed fp32 (NaN or Inf); allowed: finite, smaller activations")
     w = w.clone()
