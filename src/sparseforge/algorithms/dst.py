@@ -36,7 +36,7 @@ from .base import Algorithm
 if TYPE_CHECKING:
     from ..sparsifier import Sparsifier
 
-__all__ = ["DynamicSparse", "SET", "RigL", "keep_top", "resolve_end", "top_indices"]
+__all__ = ["DynamicSparse", "SET", "RigL", "keep_top", "keep_top_per_row", "resolve_end", "top_indices"]
 
 
 def keep_top(scores: torch.Tensor, allowed: torch.Tensor, k: int, rows: int = 1) -> torch.Tensor:
@@ -52,6 +52,20 @@ def keep_top(scores: torch.Tensor, allowed: torch.Tensor, k: int, rows: int = 1)
         return out.reshape(allowed.shape)
     view = torch.where(allowed, scores.float(), float("-inf")).reshape(rows, -1)
     return topk_mask(view, k).reshape(scores.shape) & allowed
+
+
+def keep_top_per_row(scores: torch.Tensor, allowed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``counts[r]`` highest ``scores`` among ``allowed`` positions of each row ``r``.
+
+    The tensors are viewed as ``(len(counts), -1)``; ties go to the lower index. ``counts[r]``
+    must not exceed the number of allowed positions in row ``r`` (callers guarantee it).
+    """
+    rows = counts.numel()
+    view = torch.where(allowed, scores.float(), float("-inf")).reshape(rows, -1)
+    order = torch.sort(view, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(view.shape[1], device=view.device).expand(rows, -1))
+    return (rank < counts.reshape(rows, 1)).reshape(scores.shape) & allowed
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -15,7 +15,10 @@ output row (neuron) keeps the same number ``k`` of weights. Each update, per lay
    ``live_rows - 1`` below the budget (constant fan-in takes precedence over the exact total).
 4. **Per-row RigL**: each live row keeps its ``k - d`` largest-magnitude weights (``d`` = the
    cosine drop fraction of ``k``) and grows ``k' - (k - d)`` where ``|dense gradient|`` is
-   largest among its previously inactive positions. Grown weights start at 0.
+   largest among its previously inactive positions. Grown weights start at 0. A row with fewer
+   inactive positions of nonzero gradient than that (e.g. behind dead units) grows only those
+   and keeps as many more of its largest weights, so no weight is grown where it would stay 0;
+   only a row that must reach a larger ``k'`` after an ablation grows past them.
 
 The ablated neuron's bias is left alone (it becomes a constant input to the next layer).
 """
@@ -29,7 +32,7 @@ import torch
 
 from ..errors import SparseforgeError, check_float
 from ..structures import ConstantFanIn, Structure
-from .dst import RigL, keep_top, round_half_up
+from .dst import RigL, keep_top, keep_top_per_row, round_half_up
 
 if TYPE_CHECKING:
     from ..masks import MaskState
@@ -92,7 +95,15 @@ class SRigL(RigL):
             n_grow = min(k_new - (k - d), fan_in - k)
             if n_grow == 0 and k_new == k and bool((live == alive).all()):
                 continue
-            keep = keep_top(w, m, k_new - n_grow, rows) | keep_top(g, ~m, n_grow, rows)
+            # a row grows only where the dense gradient is nonzero (a weight grown at 0 with no
+            # gradient stays 0, e.g. behind a dead unit) and keeps more of its own weights instead;
+            # only a row that must reach a larger fan-in after an ablation may grow past that
+            useful = (~m & (g != 0)).sum(1)
+            if bool((useful >= n_grow).all()):
+                keep = keep_top(w, m, k_new - n_grow, rows) | keep_top(g, ~m, n_grow, rows)
+            else:
+                grow = useful.clamp(min=max(k_new - k, 0), max=n_grow)
+                keep = keep_top_per_row(w, m, k_new - grow) | keep_top_per_row(g, ~m, grow)
             new[name] = (keep & live[:, None]).reshape(mask.shape)
         self.history.append((step, sparsifier.change_masks(new) if new else {}))
 
