@@ -166,6 +166,42 @@ def test_grid_expansion(tmp_path):
     assert all(r.config.grid == {} for r in runs)
 
 
+SUBGRIDS = """\
+algorithm: static
+seeds: [0, 1]
+grid:
+  - algorithm: [dense, static, rigl]
+    sparsity.target: [0.8, 0.9]
+  - algorithm: [static, {name: rigl, every: 50}]
+    training.multiplier: [2]
+  - algorithm: [rigl]
+    sparsity.target: [0.9]
+"""
+
+
+def test_a_list_of_sub_grids_expands_to_the_union_of_their_runs(tmp_path):
+    config, runs = load_runs(_write(tmp_path, SUBGRIDS))
+    # sub-grid 1: dense once + static and rigl at 0.8 and 0.9 = 5 settings; sub-grid 2: 2 new
+    # settings at 0.9 (the default target) and 2x; sub-grid 3: rigl at 0.9, already in sub-grid 1
+    assert config.combinations == 6 + 2 + 1
+    assert len(runs) == (5 + 2) * 2 == len({r.key for r in runs})
+    long = [r for r in runs if r.config.training.multiplier == 2]
+    assert sorted((r.config.algorithm.name, getattr(r.config.algorithm, "every", None)) for r in long) == [
+        ("rigl", 50),
+        ("rigl", 50),
+        ("static", None),
+        ("static", None),
+    ]
+    # the rigl 0.9 1x run of the third sub-grid is the first sub-grid's (same key), listed once
+    rigl_1x_09 = [r for r in runs if r.config.algorithm.name == "rigl" and r.config.training.multiplier == 1]
+    assert {r.config.sparsity.target for r in rigl_1x_09} == {0.8, 0.9} and len(rigl_1x_09) == 4
+
+
+def test_an_unknown_key_in_a_sub_grid_is_named(tmp_path):
+    with pytest.raises(SparseforgeError, match=r"grid.*'modle.width' is not a config key"):
+        load_runs(_write(tmp_path, "grid:\n  - algorithm: [static]\n  - modle.width: [8]\n"))
+
+
 def test_a_grid_run_that_breaks_the_schema_is_named(tmp_path):
     text = "algorithm: {name: rigl, alpha: 0.5}\ngrid:\n  algorithm.name: [rigl, gmp]\n"
     with pytest.raises(SparseforgeError) as info:

@@ -24,9 +24,7 @@ def validate(
     from ..experiments.config import load_runs
 
     parsed, expanded = load_runs(config)
-    combinations = 1
-    for values in parsed.grid.values():
-        combinations *= len(values)
+    combinations = parsed.combinations
     merged = combinations * len(parsed.seeds) - len(expanded)
     if runs:
         _print_runs(parsed.name, expanded)

@@ -31,6 +31,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,8 +260,14 @@ class EvaluationSpec(_Strict):
     every: Annotated[int, Field(ge=1)] = 1
 
 
+#: One grid: dotted key paths -> the values each takes (every combination is a run).
+GridSpec = dict[str, Annotated[list[Any], Field(min_length=1)]]
+
+
 class ExperimentConfig(_Strict):
-    """One validated config; ``grid`` maps dotted key paths to the values they take."""
+    """One validated config; ``grid`` maps dotted key paths to the values they take, or is a list
+    of such mappings (sub-grids: the runs are the union of each one's combinations, a run that
+    two sub-grids share listed once)."""
 
     name: Annotated[str, Field(min_length=1, max_length=200)] = "experiment"
     model: ModelSpec = ModelSpec()
@@ -272,7 +279,7 @@ class ExperimentConfig(_Strict):
     algorithm: AlgorithmSpec = _Static(name="static")
     evaluation: EvaluationSpec = EvaluationSpec()
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=2**63 - 1)]], Field(min_length=1, max_length=1000)] = [0]
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    grid: GridSpec | Annotated[list[GridSpec], Field(min_length=1)] = {}
 
     @field_validator("model", "data", "algorithm", mode="before")
     @classmethod
@@ -288,12 +295,25 @@ class ExperimentConfig(_Strict):
 
     @field_validator("grid")
     @classmethod
-    def _grid_paths(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for path in grid:
-            head = path.split(".")[0]
-            if head not in _GRID_FIELDS:
-                raise ValueError(f"grid key {path!r} is not a config key; allowed: {', '.join(_GRID_FIELDS)} (dotted)")
+    def _grid_paths(cls, grid: GridSpec | list[GridSpec]) -> GridSpec | list[GridSpec]:
+        for part in grid if isinstance(grid, list) else [grid]:
+            for path in part:
+                head = path.split(".")[0]
+                if head not in _GRID_FIELDS:
+                    raise ValueError(
+                        f"grid key {path!r} is not a config key; allowed: {', '.join(_GRID_FIELDS)} (dotted)"
+                    )
         return grid
+
+    @property
+    def grids(self) -> list[GridSpec]:
+        """The grid as a list of sub-grids (a single mapping is a list of one)."""
+        return list(self.grid) if isinstance(self.grid, list) else [self.grid]
+
+    @property
+    def combinations(self) -> int:
+        """Grid combinations over all sub-grids, before duplicates are merged (seeds not counted)."""
+        return sum(math.prod(len(values) for values in part.values()) for part in self.grids)
 
 
 _GRID_FIELDS = ("model", "data", "optimizer", "schedule", "training", "sparsity", "algorithm", "evaluation")
@@ -310,6 +330,8 @@ def _path(loc: tuple[int | str, ...]) -> str:
             parts.append(f"[{part}]")
         elif i > 0 and loc[i - 1] == "algorithm" and part in ALGORITHMS:
             continue  # the discriminated union's tag
+        elif i == 1 and loc[0] == "grid" and part.startswith(("dict[", "list[")):
+            continue  # the grid union's branch (a mapping or a list of mappings)
         else:
             parts.append(part)
     text = ".".join(parts).replace(".[", "[")
@@ -333,9 +355,19 @@ def _reason(error: Any) -> str:
     return message
 
 
+def _other_grid_branch(error: Any) -> bool:
+    """An error of the grid union's branch that the value is not (a mapping checked as a list, ...)."""
+    loc = tuple(error["loc"])
+    if len(loc) != 2 or loc[0] != "grid" or not isinstance(loc[1], str):
+        return False
+    return (loc[1].startswith("list[") and error["type"] == "list_type") or (
+        loc[1].startswith("dict[") and error["type"] == "dict_type"
+    )
+
+
 def describe(exc: ValidationError, source: str, limit: int = 3) -> SparseforgeError:
     """One line: ``SOURCE: key.path: reason; ...`` (the first ``limit`` problems, then a count)."""
-    errors = exc.errors()
+    errors = [e for e in exc.errors() if not _other_grid_branch(e)] or exc.errors()
     shown = "; ".join(f"{_path(tuple(e['loc']))}: {_reason(e)}" for e in errors[:limit])
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return SparseforgeError(f"{source}: {shown}{more}")
@@ -436,7 +468,7 @@ def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
 
 
 def expand(config: ExperimentConfig, raw: dict[str, Any] | None = None, source: str = "config") -> list[Run]:
-    """Every run of ``config``: the grid's combinations (first key slowest) x the seeds.
+    """Every run of ``config``: each sub-grid's combinations (first key slowest) x the seeds.
 
     ``raw`` is the mapping the config was read from (grid values are applied to it and each
     combination validated again); by default it is rebuilt from ``config``. Runs with the same
@@ -444,22 +476,23 @@ def expand(config: ExperimentConfig, raw: dict[str, Any] | None = None, source: 
     """
     base = raw if raw is not None else config.model_dump(mode="json", exclude_defaults=True)
     base = {k: v for k, v in base.items() if k not in ("grid", "seeds")}
-    paths = list(config.grid)
     runs: list[Run] = []
     seen: set[str] = set()
-    for values in itertools.product(*(config.grid[p] for p in paths)):
-        combo = copy.deepcopy(base)
-        for path, value in zip(paths, values, strict=True):
-            _set_path(combo, path, value)
-        assignment = tuple(zip(paths, values, strict=True))
-        label = " ".join(f"{p}={_short(v)}" for p, v in assignment)
-        single = parse_config(combo, f"{source} (grid run {label})" if label else source)
-        for seed in config.seeds:
-            key = config_key(single, seed)
-            if key in seen:
-                continue
-            seen.add(key)
-            runs.append(Run(_resolved(single), seed, assignment, key))
+    for part in config.grids:
+        paths = list(part)
+        for values in itertools.product(*(part[p] for p in paths)):
+            combo = copy.deepcopy(base)
+            for path, value in zip(paths, values, strict=True):
+                _set_path(combo, path, value)
+            assignment = tuple(zip(paths, values, strict=True))
+            label = " ".join(f"{p}={_short(v)}" for p, v in assignment)
+            single = parse_config(combo, f"{source} (grid run {label})" if label else source)
+            for seed in config.seeds:
+                key = config_key(single, seed)
+                if key in seen:
+                    continue
+                seen.add(key)
+                runs.append(Run(_resolved(single), seed, assignment, key))
     return runs
 
 
