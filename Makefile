@@ -54,8 +54,12 @@ bench: $(STAMP) decoder
 	$(PY) benchmarks/bench_decoder.py --model-dir $(DECODER)
 	$(PY) benchmarks/bench_llm_speed.py
 
+# The shipped validation configs through the experiments system (kill-safe: a rerun resumes),
+# the claims table, then the multi-run methods (one-shot, IMP, soups, N:M recipes).
+# CIFAR10=DIR adds ResNet-20 on a local CIFAR-10 copy (days on 2 cores).
 validate: $(STAMP)
-	$(PY) benchmarks/validate_training.py
+	$(PY) benchmarks/validate_training.py $(if $(CIFAR10),--cifar10 $(CIFAR10))
+	$(PY) benchmarks/validate_multirun.py
 
 clean:
 	rm -rf $(VENV) demo_out site .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,337 +1,501 @@
-"""Validate the sparse-training algorithms against the papers' claims on MNIST-1D.
+"""Validate the sparse-training methods against the papers' claims, through the experiments system.
 
-Every method trains the same MLP (40-256-256-10) with the same optimizer (SGD, momentum 0.9,
-lr 0.1, weight decay 5e-4, cosine schedule over the run) for the same number of epochs per
-training run; 3 seeds each; test accuracy on 1000 held-out samples. Multi-run methods (IMP,
-one-shot, soups) train several runs of that length, which the table states.
+Runs the shipped configs (``validation.yaml``: MLP on MNIST-1D, every method at 80/90/95 %, RigL's
+update interval, 1x/2x/5x training, sparse vs plain initialisation; ``validation_cnn.yaml``: a
+1-D CNN on MNIST-1D; ``validation_cifar10.yaml``: ResNet-20 on CIFAR-10 when ``--cifar10 DIR``
+names a local copy) into one results store, kill-safe (``--resume`` continues where a killed run
+stopped), then reads the store and marks each claim held or not:
 
-    .venv/bin/python benchmarks/validate_training.py [--seeds 3] [--epochs 30] [--workers 2]
+* **held**: the claimed difference has the claimed sign (mean over seeds);
+* **within noise**: it has the other sign, by less than the standard error of the difference;
+* **not held**: the other sign, by more than that.
 
-Writes benchmarks/results/training_validation.json, a markdown table to stdout and
-benchmarks/results/training_validation.md, and docs/training_validation.png.
+    .venv/bin/python benchmarks/validate_training.py [--workers 2] [--cifar10 DIR] [--report-only]
+
+Writes benchmarks/results/training_validation.{md,json} and docs/training_validation.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
+import platform
 import statistics
 import sys
 import time
-from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "src" / "sparseforge" / "experiments" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
-SPARSITIES = (0.8, 0.9, 0.95)
-NM_PATTERNS = ("2:4", "1:4", "1:8")
-LR, MOMENTUM, WD, BATCH, WIDTH = 0.1, 0.9, 5e-4, 128, 256
+STORE = ROOT / ".cache" / "validation" / "results.sqlite"
+STUDIES = {"mlp": "validation.yaml", "cnn": "validation_cnn.yaml", "cifar10": "validation_cifar10.yaml"}
+EXPERIMENTS = {"mlp": "validation-mlp", "cnn": "validation-cnn", "cifar10": "validation-cifar10"}
+SCRATCH = ("static", "set", "rigl", "snfs", "srigl")  # the methods that start sparse
+METHOD_ORDER = ("dense", "static", "set", "rigl", "snfs", "srigl", "gmp", "granet")
 
 
-@functools.lru_cache(maxsize=1)
-def _data():  # type: ignore[no-untyped-def]
-    """MNIST-1D, generated once per worker process."""
-    from sparseforge.experiments.datasets import load_dataset
-
-    return load_dataset("mnist1d", seed=42)
+# -- running ---------------------------------------------------------------------------------------
 
 
-def _setup(seed: int):  # type: ignore[no-untyped-def]
-    from sparseforge.experiments.models import build_model
+def study_runs(study: str, cifar10: Path | None) -> list[Any]:
+    """The runs of one shipped config (CIFAR-10: its ``data.root`` set to the local copy)."""
+    from sparseforge.experiments.config import expand, parse_config
 
-    data = _data()
-    model = build_model("mlp", data.num_features, data.num_classes, seed=seed, width=WIDTH)
-    return data, model
-
-
-def _optimizer(model: torch.nn.Module, weight_decay: float = WD) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
-
-
-def _fit(model, data, optimizer, epochs: int, seed: int) -> None:  # type: ignore[no-untyped-def]
-    from sparseforge.training import train
-
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    train(
-        model,
-        (data.x_train, data.y_train),
-        epochs=epochs,
-        optimizer=optimizer,
-        batch_size=BATCH,
-        scheduler=sched,
-        seed=seed,
-        progress=False,
-    )
+    path = CONFIGS / STUDIES[study]
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if study == "cifar10":
+        raw["data"]["root"] = str(cifar10)
+    config = parse_config(raw, f"config {str(path)!r}")
+    return expand(config, raw, f"config {str(path)!r}")
 
 
-def _acc(model, data) -> float:  # type: ignore[no-untyped-def]
-    from sparseforge.training import evaluate
+def run_studies(studies: Sequence[str], store: Path, workers: int, cifar10: Path | None) -> None:
+    from sparseforge.experiments.sweep import run_sweep
 
-    return evaluate(model, (data.x_test, data.y_test))[1]
+    store.parent.mkdir(parents=True, exist_ok=True)
+    for study in studies:
+        runs = study_runs(study, cifar10)
+        print(f"{study}: {len(runs)} runs into {store}", file=sys.stderr, flush=True)
+        result = run_sweep(runs, store, workers=workers, resume=True, progress=sys.stderr.isatty())
+        print(f"{study}: {result}", file=sys.stderr, flush=True)
 
 
-def _steps(data, epochs: int) -> int:  # type: ignore[no-untyped-def]
-    return epochs * -(-len(data.y_train) // BATCH)
+# -- reading the store -----------------------------------------------------------------------------
 
 
-def run_job(method: str, setting: str, seed: int, epochs: int) -> dict[str, Any]:
-    """Train one (method, sparsity or N:M pattern, seed) and return its test accuracy."""
-    torch.set_num_threads(1)
-    import sparseforge as sf
-    from sparseforge import algorithms as alg
-    from sparseforge.structures import ConstantFanIn
-
-    t0 = time.perf_counter()
-    data, model = _setup(seed)
-    total = _steps(data, epochs)
-    extra: dict[str, Any] = {}
-    sparsity = float(setting) if setting not in NM_PATTERNS and setting != "dense" else None
-    dst = dict(total_steps=total, alpha=0.3, every=50, seed=seed)
-
-    def sparse_run(masks, algorithm=None) -> None:  # type: ignore[no-untyped-def]
-        opt = _optimizer(model)
-        sparsifier = sf.Sparsifier(model, opt, masks, algorithm)
-        _fit(model, data, opt, epochs, seed)
-        final = sparsifier.finalize()
-        extra["sparsity"] = round(final.sparsity(), 6)
-
-    if method == "dense":
-        _fit(model, data, _optimizer(model), epochs, seed)
-    elif method in ("static-uniform", "static-erk"):
-        dist = method.split("-")[1]
-        sparse_run(alg.init_sparse(model, sparsity, distribution=dist, method="random", seed=seed))
-    elif method == "gmp":
-        masks = sf.MaskState({n: torch.ones_like(p, dtype=torch.bool) for n, p in sf.select_prunable(model).items()})
-        sparse_run(masks, alg.GMP(sparsity, start=int(0.25 * total), end=int(0.75 * total), every=50))
-    elif method in ("set", "rigl", "snfs"):
-        cls = {"set": alg.SET, "rigl": alg.RigL, "snfs": alg.SNFS}[method]
-        sparse_run(alg.init_sparse(model, sparsity, distribution="erk", seed=seed), cls(**dst))
-    elif method == "granet":
-        initial = 0.5
-        masks = alg.init_sparse(model, initial, distribution="erk", seed=seed)
-        sparse_run(masks, alg.GraNet(sparsity, prune_start=0, prune_end=int(0.5 * total), distribution="global", **dst))
-    elif method == "srigl":
-        masks = sf.prune(model, sparsity, method="random", structure=ConstantFanIn(), distribution="erk", seed=seed)
-        sparse_run(masks, alg.SRigL(**dst))
-    elif method in ("imp", "oneshot"):
-        rounds = 3 if method == "imp" else 1
-        k = _steps(data, 1)  # late rewinding to the end of epoch 1
-
-        def train_fn(m, opt, info):  # type: ignore[no-untyped-def]
-            _fit(m, data, opt, epochs, seed + info.round)
-
-        masks, history = alg.imp(model, _optimizer, train_fn, final_sparsity=sparsity, rounds=rounds, rewind_step=k)
-        extra["sparsity"] = round(masks.sparsity(), 6)
-        extra["trainings"] = rounds + 1
-    elif method == "soups":
-        _fit(model, data, _optimizer(model), epochs, seed)
-        decays = (1e-4, 5e-4, 1e-3)
-
-        def make_opt(m, ing):  # type: ignore[no-untyped-def]
-            return _optimizer(m, ing.weight_decay)
-
-        def train_fn(m, opt, ing):  # type: ignore[no-untyped-def]
-            _fit(m, data, opt, epochs, ing.seed)
-
-        masks, history = alg.sparse_model_soups(
-            model,
-            make_opt,
-            train_fn,
-            final_sparsity=sparsity,
-            cycles=3,
-            ingredients=3,
-            eval_fn=lambda m: _acc(m, data),
-            seeds=[seed * 10 + i for i in range(3)],
-            weight_decays=decays,
-        )
-        last = history.cycles[-1]
-        extra.update(
-            sparsity=round(masks.sparsity(), 6),
-            trainings=1 + 3 * 3,
-            ingredients=last.ingredient_metrics,
-            best_ingredient=max(last.ingredient_metrics),
-            mean_ingredient=statistics.fmean(last.ingredient_metrics),
-        )
-    elif method in ("sr-ste", "pgf"):
-        opt = _optimizer(model)
-        if method == "sr-ste":
-            nm = alg.srste(model, opt, setting, decay=2e-4)
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
         else:
-            nm = alg.progressive_gradient_flow(model, opt, setting, total_steps=total)
-        _fit(model, data, opt, epochs, seed)
-        masks = nm.finalize()
-        extra["sparsity"] = round(masks.sparsity(), 6)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return {
-        "method": method,
-        "setting": setting,
-        "seed": seed,
-        "accuracy": _acc(model, data),
-        "seconds": round(time.perf_counter() - t0, 2),
-        **extra,
-    }
-
-
-METHODS = ["static-uniform", "static-erk", "gmp", "set", "rigl", "snfs", "granet", "srigl", "oneshot", "imp", "soups"]
-
-
-def jobs(seeds: int) -> list[tuple[str, str, int]]:
-    out = [("dense", "dense", s) for s in range(seeds)]
-    out += [(m, str(sp), s) for m in METHODS for sp in SPARSITIES for s in range(seeds)]
-    out += [(m, p, s) for m in ("sr-ste", "pgf") for p in NM_PATTERNS for s in range(seeds)]
+            out[f"{prefix}{key}"] = value
     return out
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float, int]]:
-    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in rows:
-        groups[(r["method"], r["setting"])].append(r["accuracy"])
-    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+#: The settings a run is selected by, with the values the shipped configs default to.
+DEFAULTS = {
+    "algorithm.every": 100,
+    "sparsity.distribution": "erk",
+    "sparsity.init": "dense",
+    "training.multiplier": 1.0,
+}
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    s = summarise(rows)
-    dense = s[("dense", "dense")]
-    lines = [
-        f"Dense: **{dense[0]:.3f} ± {dense[1]:.3f}** (n={dense[2]})",
-        "",
-        "| method | training runs | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
-        "|---|---:|" + "---:|" * len(SPARSITIES),
-    ]
-    runs = {"imp": "4 (dense + 3 rounds)", "oneshot": "2 (dense + 1 round)", "soups": "10 (dense + 3 cycles x 3)"}
-    for m in METHODS:
-        cells = []
-        for sp in SPARSITIES:
-            mean, std, _ = s[(m, str(sp))]
-            cells.append(f"{mean:.3f} ± {std:.3f}")
-        lines.append(f"| {m} | {runs.get(m, '1')} | " + " | ".join(cells) + " |")
-    soup_rows = [r for r in rows if r["method"] == "soups"]
-    if soup_rows:
-        lines += [
-            "",
-            "| soups vs their last-cycle ingredients | " + " | ".join(f"{sp:.0%}" for sp in SPARSITIES) + " |",
-            "|---|" + "---:|" * len(SPARSITIES),
-        ]
-        for label, key in (
-            ("soup", "accuracy"),
-            ("best ingredient", "best_ingredient"),
-            ("mean ingredient", "mean_ingredient"),
-        ):
-            cells = [
-                f"{statistics.fmean(r[key] for r in soup_rows if r['setting'] == str(sp)):.3f}" for sp in SPARSITIES
+@dataclass
+class Runs:
+    """Done runs of one study, selectable by method and settings."""
+
+    rows: list[tuple[dict[str, Any], dict[str, Any]]]  # (flat config, summary)
+
+    def pick(self, method: str, sparsity: float | None = None, **settings: Any) -> list[float]:
+        """Test accuracies (fractions) of the runs of ``method`` with these settings, one per seed."""
+        want = {**DEFAULTS, **{k.replace("__", "."): v for k, v in settings.items()}}
+        out = []
+        for flat, summary in self.rows:
+            if flat["algorithm.name"] != method:
+                continue
+            if method != "dense" and sparsity is not None and not math.isclose(flat["sparsity.target"], sparsity):
+                continue
+            if method == "dense":  # dense runs carry no sparsity settings
+                if not math.isclose(float(flat["training.multiplier"]), float(want["training.multiplier"])):
+                    continue
+            elif any(k in flat and flat[k] != v for k, v in want.items()):
+                continue
+            out.append(float(summary["accuracy"]))
+        return out
+
+
+def load_study(store: Path, study: str) -> Runs:
+    from sparseforge.experiments.store import ResultsStore
+
+    s = ResultsStore(store)
+    try:
+        records = s.runs(experiment=EXPERIMENTS[study])
+    finally:
+        s.close()
+    return Runs([(_flat(r.config), r.summary) for r in records if r.status == "done" and r.summary])
+
+
+def kept_zeros(store: Path, study: str) -> dict[str, tuple[int, int]]:
+    """Per method (1x, default settings): kept weights exactly 0 at the end, and kept weights, over its runs."""
+    from sparseforge.experiments.store import ResultsStore
+    from sparseforge.experiments.sweep import checkpoint_path
+
+    s = ResultsStore(store)
+    try:
+        records = s.runs(experiment=EXPERIMENTS[study])
+    finally:
+        s.close()
+    out: dict[str, tuple[int, int]] = {}
+    for record in records:
+        flat = _flat(record.config)
+        name = flat["algorithm.name"]
+        if name in ("dense",) or any(flat.get(k, v) != v for k, v in DEFAULTS.items()):
+            continue
+        path = checkpoint_path(store, record.key)
+        if record.status != "done" or not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        masks = state["sparsifier"]["masks"]["masks"]
+        zeros, kept = out.get(name, (0, 0))
+        for pname, mask in masks.items():
+            weight = state["model"][pname]
+            zeros += int(((weight == 0) & mask).sum())
+            kept += int(mask.sum())
+        out[name] = (zeros, kept)
+    return out
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(a: Sequence[float], b: Sequence[float], margin: float = 0.0) -> tuple[str, float, float]:
+    """Is ``mean(a) >= mean(b) - margin``? ``(verdict, difference a - b + margin, its standard error)``."""
+    if not a or not b:
+        return "not run", math.nan, math.nan
+    diff = statistics.fmean(a) - statistics.fmean(b) + margin
+    se = math.sqrt(
+        (statistics.variance(a) / len(a) if len(a) > 1 else 0.0)
+        + (statistics.variance(b) / len(b) if len(b) > 1 else 0.0)
+    )
+    if diff >= 0:
+        return "held", diff, se
+    return ("within noise" if -diff <= se else "**not held**"), diff, se
+
+
+def pm(values: Sequence[float]) -> str:
+    m, s = mean_std(values)
+    return "—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+@dataclass
+class Claim:
+    text: str
+    source: str
+    setting: str
+    left: tuple[str, Sequence[float]]
+    right: tuple[str, Sequence[float]]
+    margin: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        v, diff, se = verdict(self.left[1], self.right[1], self.margin)
+        return {
+            "claim": self.text,
+            "source": self.source,
+            "setting": self.setting,
+            "left": self.left[0],
+            "left_acc": mean_std(self.left[1])[0],
+            "right": self.right[0],
+            "right_acc": mean_std(self.right[1])[0],
+            "margin": self.margin,
+            "difference": diff,
+            "standard_error": se,
+            "verdict": v,
+        }
+
+
+def claims(mlp: Runs, cnn: Runs | None, cifar: Runs | None) -> list[Claim]:
+    out: list[Claim] = []
+    models: list[tuple[str, Runs, tuple[float, ...]]] = [("MLP", mlp, (0.8, 0.9, 0.95))]
+    models += [(name, r, (0.8, 0.9)) for name, r in (("CNN", cnn), ("ResNet-20", cifar)) if r is not None and r.rows]
+    for model, runs, sparsities in models:
+        for s in sparsities:
+            at = f"{model}, {s:.0%}, 1x"
+            p = _at(runs.pick, sparsity=s)
+            out += [
+                Claim("RigL ≥ SET", "Evci et al. 2020 (RigL)", at, ("RigL", p("rigl")), ("SET", p("set"))),
+                Claim("SET ≥ static", "Mocanu et al. 2018 (SET)", at, ("SET", p("set")), ("static", p("static"))),
+                Claim("SNFS ≥ SET", "Dettmers & Zettlemoyer 2019", at, ("SNFS", p("snfs")), ("SET", p("set"))),
+                Claim(
+                    "SRigL within 1 point of RigL",
+                    "Lasby et al. 2023 (SRigL)",
+                    at,
+                    ("SRigL", p("srigl")),
+                    ("RigL", p("rigl")),
+                    0.01,
+                ),
+                Claim("GraNet ≥ RigL", "Liu et al. 2021 (GraNet)", at, ("GraNet", p("granet")), ("RigL", p("rigl"))),
+                Claim(
+                    "pruning from dense (GMP) ≥ RigL at equal epochs",
+                    "Evci et al. 2020 (RigL), Gale et al. 2019",
+                    at,
+                    ("GMP", p("gmp")),
+                    ("RigL", p("rigl")),
+                ),
             ]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| N:M recipe | " + " | ".join(NM_PATTERNS) + " |", "|---|" + "---:|" * len(NM_PATTERNS)]
-    for m in ("sr-ste", "pgf"):
-        cells = [f"{s[(m, p)][0]:.3f} ± {s[(m, p)][1]:.3f}" for p in NM_PATTERNS]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for s in (0.8, 0.9, 0.95):
+        at = f"MLP, {s:.0%}"
+        out.append(
+            Claim(
+                "ERK ≥ uniform layer-wise sparsity (static masks)",
+                "Evci et al. 2020 (RigL)",
+                at,
+                ("ERK", mlp.pick("static", s)),
+                ("uniform", mlp.pick("static", s, sparsity__distribution="uniform")),
+            )
+        )
+    for s in (0.8, 0.9):
+        at = f"MLP, {s:.0%}"
+        rigl5 = mlp.pick("rigl", s, training__multiplier=5.0)
+        out += [
+            Claim(
+                "RigL at 5x ≥ GMP at 1x",
+                "Evci et al. 2020 (RigL)",
+                at,
+                ("RigL 5x", rigl5),
+                ("GMP 1x", mlp.pick("gmp", s)),
+            ),
+            Claim(
+                "RigL at 5x within 1 point of dense at 1x",
+                "Evci et al. 2020 (RigL)",
+                at,
+                ("RigL 5x", rigl5),
+                ("dense 1x", mlp.pick("dense")),
+                0.01,
+            ),
+        ]
+        for m in ("static", "rigl"):
+            gap1 = _gaps(mlp.pick("dense"), mlp.pick(m, s))
+            gap5 = _gaps(mlp.pick("dense", training__multiplier=5.0), mlp.pick(m, s, training__multiplier=5.0))
+            out.append(
+                Claim(
+                    f"longer training narrows {m}'s gap to dense (same length)",
+                    "Evci et al. 2020 (RigL); Liu et al. 2022",
+                    at,
+                    ("gap at 1x", gap1),
+                    ("gap at 5x", gap5),
+                )
+            )
+        best = max((mlp.pick("rigl", s, algorithm__every=e) for e in (50, 100, 200)), key=lambda v: mean_std(v)[0])
+        out.append(
+            Claim(
+                "RigL every 100 steps within 1 point of the best of 50/100/200",
+                "Evci et al. 2020 (RigL)",
+                at,
+                ("every 100", mlp.pick("rigl", s)),
+                ("best interval", best),
+                0.01,
+            )
+        )
+        for m in ("static", "set", "rigl", "snfs", "srigl"):
+            out.append(
+                Claim(
+                    f"sparse-fan-in init ≥ plain init ({m})",
+                    "Evci et al. 2022 (gradient flow)",
+                    at,
+                    ("sparse init", mlp.pick(m, s, sparsity__init="sparse")),
+                    ("plain init", mlp.pick(m, s)),
+                )
+            )
+    return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _at(fn: Callable[..., list[float]], **bound: Any) -> Callable[..., list[float]]:
+    def call(method: str, **more: Any) -> list[float]:
+        return fn(method, **{**bound, **more})
+
+    return call
+
+
+def _gaps(dense: Sequence[float], sparse: Sequence[float]) -> list[float]:
+    """Dense mean minus each sparse seed: a larger value is a larger gap (the claim's sign flips)."""
+    if not dense or not sparse:
+        return []
+    d = statistics.fmean(dense)
+    return [d - x for x in sparse]
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def method_table(runs: Runs, sparsities: Sequence[float], **settings: Any) -> list[str]:
+    head = "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+    lines = [head, "|---|" + "---:|" * len(sparsities)]
+    dense = runs.pick("dense", **settings)
+    lines.append("| dense | " + " | ".join(pm(dense) for _ in sparsities) + " |")
+    for m in METHOD_ORDER[1:]:
+        cells = [pm(runs.pick(m, s, **settings)) for s in sparsities]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def length_table(runs: Runs) -> list[str]:
+    cols = [(s, x) for s in (0.8, 0.9) for x in (1.0, 2.0, 5.0)]
+    lines = [
+        "| method | " + " | ".join(f"{s:.0%} {x:g}x" for s, x in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+        "| dense | " + " | ".join(pm(runs.pick("dense", training__multiplier=x)) for _, x in cols) + " |",
+    ]
+    for m in SCRATCH:
+        lines.append(f"| {m} | " + " | ".join(pm(runs.pick(m, s, training__multiplier=x)) for s, x in cols) + " |")
+    return lines
+
+
+def setting_table(runs: Runs, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    lines = ["| method | setting | 80% | 90% |", "|---|---|---:|---:|"]
+    for method, label, settings in rows:
+        cells = [pm(runs.pick(method, s, **settings)) for s in (0.8, 0.9)]
+        lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| claim | source | setting | compared | difference (points) | verdict |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for r in rows:
+        diff = "—" if math.isnan(r["difference"]) else f"{100 * r['difference']:+.1f} ± {100 * r['standard_error']:.1f}"
+        compared = f"{r['left']} {100 * r['left_acc']:.1f} vs {r['right']} {100 * r['right_acc']:.1f}"
+        if r["left"].startswith("gap"):
+            compared = f"{r['left']} {100 * r['left_acc']:.1f} vs {r['right']} {100 * r['right_acc']:.1f}"
+        lines.append(f"| {r['claim']} | {r['source']} | {r['setting']} | {compared} | {diff} | {r['verdict']} |")
+    return lines
+
+
+def plot(mlp: Runs, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparseforge.experiments.plotting import chance_line, legend_outside, save_png
+    from sparseforge.experiments.plotting import save_png
 
-    s = summarise(rows)
-    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=110)
-    colors = plt.get_cmap("tab20").colors
-    for i, m in enumerate(METHODS):
-        means = [s[(m, str(sp))][0] for sp in SPARSITIES]
-        stds = [s[(m, str(sp))][1] for sp in SPARSITIES]
-        ax.errorbar(
-            SPARSITIES,
-            means,
-            yerr=stds,
-            marker="os^D"[i % 4],
-            ms=3,
-            capsize=2,
-            label=m,
-            color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1],
-            ls="-" if i < 8 else "--",
-        )
-    for j, recipe in enumerate(("sr-ste", "pgf")):  # N:M points, each labelled with its pattern
-        xs = [1.0 - int(p.split(":")[0]) / int(p.split(":")[1]) for p in NM_PATTERNS]
-        ys = [s[(recipe, p)][0] for p in NM_PATTERNS]
-        ax.scatter(
-            xs, ys, marker="*^"[j], s=40, color="black" if j == 0 else "dimgrey", zorder=3, label=f"{recipe} (N:M)"
-        )
-        for x, y, p in zip(xs, ys, NM_PATTERNS, strict=True):
-            ax.annotate(p, (x, y), textcoords="offset points", xytext=(4, -9 if j else 3), fontsize=6)
-    dense = s[("dense", "dense")][0]
-    ax.axhline(dense, color="black", ls=":", lw=1, label="dense")
-    chance_line(ax, 10)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy (mean ± std, 3 seeds)")
-    ax.set_title("Sparse training on MNIST-1D, MLP 40-256-256-10")
-    ax.grid(alpha=0.3)
-    legend_outside(ax)
+    plt.rcParams.update({"font.size": 10})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    xs = (1.0, 2.0, 5.0)
+    for ax, s in zip(axes, (0.8, 0.9), strict=True):
+        for m in ("dense", *SCRATCH):
+            points = [mean_std(mlp.pick(m, s, training__multiplier=x)) for x in xs]
+            ax.errorbar(
+                xs,
+                [100 * p[0] for p in points],
+                yerr=[100 * p[1] for p in points],
+                marker="o",
+                capsize=3,
+                ls="--" if m == "dense" else "-",
+                color="black" if m == "dense" else None,
+                label=m,
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}x" for x in xs])
+        ax.set_xlabel("training length (x 30 epochs)")
+        ax.set_title(f"MNIST-1D MLP, {s:.0%} sparse (dense: 0%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%), mean ± std over 3 seeds")
+    axes[1].legend(loc="lower right")
     fig.tight_layout()
-    save_png(fig, path)
-    plt.close(fig)
+    try:
+        save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", nargs="*", help="run only these methods (plus dense)")
-    parser.add_argument("--from-json", type=Path, help="re-make the table and plot from a saved JSON, training nothing")
+    parser.add_argument("--store", type=Path, default=STORE)
+    parser.add_argument("--cifar10", type=Path, default=None, help="a local CIFAR-10 (python-pickle batches)")
+    parser.add_argument("--report-only", action="store_true", help="read the store; train nothing")
     args = parser.parse_args()
-    if args.from_json:
-        rows = json.loads(args.from_json.read_text())["rows"]
-        plot(rows, ROOT / "docs" / "training_validation.png")
-        print(markdown(rows))
-        return
-    todo = jobs(args.seeds)
-    if args.only:
-        todo = [j for j in todo if j[0] in args.only or j[0] == "dense"]
-    rows: list[dict[str, Any]] = []
+    studies = ["mlp", "cnn"] + (["cifar10"] if args.cifar10 else [])
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(run_job, m, st, sd, args.epochs): (m, st, sd) for m, st, sd in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            row = fut.result()
-            rows.append(row)
-            print(
-                f"[{i}/{len(todo)}] {row['method']:>14} {row['setting']:>5} seed {row['seed']}: "
-                f"{row['accuracy']:.3f} ({row['seconds']} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-    rows.sort(key=lambda r: (r["method"], r["setting"], r["seed"]))
+    if not args.report_only:
+        run_studies(studies, args.store, args.workers, args.cifar10)
+    seconds = time.perf_counter() - t0
+    mlp = load_study(args.store, "mlp")
+    cnn = load_study(args.store, "cnn")
+    cifar = load_study(args.store, "cifar10") if args.cifar10 else None
+    rows = [c.row() for c in claims(mlp, cnn, cifar)]
+    zeros = {study: kept_zeros(args.store, study) for study in ("mlp", "cnn")}
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("held", "within noise", "**not held**", "not run")}
+    lines = [
+        f"{counts['held']} of {len(rows)} comparisons held, {counts['within noise']} within noise, "
+        f"{counts['**not held**']} not held"
+        + (f", {counts['not run']} not run" if counts["not run"] else "")
+        + ". Test accuracy (%), mean ± std over 3 seeds.",
+        "",
+        "**Claims.** Difference = left − right (+ the margin the claim allows), ± its standard error.",
+        "",
+        *claims_table(rows),
+        "",
+        "**MLP, every method, 1x (30 epochs).**",
+        "",
+        *method_table(mlp, (0.8, 0.9, 0.95)),
+        "",
+        "**MLP, training length** (1x = 30 epochs; dense at the same length).",
+        "",
+        *length_table(mlp),
+        "",
+        "**MLP, RigL's update interval, layer-wise distribution and initialisation** (1x).",
+        "",
+        *setting_table(
+            mlp,
+            [
+                ("rigl", "every 50 steps", {"algorithm__every": 50}),
+                ("rigl", "every 100 steps", {}),
+                ("rigl", "every 200 steps", {"algorithm__every": 200}),
+                ("static", "uniform", {"sparsity__distribution": "uniform"}),
+                ("static", "ERK", {}),
+                *[(m, "sparse-fan-in init", {"sparsity__init": "sparse"}) for m in SCRATCH],
+                *[(m, "plain init", {}) for m in SCRATCH],
+            ],
+        ),
+        "",
+        "**CNN (1-D, 32 channels), every method, 1x (30 epochs).**",
+        "",
+        *method_table(cnn, (0.8, 0.9)),
+        "",
+        "**Kept weights exactly 0 at the end of training** (1x runs, all seeds and sparsities).",
+        "",
+        "| method | MLP | CNN |",
+        "|---|---:|---:|",
+    ]
+    for m in METHOD_ORDER[1:]:
+        cells = []
+        for study in ("mlp", "cnn"):
+            z, k = zeros[study].get(m, (0, 0))
+            cells.append(f"{z} of {k:,}" if k else "—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if cifar is not None:
+        lines += ["", "**CIFAR-10 ResNet-20, 1x.**", "", *method_table(cifar, (0.8, 0.9))]
+    table = "\n".join(lines) + "\n"
     from sparseforge.fileio import write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text(RESULTS / "training_validation.md", table)
     payload = {
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "lr": LR,
-        "momentum": MOMENTUM,
-        "weight_decay": WD,
-        "batch": BATCH,
-        "width": WIDTH,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "python benchmarks/validate_training.py" + (" --report-only" if args.report_only else ""),
+        "seconds": round(seconds, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "rows": rows,
+        "python": platform.python_version(),
+        "claims": rows,
+        "kept_zeros": {s: {m: list(v) for m, v in z.items()} for s, z in zeros.items()},
     }
-    write_text(RESULTS / "training_validation.json", json.dumps(payload, indent=2))
-    if not args.only:
-        table = markdown(rows)
-        write_text(RESULTS / "training_validation.md", table + "\n")
-        plot(rows, ROOT / "docs" / "training_validation.png")
-        print(table)
-    print(f"total {payload['seconds']} s", file=sys.stderr)
+    write_text(RESULTS / "training_validation.json", json.dumps(payload, indent=2, default=str))
+    plot(mlp, ROOT / "docs" / "training_validation.png")
+    print(table)
+    print(f"total {seconds:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

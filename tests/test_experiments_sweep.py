@@ -198,3 +198,22 @@ def _holders(path) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_preflight_builds_each_generated_data_set_once_for_the_workers():
+    import torch
+
+    from sparseforge.experiments.runner import data_key
+    from sparseforge.experiments.sweep import preflight
+
+    runs = _runs(grid={"algorithm": ["static", "gmp"], "data.samples": [600, 700]}, seeds=[0, 1])
+    shipped = preflight(runs)
+    assert sorted(shipped) == sorted({data_key(r.config) for r in runs}) and len(shipped) == 2
+    for run in runs:
+        data = shipped[data_key(run.config)]
+        assert len(data.y_train) + len(data.y_test) == run.config.data.samples
+    fresh = _runs(data={"name": "mnist1d", "samples": 700})[0]
+    from sparseforge.experiments.datasets import load_dataset
+
+    again = load_dataset("mnist1d", seed=42, num_samples=700)
+    assert torch.equal(shipped[data_key(fresh.config)].x_train, again.x_train)

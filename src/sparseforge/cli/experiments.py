@@ -28,7 +28,8 @@ def validate(
     merged = combinations * len(parsed.seeds) - len(expanded)
     if runs:
         _print_runs(parsed.name, expanded)
-    note = f"; {merged} duplicate runs merged (dense runs ignore the sparsity settings)" if merged else ""
+    why = "dense runs ignore the sparsity settings" + ("; sub-grids may share runs" if len(parsed.grids) > 1 else "")
+    note = f"; {merged} duplicate runs merged ({why})" if merged else ""
     console.print(
         f"{config}: valid; {len(expanded)} runs ({combinations} grid combination{'s' * (combinations != 1)} "
         f"x {len(parsed.seeds)} seed{'s' * (len(parsed.seeds) != 1)}{note})"

@@ -172,6 +172,11 @@ def _sparsifier(
     return sf.Sparsifier(model, optimizer, masks, algorithm)
 
 
+def data_key(config: ExperimentConfig) -> str:
+    """What the run's data set depends on: runs with equal keys train on equal data."""
+    return config.data.model_dump_json()
+
+
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, seed: int, samples: int, root: str | None, image_size: int | None) -> Any:
     """A data set, built or read once per process (runs only read it)."""
@@ -180,10 +185,20 @@ def _dataset(name: str, seed: int, samples: int, root: str | None, image_size: i
     return load_dataset(name, seed=seed, num_samples=samples, root=root, image_size=image_size)
 
 
-def build(config: ExperimentConfig, seed: int) -> Setup:
-    """Model, data, optimizer, per-step LR schedule and sparsifier of one run (deterministic in ``seed``)."""
+def load_data(config: ExperimentConfig) -> Any:
+    """The run's data set, built (MNIST-1D, digits) or read from its folder; once per process."""
     spec = config.data
-    data = _dataset(spec.name, spec.seed, spec.samples, spec.root, spec.image_size)
+    return _dataset(spec.name, spec.seed, spec.samples, spec.root, spec.image_size)
+
+
+def build(config: ExperimentConfig, seed: int, data: Any | None = None) -> Setup:
+    """Model, data, optimizer, per-step LR schedule and sparsifier of one run (deterministic in ``seed``).
+
+    ``data``: the run's data set when the caller already has it (:func:`load_data` of a config
+    with the same :func:`data_key`); runs only read it.
+    """
+    if data is None:
+        data = load_data(config)
     model = _model(config, data, seed)
     optimizer = _optimizer(model, config)
     per_epoch = -(-len(data.y_train) // config.training.batch_size)
@@ -355,6 +370,7 @@ def run_experiment(
     store: Any | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     loggers: Sequence[Any] = (),
+    data: Any | None = None,
 ) -> dict[str, Any]:
     """Train one run to the end and return its summary (final accuracy, sparsity, FLOPs, seconds).
 
@@ -366,9 +382,10 @@ def run_experiment(
         on_epoch: called with each epoch's metrics (progress bars).
         loggers: :class:`~.loggers.Logger` objects (TensorBoard, MLflow) told about the run,
             each epoch's metrics and the end.
+        data: the run's data set, already built (see :func:`build`); default: built here.
     """
     config = run.config
-    setup = build(config, run.seed)
+    setup = build(config, run.seed, data)
     path = Path(checkpoint) if checkpoint is not None else None
     history: list[dict[str, Any]] = []
     start_epoch, step, flops = 1, 0, 0.0

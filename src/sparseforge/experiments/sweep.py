@@ -20,6 +20,7 @@ from the store, so it works the same for both backends.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -56,23 +57,42 @@ def checkpoint_path(store: str | os.PathLike[str], key: str) -> Path:
     return store.parent / "checkpoints" / store.stem / f"{key}.ckpt"
 
 
-def preflight(runs: Sequence[Run]) -> None:
-    """Build every distinct config once (its first seed): errors before any training."""
-    from .runner import build
+def preflight(runs: Sequence[Run]) -> dict[str, Any]:
+    """Build every distinct config once (its first seed): errors before any training.
+
+    Each data set is built once; the generated ones (MNIST-1D, digits: seconds to make, small to
+    send) are returned by :func:`~.runner.data_key` so that workers receive them instead of
+    generating them again for every run. Data read from a folder is left to each worker.
+    """
+    from .datasets import LOCAL_DATASETS
+    from .runner import build, data_key, load_data
 
     seen: set[str] = set()
+    built: dict[str, Any] = {}
     for run in runs:
         text = run.config.model_dump_json()
         if text in seen:
             continue
         seen.add(text)
+        key = data_key(run.config)
         try:
-            build(run.config, run.seed)
+            if key not in built:
+                built[key] = load_data(run.config)
+            build(run.config, run.seed, built[key])
         except SparseforgeError as exc:
             raise SparseforgeError(f"run {run.label}: {exc}") from None
+    return {k: d for k, d in built.items() if json.loads(k)["name"] not in LOCAL_DATASETS}
 
 
-def _worker(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int, loggers: tuple[Any, ...]) -> None:
+def _worker(
+    run: Run,
+    store_path: str,
+    checkpoint: str,
+    resume: bool,
+    threads: int,
+    loggers: tuple[Any, ...],
+    data: Any | None = None,
+) -> None:
     """One run in a worker process; exit status 3 when it recorded a failure."""
     import torch
 
@@ -83,7 +103,7 @@ def _worker(run: Run, store_path: str, checkpoint: str, resume: bool, threads: i
     store = ResultsStore(store_path)
     try:
         opened = open_loggers(list(loggers), run.config.name)
-        run_experiment(run, checkpoint=checkpoint, resume=resume, store=store, loggers=opened)
+        run_experiment(run, checkpoint=checkpoint, resume=resume, store=store, loggers=opened, data=data)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says what was kept
         os._exit(130)
     except Exception as exc:  # noqa: BLE001  # recorded in the store with its message
@@ -112,13 +132,14 @@ def _local(
     loggers: tuple[Any, ...],
     progress: Any,
     result: SweepResult,
+    datasets: dict[str, Any],
 ) -> None:
     ctx = _context()
     queue = list(todo)
     attempts: dict[str, int] = {}
     running: dict[str, tuple[Any, Run]] = {}
     try:
-        _drive(ctx, queue, attempts, running, store, resume, threads, loggers, progress, result, workers)
+        _drive(ctx, queue, attempts, running, store, resume, threads, loggers, progress, result, workers, datasets)
     finally:  # an interrupt (or any error) here: no worker is left running on its own
         for process, _ in running.values():
             if process.is_alive():
@@ -139,7 +160,10 @@ def _drive(
     progress: Any,
     result: SweepResult,
     workers: int,
+    datasets: dict[str, Any],
 ) -> None:
+    from .runner import data_key
+
     while queue or running:
         while queue and len(running) < workers:
             run = queue.pop(0)
@@ -154,6 +178,7 @@ def _drive(
                     resume or retry,
                     threads,
                     loggers,
+                    datasets.get(data_key(run.config)),
                 ),
                 name=f"sparseforge-run-{run.key}",
             )
@@ -191,6 +216,7 @@ def _ray(
     logger_specs: tuple[Any, ...],
     progress: Any,
     result: SweepResult,
+    datasets: dict[str, Any],
 ) -> None:
     try:
         import ray
@@ -204,10 +230,19 @@ def _ray(
             where = address or "a local instance"
             raise SparseforgeError(f"Ray could not start or connect to {where}: {str(exc).splitlines()[0]}") from None
     remote = ray.remote(num_cpus=threads, max_retries=1)(_ray_task)
+    from .runner import data_key
+
     try:
+        shared = {key: ray.put(data) for key, data in datasets.items()}  # one copy in Ray's object store
         pending = {
             remote.remote(
-                run, str(store.path), str(checkpoint_path(store.path, run.key)), resume, threads, logger_specs
+                run,
+                str(store.path),
+                str(checkpoint_path(store.path, run.key)),
+                resume,
+                threads,
+                logger_specs,
+                shared.get(data_key(run.config)),
             ): run
             for run in todo
         }
@@ -228,7 +263,15 @@ def _ray(
             ray.shutdown()
 
 
-def _ray_task(run: Run, store_path: str, checkpoint: str, resume: bool, threads: int, loggers: tuple[Any, ...]) -> bool:
+def _ray_task(
+    run: Run,
+    store_path: str,
+    checkpoint: str,
+    resume: bool,
+    threads: int,
+    loggers: tuple[Any, ...],
+    data: Any | None = None,
+) -> bool:
     """A Ray task: one run; ``False`` when it recorded a failure. A retried task resumes from its checkpoint."""
     import torch
 
@@ -240,7 +283,9 @@ def _ray_task(run: Run, store_path: str, checkpoint: str, resume: bool, threads:
     try:
         previous = store.runs(keys=[run.key])[0].attempts
         opened = open_loggers(list(loggers), run.config.name)
-        run_experiment(run, checkpoint=checkpoint, resume=resume or previous > 0, store=store, loggers=opened)
+        run_experiment(
+            run, checkpoint=checkpoint, resume=resume or previous > 0, store=store, loggers=opened, data=data
+        )
         return True
     except Exception as exc:  # noqa: BLE001  # recorded in the store
         store.fail(run.key, f"{type(exc).__name__}: {exc}")
@@ -342,8 +387,7 @@ def run_sweep(
     specs = tuple(loggers)
     check_available(list(specs))
     started = time.perf_counter()
-    if check:
-        preflight(runs)  # before the store is even created
+    datasets = preflight(runs) if check else {}  # before the store is even created
     store = ResultsStore(store_path)
     result = SweepResult()
     try:
@@ -357,9 +401,9 @@ def run_sweep(
             if not todo:
                 pass
             elif backend == "local":
-                _local(todo, store, resume, workers, threads, specs, bars, result)
+                _local(todo, store, resume, workers, threads, specs, bars, result, datasets)
             else:
-                _ray(todo, store, resume, address, threads, specs, bars, result)
+                _ray(todo, store, resume, address, threads, specs, bars, result, datasets)
     finally:
         store.close()
     result.seconds = time.perf_counter() - started
