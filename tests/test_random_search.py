@@ -30,12 +30,24 @@ def test_a_tiny_run_reports_searched_random_and_dense():
     (row,) = result["rows"]
     # 8 of 16 units kept per layer: (40*8 + 8*8 + 8*10) / (40*16 + 16*16 + 16*10) kept
     assert row["weight_sparsity"] == pytest.approx(1 - (40 * 8 + 8 * 8 + 8 * 10) / (40 * 16 + 16 * 16 + 16 * 10))
-    for key in ("searched", "random"):
+    for key in ("searched", "random", "random_weight_mask"):
         assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
     assert len(row["searched_curve"]) == 2 and isinstance(row["searched_beats_random"], bool)
     assert 0.0 <= result["dense"]["mean"] <= 1.0
     table = format_table(result)
     assert "| 50% | 56.1% |" in table and table.count("\n") == 3  # 1 - 464 / 1056
+
+
+def test_the_random_weight_masks_keep_each_layers_budget_anywhere():
+    from sparseforge.experiments.random_search import _random_weight_masks
+
+    model = _parent(40, 10, 16, 2, seed=0)
+    keep = [torch.arange(16) < 8, torch.arange(16) % 2 == 0]
+    like = node_masks(model, keep)
+    got = _random_weight_masks(like, torch.Generator().manual_seed(0))
+    assert {n: int(m.sum()) for n, m in got.items()} == {n: int(m.sum()) for n, m in like.items()}
+    # unstructured: the kept weights of the first layer are not confined to the 8 kept units' rows
+    assert got["0.weight"][~keep[0]].any()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ output row (neuron) keeps the same number ``k`` of weights. Each update, per lay
 1. **Saliency**: run RigL's choice unstructured over the whole layer: the surviving
    largest-magnitude active weights plus the largest-``|dense gradient|`` inactive positions of
    live rows. A row's *salient count* is how many of these fall in it.
-2. **Neuron ablation**: a live row with fewer than ``gamma_sal * k`` salient weights is removed
+2. **Neuron ablation**: a live row with fewer than ``gamma_sal * k`` salient weights (none when
+   its dense gradient is 0 everywhere: a dead neuron) is removed
    entirely (all its weights pruned; it stays removed). Rows are never ablated below
    ``ceil(budget / fan_in)`` live rows (the least salient go first) nor below one.
 3. **Redistribution**: the layer's budget (its weight count when attached) is spread over the
@@ -18,7 +19,8 @@ output row (neuron) keeps the same number ``k`` of weights. Each update, per lay
    largest among its previously inactive positions. Grown weights start at 0. A row with fewer
    inactive positions of nonzero gradient than that (e.g. behind dead units) grows only those
    and keeps as many more of its largest weights, so no weight is grown where it would stay 0;
-   only a row that must reach a larger ``k'`` after an ablation grows past them.
+   after an ablation, ``k'`` is also capped at ``k`` plus the fewest such positions of any live
+   row.
 
 The ablated neuron's bias is left alone (it becomes a constant input to the next layer).
 """
@@ -90,19 +92,24 @@ class SRigL(RigL):
             w = param.detach().abs().reshape(rows, -1)
             g = self.grow_scores(sparsifier, name, index, step).to(param.device).reshape(rows, -1)
             salient = keep_top(w, m, n_alive * (k - d)) | keep_top(g, ~m & alive[:, None], n_alive * d)
-            live = self._live_rows(alive, salient.sum(1), k, fan_in, self.budget[name])
+            counts = salient.sum(1)
+            counts[~(g != 0).any(1)] = 0  # a row with no gradient at all (a dead neuron) is not salient
+            live = self._live_rows(alive, counts, k, fan_in, self.budget[name])
             k_new = min(fan_in, self.budget[name] // max(int(live.sum()), 1))
+            # a row grows only where the dense gradient is nonzero (a weight grown at 0 with no
+            # gradient stays 0, e.g. behind a dead unit) and keeps more of its own weights instead;
+            # after an ablation the live rows' new fan-in is capped by what every one of them can
+            # grow that way (constant fan-in before the exact total)
+            useful = (~m & (g != 0)).sum(1)
+            if bool(live.any()):
+                k_new = min(k_new, k + int(useful[live].min()))
             n_grow = min(k_new - (k - d), fan_in - k)
             if n_grow == 0 and k_new == k and bool((live == alive).all()):
                 continue
-            # a row grows only where the dense gradient is nonzero (a weight grown at 0 with no
-            # gradient stays 0, e.g. behind a dead unit) and keeps more of its own weights instead;
-            # only a row that must reach a larger fan-in after an ablation may grow past that
-            useful = (~m & (g != 0)).sum(1)
-            if bool((useful >= n_grow).all()):
+            if bool((useful[live] >= n_grow).all()):
                 keep = keep_top(w, m, k_new - n_grow, rows) | keep_top(g, ~m, n_grow, rows)
             else:
-                grow = useful.clamp(min=max(k_new - k, 0), max=n_grow)
+                grow = useful.clamp(max=n_grow)
                 keep = keep_top_per_row(w, m, k_new - grow) | keep_top_per_row(g, ~m, grow)
             new[name] = (keep & live[:, None]).reshape(mask.shape)
         self.history.append((step, sparsifier.change_masks(new) if new else {}))

@@ -15,7 +15,9 @@ nothing), so the weight sparsity follows from the node sparsity. Per seed:
    its loss on a held-out validation split (the searched quantity: a better starting point in the
    loss landscape); keep the best;
 2. **random**: draw one more configuration at random, with no search;
-3. train both, and the dense parent, with the same optimizer, epochs and data order.
+3. **random weight mask**: an unstructured random mask with as many weights per layer as the
+   searched configuration keeps (the same budget, spread over all units);
+4. train the three, and the dense parent, with the same optimizer, epochs and data order.
 
 The report gives test accuracy and the epoch-by-epoch test loss (convergence) of the three, mean
 +- std over seeds, and whether the searched networks beat the random ones by more than the
@@ -107,6 +109,16 @@ def _draw(generator: torch.Generator, hidden: int, layers: int, kept: int) -> li
     return out
 
 
+def _random_weight_masks(like: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Unstructured random masks keeping as many weights per layer as ``like`` does."""
+    out = {}
+    for name, mask in like.items():
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[torch.randperm(mask.numel(), generator=generator)[: int(mask.sum())]] = True
+        out[name] = flat.reshape(mask.shape)
+    return out
+
+
 def _masked(parent: nn.Sequential, masks: dict[str, torch.Tensor]) -> nn.Sequential:
     import copy
 
@@ -192,7 +204,7 @@ def random_search(cfg: RandomSearchConfig | None = None, *, progress: bool = Fal
         dense_runs.append(_train(_masked(parent, {}), None, data, cfg, seed))
     for s in cfg.node_sparsities:
         kept = round((1 - s) * cfg.hidden)
-        found_runs, random_runs, scores = [], [], []
+        found_runs, random_runs, weight_runs, scores = [], [], [], []
         for seed in cfg.seeds:
             parent = _parent(features, classes, cfg.hidden, cfg.layers, seed)
             generator = torch.Generator().manual_seed(10_007 * seed + int(round(1000 * s)))
@@ -209,6 +221,8 @@ def random_search(cfg: RandomSearchConfig | None = None, *, progress: bool = Fal
             found["search_loss"] = best[0]
             random = _train(_masked(parent, random_masks), random_masks, data, cfg, seed)
             random["search_loss"] = _loss(_masked(parent, random_masks), data["x_val"], data["y_val"])
+            unstructured = _random_weight_masks(best[1], generator)
+            weight_runs.append(_train(_masked(parent, unstructured), unstructured, data, cfg, seed))
             found_runs.append(found)
             random_runs.append(random)
             if progress:
@@ -217,6 +231,7 @@ def random_search(cfg: RandomSearchConfig | None = None, *, progress: bool = Fal
                 )
         f_acc = _summary([r["accuracy"] for r in found_runs])
         r_acc = _summary([r["accuracy"] for r in random_runs])
+        w_acc = _summary([r["accuracy"] for r in weight_runs])
         spread = max(f_acc["std"], r_acc["std"])
         rows.append(
             {
@@ -224,6 +239,7 @@ def random_search(cfg: RandomSearchConfig | None = None, *, progress: bool = Fal
                 "weight_sparsity": found_runs[0]["weight_sparsity"],
                 "searched": f_acc,
                 "random": r_acc,
+                "random_weight_mask": w_acc,
                 "searched_init_loss": _summary([r["search_loss"] for r in found_runs]),
                 "random_init_loss": _summary([r["search_loss"] for r in random_runs]),
                 "searched_curve": [
@@ -247,14 +263,16 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown: test accuracy (%) of searched vs random node configurations and the dense parent."""
     dense = result["dense"]
     lines = [
-        "| node sparsity | weight sparsity | searched (%) | random (%) | dense parent (%) | init. val. loss: searched / random | searched beats random? |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| node sparsity | weight sparsity | searched (%) | random nodes (%) | random weight mask (%) "
+        "| dense parent (%) | init. val. loss: searched / random | searched beats random? |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
-        f, r = row["searched"], row["random"]
+        f, r, w = row["searched"], row["random"], row["random_weight_mask"]
         lines.append(
             f"| {row['node_sparsity']:.0%} | {row['weight_sparsity']:.1%} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f} | "
-            f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} | "
+            f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {100 * w['mean']:.2f} ± {100 * w['std']:.2f} | "
+            f"{100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} | "
             f"{row['searched_init_loss']['mean']:.3f} / {row['random_init_loss']['mean']:.3f} | "
             f"{'yes' if row['searched_beats_random'] else 'no (within the spread over seeds)'} |"
         )
