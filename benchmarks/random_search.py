@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(result)
     s = result["settings"]
     text = (
-        f"# Random Search as a baseline (MNIST-1D)\n\nMLP 40-{s['hidden']}x{s['layers']}-10 parent; per seed, "
+        f"MLP 40-{s['hidden']}x{s['layers']}-10 parent; per seed, "
         f"{s['candidates']} random node configurations scored untrained by validation loss, the best trained; "
-        f"one random configuration trained the same way; {s['epochs']} epochs, SGD lr {s['lr']} cosine; "
+        "one random configuration, and an unstructured random mask with the best one's per-layer budget, "
+        f"trained the same way; {s['epochs']} epochs, SGD lr {s['lr']} cosine; "
         f"seeds {s['seeds']}; test accuracy mean ± std. Command: `{result['command']}` "
         f"(torch {torch.__version__}, 1 thread, {result['seconds']} s).\n\n{table}"
     )

@@ -369,6 +369,37 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per claim: per model, how many settings held and the differences in points."""
+    models: list[str] = []
+    by_claim: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        model = r["setting"].split(",")[0]
+        if model not in models:
+            models.append(model)
+        by_claim.setdefault((r["claim"], r["source"]), {}).setdefault(model, []).append(r)
+    lines = ["| claim | source | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for (claim, source), per_model in by_claim.items():
+        cells = []
+        for model in models:
+            found = per_model.get(model, [])
+            if not found:
+                cells.append("")
+                continue
+            held = sum(r["verdict"] == "held" for r in found)
+            noise = sum(r["verdict"] == "within noise" for r in found)
+            diffs = ", ".join("—" if math.isnan(r["difference"]) else f"{100 * r['difference']:+.1f}" for r in found)
+            if held == len(found):
+                word = "held"
+            elif held + noise == len(found):
+                word = "held or within noise" if held else "within noise"
+            else:
+                word = "**not held**" if held == 0 else f"held {held} of {len(found)}"
+            cells.append(f"{word} ({diffs})")
+        lines.append(f"| {claim} | {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(mlp: Runs, path: Path) -> None:
     import matplotlib
 
@@ -434,7 +465,12 @@ def main() -> None:
         + (f", {counts['not run']} not run" if counts["not run"] else "")
         + ". Test accuracy (%), mean ± std over 3 seeds.",
         "",
-        "**Claims.** Difference = left − right (+ the margin the claim allows), ± its standard error.",
+        "**Summary.** Per claim and model: the verdict over the settings compared, with each",
+        "difference in points (left − right, + the margin the claim allows; sparsities in order).",
+        "",
+        *summary_table(rows),
+        "",
+        "**Every comparison.** Difference ± its standard error over seeds.",
         "",
         *claims_table(rows),
         "",

@@ -267,3 +267,15 @@ def test_the_guide_config_validates_to_the_run_count_it_states(tmp_path):
     assert stated is not None
     _, runs = load_runs(_write(tmp_path, block))
     assert len(runs) == int(stated.group(1))
+
+
+def test_the_readme_config_validates_to_the_run_count_it_states(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.findall(r"```yaml\n(.*?)```", readme, re.S)[0]
+    stated = re.search(r"validate exp\.yaml --runs +# (\d+) runs", readme)
+    assert stated is not None
+    _, runs = load_runs(_write(tmp_path, block))
+    assert len(runs) == int(stated.group(1))

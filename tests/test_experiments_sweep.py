@@ -217,3 +217,18 @@ def test_preflight_builds_each_generated_data_set_once_for_the_workers():
 
     again = load_dataset("mnist1d", seed=42, num_samples=700)
     assert torch.equal(shipped[data_key(fresh.config)].x_train, again.x_train)
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:1", r"Ray cluster at '127\.0\.0\.1:1' is not reachable"),
+        ("ray://127.0.0.1:1", r"Ray cluster at 'ray://127\.0\.0\.1:1' is not reachable"),
+        ("no-port", r"address='no-port' is not allowed"),
+    ],
+)
+def test_an_unreachable_ray_address_is_refused_at_once(tmp_path, address, message):
+    store_path = tmp_path / "results.sqlite"
+    with pytest.raises(SparseforgeError, match=message):  # before Ray is even imported
+        run_sweep(_runs(), store_path, backend="ray", address=address, progress=False)
+    assert not store_path.exists()

@@ -62,3 +62,15 @@ def test_the_random_weight_masks_keep_each_layers_budget_anywhere():
 def test_bad_settings(kwargs, message):
     with pytest.raises(SparseforgeError, match=message):
         RandomSearchConfig(**kwargs)
+
+
+def test_the_guide_example_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "experiments.md").read_text(encoding="utf-8")
+    section = guide.split("## The Random Search baseline", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    exec(compile(code, "experiments.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "| 50% |" in out and "searched" in out

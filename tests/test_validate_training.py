@@ -102,3 +102,19 @@ def test_runs_are_picked_by_method_sparsity_and_settings(vt):
     erk = rows[("ERK ≥ uniform layer-wise sparsity (static masks)", "MLP, 80%")]
     assert erk["verdict"] == "held" and math.isclose(erk["difference"], 0.02)
     assert rows[("RigL ≥ SET", "MLP, 80%, 1x")]["verdict"] == "not run"
+
+
+def test_the_summary_counts_verdicts_per_claim_and_model(vt):
+    def row(setting, verdict, diff):
+        return {"claim": "A ≥ B", "source": "paper", "setting": setting, "verdict": verdict, "difference": diff}
+
+    rows = [
+        row("MLP, 80%, 1x", "held", 0.016),
+        row("MLP, 90%, 1x", "within noise", -0.002),
+        row("MLP, 95%, 1x", "**not held**", -0.05),
+        row("CNN, 80%, 1x", "held", 0.08),
+        row("CNN, 90%, 1x", "held", 0.1),
+    ]
+    lines = vt.summary_table(rows)
+    assert lines[0] == "| claim | source | MLP | CNN |"
+    assert lines[2] == "| A ≥ B | paper | held 1 of 3 (+1.6, -0.2, -5.0) | held (+8.0, +10.0) |"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,28 @@ def _drive(
             progress.update()
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) where nothing accepts a connection within
+    ``timeout`` seconds, instead of letting Ray retry for minutes; ``auto`` and ``local`` pass."""
+    text = address.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if text in ("auto", "local") or not host or not port.isdigit():
+        if text in ("auto", "local"):
+            return
+        raise SparseforgeError(
+            f"address={address!r} is not allowed; allowed: host:port or ray://host:port of a Ray cluster's head, or auto"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise SparseforgeError(
+            f"the Ray cluster at {address!r} is not reachable ({why}); allowed: the address of a running cluster's "
+            "head, or no address for a local Ray instance"
+        ) from None
+
+
 def _ray(
     todo: list[Run],
     store: ResultsStore,
@@ -380,6 +403,8 @@ def run_sweep(
         raise SparseforgeError(f"backend={backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
     if address is not None and backend != "ray":
         raise SparseforgeError(f"address={address!r} applies to backend ray only")
+    if address is not None:
+        check_ray_address(address)
     cores = os.cpu_count() or 1
     threads = check_int(threads, "threads", 1) if threads is not None else max(1, cores // workers)
     from .loggers import check_available
