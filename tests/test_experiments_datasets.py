@@ -357,3 +357,24 @@ def test_argument_errors(tmp_path):
         load_dataset("folder", root=tmp_path, image_size=2)
     with pytest.raises(SparseforgeError, match=r"dataset='cifar' is not recognised; allowed: .*'cifar10'"):
         load_dataset("cifar")
+
+
+def test_mnist1d_is_the_same_whatever_the_thread_count():
+    """A sweep's worker runs with one thread, a script with all cores: the data must not differ
+    (a torch mean/std sums in a thread-count-dependent order, and its last bits changed runs)."""
+    import torch
+
+    from sparseforge.experiments.datasets import load_dataset
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = load_dataset("mnist1d", seed=3, num_samples=2000)
+        torch.set_num_threads(2)
+        two = load_dataset("mnist1d", seed=3, num_samples=2000)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.x_train, two.x_train) and torch.equal(one.x_test, two.x_test)
+    # standardised with the training split's mean and sample std
+    assert abs(float(one.x_train.double().mean())) < 1e-6
+    assert abs(float(one.x_train.double().std()) - 1.0) < 1e-6

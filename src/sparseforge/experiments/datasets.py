@@ -81,14 +81,16 @@ def _mnist1d(seed: int, num_samples: int) -> Dataset:
     args.seed = seed
     args.num_samples = num_samples
     data = make_dataset(args)  # generated in memory; nothing is read from or written to disk
-    x_train = torch.as_tensor(np.asarray(data["x"]), dtype=torch.float32)
-    x_test = torch.as_tensor(np.asarray(data["x_test"]), dtype=torch.float32)
-    mean, std = x_train.mean(), x_train.std()
+    # standardised in float64 with NumPy's (single-threaded, fixed-order) sums: a torch reduction
+    # sums in an order that depends on the thread count, and its last bits would change the data
+    x_train = np.asarray(data["x"], dtype=np.float64)
+    x_test = np.asarray(data["x_test"], dtype=np.float64)
+    mean, std = x_train.mean(), x_train.std(ddof=1)
     return Dataset(
         "mnist1d",
-        (x_train - mean) / std,
+        torch.as_tensor((x_train - mean) / std, dtype=torch.float32),
         torch.as_tensor(np.asarray(data["y"]), dtype=torch.int64),
-        (x_test - mean) / std,
+        torch.as_tensor((x_test - mean) / std, dtype=torch.float32),
         torch.as_tensor(np.asarray(data["y_test"]), dtype=torch.int64),
         10,
     )
