@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import yaml
 
+from sparseforge.experiments.config import flatten
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "src" / "sparseforge" / "experiments" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,16 +71,6 @@ def run_studies(studies: Sequence[str], store: Path, workers: int, cifar10: Path
 
 
 # -- reading the store -----------------------------------------------------------------------------
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 #: The settings a run is selected by, with the values the shipped configs default to.
@@ -122,7 +114,7 @@ def load_study(store: Path, study: str) -> Runs:
         records = s.runs(experiment=EXPERIMENTS[study])
     finally:
         s.close()
-    return Runs([(_flat(r.config), r.summary) for r in records if r.status == "done" and r.summary])
+    return Runs([(flatten(r.config), r.summary) for r in records if r.status == "done" and r.summary])
 
 
 def kept_zeros(store: Path, study: str) -> dict[str, tuple[int, int]]:
@@ -137,7 +129,7 @@ def kept_zeros(store: Path, study: str) -> dict[str, tuple[int, int]]:
         s.close()
     out: dict[str, tuple[int, int]] = {}
     for record in records:
-        flat = _flat(record.config)
+        flat = flatten(record.config)
         name = flat["algorithm.name"]
         if name in ("dense",) or any(flat.get(k, v) != v for k, v in DEFAULTS.items()):
             continue
@@ -425,6 +417,7 @@ def plot(mlp: Runs, path: Path) -> None:
                 label=m,
             )
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(xs, [f"{x:g}x" for x in xs])
         ax.set_xlabel("training length (x 30 epochs)")
         ax.set_title(f"MNIST-1D MLP, {s:.0%} sparse (dense: 0%)")
@@ -519,9 +512,14 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text(RESULTS / "training_validation.md", table)
+    command, seconds = "python benchmarks/validate_training.py", round(seconds, 1)
+    previous = RESULTS / "training_validation.json"
+    if args.report_only and previous.is_file():  # the tables are re-read; the run that made them is kept
+        before = json.loads(previous.read_text(encoding="utf-8"))
+        command, seconds = before.get("command", command), before.get("seconds", seconds)
     payload = {
-        "command": "python benchmarks/validate_training.py" + (" --report-only" if args.report_only else ""),
-        "seconds": round(seconds, 1),
+        "command": command,
+        "seconds": seconds,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -409,6 +410,17 @@ def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
     if raw is None:
         raise SparseforgeError(f"config {str(file)!r} is empty; expected a mapping of keys (model:, data:, ...)")
     return parse_config(raw, f"config {str(file)!r}")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # -- runs -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import SparseforgeError
+from .config import flatten
 
 __all__ = ["KINDS", "Logger", "LoggerSpec", "MLflowLogger", "TensorBoardLogger", "check_available", "open_loggers"]
 
@@ -58,16 +59,6 @@ def check_available(specs: list[LoggerSpec]) -> None:
             raise SparseforgeError(f"TensorBoard folder {spec.target!r} is a file; allowed: a folder")
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class TensorBoardLogger:
     """One event folder per run, ``DIR/<label or key>``: scalars per epoch, the config as text."""
 
@@ -79,7 +70,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(self.folder / key))
-        text = "\n".join(f"    {k}: {v}" for k, v in sorted(_flat(params).items()))
+        text = "\n".join(f"    {k}: {v}" for k, v in sorted(flatten(params).items()))
         self._writer.add_text("run", f"{label}\n\n{text}")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -109,7 +100,7 @@ class MLflowLogger:
         experiment_id = found.experiment_id if found is not None else self._client.create_experiment(self.experiment)
         run = self._client.create_run(experiment_id, run_name=label, tags={"sparseforge.key": key})
         self._run_id = run.info.run_id
-        for name, value in sorted(_flat(params).items()):
+        for name, value in sorted(flatten(params).items()):
             self._client.log_param(self._run_id, name, str(value)[:500])
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

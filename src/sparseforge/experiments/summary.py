@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseforgeError
+from .config import flatten
 from .store import ResultsStore, RunRecord
 
 __all__ = ["Group", "group_runs", "write_report"]
@@ -38,14 +39,9 @@ __all__ = ["Group", "group_runs", "write_report"]
 _SEPARATE = ("sparsity.target", "training.multiplier")
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if not isinstance(value, list) else tuple(value)
-    return out
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys, lists as tuples (comparable and hashable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(config).items()}
 
 
 @dataclass
