@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from sparseforge.errors import SparseforgeError
 from sparseforge.experiments.config import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +61,13 @@ def study_runs(study: str, cifar10: Path | None) -> list[Any]:
 
 
 def run_studies(studies: Sequence[str], store: Path, workers: int, cifar10: Path | None) -> None:
-    from sparseforge.experiments.sweep import run_sweep
+    from sparseforge.experiments.sweep import preflight, run_sweep
 
+    planned = {study: study_runs(study, cifar10) for study in studies}
+    if "cifar10" in planned:  # a missing or wrong folder fails now, not after an hour of the others
+        preflight(planned["cifar10"][:1])
     store.parent.mkdir(parents=True, exist_ok=True)
-    for study in studies:
-        runs = study_runs(study, cifar10)
+    for study, runs in planned.items():
         print(f"{study}: {len(runs)} runs into {store}", file=sys.stderr, flush=True)
         result = run_sweep(runs, store, workers=workers, resume=True, progress=sys.stderr.isatty())
         print(f"{study}: {result}", file=sys.stderr, flush=True)
@@ -442,6 +445,20 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="read the store; train nothing")
     args = parser.parse_args()
     studies = ["mlp", "cnn"] + (["cifar10"] if args.cifar10 else [])
+    try:
+        return _main(args, studies)
+    except SparseforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; the results store {args.store} keeps every finished run: run the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+
+
+def _main(args: argparse.Namespace, studies: list[str]) -> None:
     t0 = time.perf_counter()
     if not args.report_only:
         run_studies(studies, args.store, args.workers, args.cifar10)
