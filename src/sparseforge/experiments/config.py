@@ -94,11 +94,26 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 
+class SparseIFTSpec(_Strict):
+    """A Sparse-IFT transformation of every linear layer (:func:`sparseforge.layers.transform`),
+    sized for ``sparsity.target``; ``exclude``: glob patterns of layers left dense."""
+
+    kind: Literal["parallel", "factorized", "doped"]
+    exclude: list[str] = []
+
+
 class ModelSpec(_Strict):
-    """``name``: a built-in model or ``package.module:factory`` / ``path/file.py:factory``."""
+    """``name``: a built-in model or ``package.module:factory`` / ``path/file.py:factory``;
+    ``sparse_ift``: its linear layers replaced by iso-FLOP sparse ones (a kind or a mapping)."""
 
     name: str = "mlp"
     width: Annotated[int, Field(ge=1)] | None = None
+    sparse_ift: SparseIFTSpec | None = None
+
+    @field_validator("sparse_ift", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod
@@ -287,6 +302,20 @@ class ExperimentConfig(_Strict):
     def _shorthand(cls, value: Any) -> Any:
         return _by_name(value)
 
+    @model_validator(mode="after")
+    def _sparse_ift(self) -> ExperimentConfig:
+        if self.model.sparse_ift is not None:
+            if self.algorithm.name not in ("static", "set", "rigl"):
+                raise ValueError(
+                    f"model.sparse_ift trains with algorithm static, set or rigl (each layer keeps its count of "
+                    f"weights, so its FLOPs), not {self.algorithm.name!r}"
+                )
+            if self.sparsity.structure != "unstructured":
+                raise ValueError(
+                    f"model.sparse_ift needs sparsity.structure unstructured, not {self.sparsity.structure!r}"
+                )
+        return self
+
     @field_validator("seeds")
     @classmethod
     def _unique(cls, seeds: list[int]) -> list[int]:
@@ -451,7 +480,10 @@ def _short(value: Any) -> str:
 
 def config_key(config: ExperimentConfig, seed: int) -> str:
     """A 16-hex-digit key of the resolved config and seed: equal settings give equal keys."""
-    payload = json.dumps({"config": _resolved(config).model_dump(mode="json"), "seed": seed}, sort_keys=True)
+    resolved = _resolved(config).model_dump(mode="json")
+    if resolved["model"].get("sparse_ift") is None:  # keys of configs written before the option stay
+        resolved["model"].pop("sparse_ift", None)
+    payload = json.dumps({"config": resolved, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

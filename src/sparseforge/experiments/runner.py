@@ -122,10 +122,26 @@ def _model(config: ExperimentConfig, data: Any, seed: int) -> nn.Module:
     return model_from_spec(config.model.name, in_features=features, num_classes=classes, seed=seed)
 
 
+def _sparse_ift(model: nn.Module, config: ExperimentConfig, seed: int) -> Any:
+    """The model's linear layers replaced by Sparse-IFT ones (in place), and their masks; ``None`` when off."""
+    spec = config.model.sparse_ift
+    if spec is None:
+        return None
+    from ..layers import transform
+
+    _, masks = transform(model, spec.kind, config.sparsity.target, exclude=spec.exclude, seed=seed)
+    return masks
+
+
 def _sparsifier(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: ExperimentConfig, seed: int, total: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ExperimentConfig,
+    seed: int,
+    total: int,
+    given: Any = None,
 ) -> Any:
-    """Masks and the algorithm of the config (``None`` for dense)."""
+    """Masks and the algorithm of the config (``None`` for dense); ``given``: Sparse-IFT's masks."""
     import sparseforge as sf
     from sparseforge import algorithms as alg
     from sparseforge.structures import parse_structure
@@ -157,9 +173,11 @@ def _sparsifier(
         )  # fmt: skip
     else:
         start_structure = "fanin" if name == "srigl" and sparsity.structure == "unstructured" else structure
-        masks = alg.init_sparse(
-            model, sparsity.target, distribution=sparsity.distribution, seed=seed, structure=start_structure
-        )
+        masks = given
+        if masks is None:
+            masks = alg.init_sparse(
+                model, sparsity.target, distribution=sparsity.distribution, seed=seed, structure=start_structure
+            )
         if name in ("set", "rigl", "snfs"):
             cls = {"set": alg.SET, "rigl": alg.RigL, "snfs": alg.SNFS}[name]
             algorithm = cls(end=at(spec.end), alpha=spec.alpha, every=spec.every, seed=seed)
@@ -200,6 +218,9 @@ def build(config: ExperimentConfig, seed: int, data: Any | None = None) -> Setup
     if data is None:
         data = load_data(config)
     model = _model(config, data, seed)
+    with torch.random.fork_rng(devices=[]):  # the new layers' initialisation, from the seed
+        torch.manual_seed(seed)
+        ift_masks = _sparse_ift(model, config, seed)
     optimizer = _optimizer(model, config)
     per_epoch = -(-len(data.y_train) // config.training.batch_size)
     epochs = config.training.total_epochs
@@ -207,7 +228,7 @@ def build(config: ExperimentConfig, seed: int, data: Any | None = None) -> Setup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sparsifier = _sparsifier(model, optimizer, config, seed, total)
+        sparsifier = _sparsifier(model, optimizer, config, seed, total, ift_masks)
     positions = _positions(model, data.x_train[:1])
     return Setup(config, seed, model, data, optimizer, scheduler, sparsifier, per_epoch, total, epochs, positions)
 
