@@ -1,0 +1,45 @@
+"""The Sparse-IFT benchmark's shipped config and verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparseforge.experiments.config import load_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_sparse_ift", ROOT / "benchmarks" / "sparse_ift.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_sparse_ift"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_config_compares_every_transformation_with_dense():
+    _, runs = load_runs(ROOT / "src/sparseforge/experiments/configs/sparse_ift.yaml")
+    # dense once per seed + 3 kinds x 2 mask algorithms x 3 sparsities, 3 seeds
+    assert len(runs) == (1 + 3 * 2 * 3) * 3
+    kinds = {r.config.model.sparse_ift.kind for r in runs if r.config.model.sparse_ift is not None}
+    assert kinds == {"parallel", "factorized", "doped"}
+    assert all(r.config.model.sparse_ift.exclude == ["0", "4"] for r in runs if r.config.model.sparse_ift)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "word"),
+    [
+        ([0.70, 0.71, 0.72], [0.68, 0.68, 0.68], "beats dense (+3.0)"),
+        ([0.67, 0.69, 0.71], [0.68, 0.68, 0.68], "level with dense (+1.0)"),  # se = 0.02 / sqrt(3) = 1.15 points
+        ([0.60, 0.61, 0.62], [0.68, 0.68, 0.68], "below dense (-7.0)"),
+        ([], [0.68], "not run"),
+    ],
+)
+def test_verdicts(bench, a, b, word):
+    assert bench._verdict(a, b) == word
