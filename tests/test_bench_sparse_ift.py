@@ -26,7 +26,7 @@ def bench():  # type: ignore[no-untyped-def]
 def test_the_shipped_config_compares_every_transformation_with_dense():
     _, runs = load_runs(ROOT / "src/sparseforge/experiments/configs/sparse_ift.yaml")
     # dense once per seed + 3 kinds x 2 mask algorithms x 3 sparsities, 3 seeds
-    assert len(runs) == (1 + 3 * 2 * 3) * 3
+    assert len(runs) == (1 + 3 * 2 * 3 + 1 + 2) * 3  # + dense, parallel and doped at 5x
     kinds = {r.config.model.sparse_ift.kind for r in runs if r.config.model.sparse_ift is not None}
     assert kinds == {"parallel", "factorized", "doped"}
     assert all(r.config.model.sparse_ift.exclude == ["0", "4"] for r in runs if r.config.model.sparse_ift)

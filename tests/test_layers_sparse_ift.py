@@ -149,3 +149,17 @@ def test_the_guide_example_runs_as_written():
     namespace: dict[str, object] = {}
     exec(compile(code, "layers.md", "exec"), namespace)
     assert isinstance(namespace["sparsifier"], Sparsifier)
+
+
+def test_the_guide_config_snippet_validates():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from sparseforge.experiments.config import parse_config
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "layers.md").read_text(encoding="utf-8")
+    snippet = re.findall(r"```yaml\n(.*?)```", guide, re.S)[0]
+    config = parse_config(yaml.safe_load(snippet))
+    assert config.model.sparse_ift is not None and config.model.sparse_ift.kind == "parallel"
