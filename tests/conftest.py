@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -26,6 +27,23 @@ settings.register_profile("thorough", deadline=None, max_examples=500, suppress_
 
 #: Marker name that :func:`requires` puts on a test whose capability is missing under ``CI=true``.
 MISSING_IN_CI = "sparseforge_missing_in_ci"
+
+
+def load_benchmark(name: str) -> Any:
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package), loaded once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def in_ci() -> bool:

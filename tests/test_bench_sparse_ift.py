@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from sparseforge.experiments.config import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,12 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_sparse_ift", ROOT / "benchmarks" / "sparse_ift.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sparse_ift"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sparse_ift")
 
 
 def test_the_shipped_config_compares_every_transformation_with_dense():

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from sparseforge.experiments.config import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,12 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def vt():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("validate_training", ROOT / "benchmarks" / "validate_training.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["validate_training"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("validate_training")
 
 
 def test_the_shipped_validation_configs_expand_to_the_studies_they_describe():
