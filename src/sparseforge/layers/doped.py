@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SparseforgeError, check_int
+from ..errors import check_int
+from .base import IsoFlopLinear
 
 __all__ = ["SparseDoped"]
 
 
-class SparseDoped(nn.Module):
+class SparseDoped(IsoFlopLinear):
     """``y = U (V x) + S x + bias``: ``U V`` dense of rank ``rank``, ``S`` of the layer's shape, sparse.
 
     Iso-FLOP at sparsity ``s`` with ``rank = s * in * out / (in + out)`` (rounded down): the
@@ -19,12 +20,8 @@ class SparseDoped(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features)
         check_int(rank, "rank", 0)
-        self.in_features, self.out_features = (
-            check_int(in_features, "in_features", 1),
-            check_int(out_features, "out_features", 1),
-        )
         self.v = nn.Linear(in_features, rank, bias=False) if rank else None
         self.u = nn.Linear(rank, out_features, bias=False) if rank else None
         self.sparse = nn.Linear(in_features, out_features, bias=bias)
@@ -35,14 +32,11 @@ class SparseDoped(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> SparseDoped:
         """The sparse part starts from ``layer``'s weight and bias (masked by the caller)."""
-        if not isinstance(layer, nn.Linear):
-            raise SparseforgeError(f"SparseDoped replaces an nn.Linear, not {type(layer).__name__}")
+        layer = cls._source(layer)
         new = cls(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
-        new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        with torch.no_grad():
-            new.sparse.weight.copy_(layer.weight)
-            if new.sparse.bias is not None and layer.bias is not None:
-                new.sparse.bias.copy_(layer.bias)
+        new._like(layer)
+        new._copy(new.sparse.weight, layer.weight)
+        new._copy(new.sparse.bias, layer.bias)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SparseforgeError, check_int
+from ..errors import check_int
+from .base import IsoFlopLinear
 
 __all__ = ["SparseParallel"]
 
 
-class SparseParallel(nn.Module):
+class SparseParallel(IsoFlopLinear):
     """``y = sum_b W_b x + bias`` with ``branches`` weights of the dense layer's shape.
 
     Iso-FLOP at sparsity ``s`` with ``branches = 1 / (1 - s)``: each branch keeps ``1 / branches``
@@ -18,25 +19,18 @@ class SparseParallel(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, branches: int, bias: bool = True) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features)
         check_int(branches, "branches", 1)
-        self.in_features, self.out_features = (
-            check_int(in_features, "in_features", 1),
-            check_int(out_features, "out_features", 1),
-        )
         self.branches = nn.ModuleList(nn.Linear(in_features, out_features, bias=False) for _ in range(branches))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, branches: int) -> SparseParallel:
         """Branches initialised like ``layer`` (fresh draws of its default initialisation), its bias kept."""
-        if not isinstance(layer, nn.Linear):
-            raise SparseforgeError(f"SparseParallel replaces an nn.Linear, not {type(layer).__name__}")
+        layer = cls._source(layer)
         new = cls(layer.in_features, layer.out_features, branches, bias=layer.bias is not None)
-        new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        if new.bias is not None and layer.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(layer.bias)
+        new._like(layer)
+        new._copy(new.bias, layer.bias)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
