@@ -56,7 +56,17 @@ from .stats import InputStats
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-__all__ = ["OWL", "BlockReport", "DSnoT", "LayerReport", "OneShotReport", "available_methods", "prune_model"]
+__all__ = [
+    "OWL",
+    "BlockReport",
+    "DSnoT",
+    "LayerReport",
+    "OneShotReport",
+    "available_methods",
+    "calibration_batches",
+    "real_rows",
+    "prune_model",
+]
 
 #: A one-shot method: ``(weight (out, in), stats or None, sparsity or None for N:M, structure, **options)``.
 MethodFn = Callable[..., LayerResult]
@@ -407,7 +417,7 @@ def _device_of(model: nn.Module) -> torch.device:
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def _rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+def real_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Rows of ``x`` that belong to real tokens (padding left out) when ``x`` is (batch, seq, ...)."""
     if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
         return x[token_mask.to(x.device)]
@@ -464,7 +474,7 @@ class _Gather:
                 return
             self.seen[name] = x
         stats = self.stats[name]
-        stats.add(_rows(x, self.token_mask).to(stats.device))
+        stats.add(real_rows(x, self.token_mask).to(stats.device))
 
     def _alike(self, a: str, b: str) -> bool:
         x, y = self.stats[a], self.stats[b]
@@ -492,7 +502,7 @@ class _Gather:
 
 def _squared(dense: torch.Tensor, pruned: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[float, float]:
     """``(||dense - pruned||^2, ||dense||^2)`` over real tokens, fp32 values summed in fp64."""
-    d, p = _rows(dense, token_mask).float(), _rows(pruned, token_mask).float()
+    d, p = real_rows(dense, token_mask).float(), real_rows(pruned, token_mask).float()
     return float((d - p).pow(2).sum(dtype=torch.float64)), float(d.pow(2).sum(dtype=torch.float64))
 
 
@@ -713,6 +723,23 @@ def _batches(
         batches.append(batch)
         token_masks.append(part.to(device) if part is not None and not bool(part.all()) else None)
     return batches, token_masks
+
+
+def calibration_batches(
+    model: nn.Module,
+    calibration: torch.Tensor | Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor],
+    batch_size: int = 8,
+) -> tuple[list[dict[str, Any]], list[torch.Tensor | None]]:
+    """Checked calibration data as the model's keyword arguments per batch, and each batch's real tokens.
+
+    ``calibration`` is what :func:`prune_model` accepts (token ids ``(n, seqlen)``, or with an
+    attention mask); it is validated against the model's vocabulary and maximum positions. The
+    second list holds, per batch, a bool mask of the real (unpadded) tokens, or ``None`` when the
+    batch has no padding. Other calibrated passes (e.g. activation thresholds) use this so that
+    they accept and check exactly the same inputs as the pruning driver.
+    """
+    ids, keep = _check_calibration(calibration, _vocab_size(model), _max_positions(model))
+    return _batches(model, ids, keep, check_int(batch_size, "batch_size", minimum=1))
 
 
 def _run_dense(
