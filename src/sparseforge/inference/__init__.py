@@ -9,12 +9,26 @@ Typical use::
         y = fast(x)
     save_converted("model.sf.safetensors", fast)
     again = load_converted("model.sf.safetensors", make_dense_model())
+
+A :class:`~sparseforge.activations.ThresholdedLinear` (sparse activations) becomes an
+:class:`InputSparseLinear`: one input row runs the sparse-input kernel, which reads only the
+weights of the active inputs (:func:`~.kernels.input_sparse_matmul`).
 """
 
 from .convert import ConversionReport, LayerDecision, convert, retune
-from .formats import FORMATS, Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
-from .kernels import kernels_available, sparse_matmul, unavailable_reason
-from .modules import BatchPlan, SparseLinear
+from .formats import (
+    FORMATS,
+    Bitmask,
+    BlockSparse,
+    CompactCSR,
+    CompactDense,
+    InputSparseBitmask,
+    InputSparseDense,
+    PackedFormat,
+    PackedNM,
+)
+from .kernels import input_sparse_matmul, kernels_available, sparse_matmul, unavailable_reason
+from .modules import BatchPlan, InputSparseLinear, SparseLinear
 from .serialization import load_converted, save_converted
 
 __all__ = [
@@ -28,8 +42,12 @@ __all__ = [
     "PackedNM",
     "BlockSparse",
     "CompactDense",
+    "InputSparseDense",
+    "InputSparseBitmask",
     "FORMATS",
     "SparseLinear",
+    "InputSparseLinear",
+    "input_sparse_matmul",
     "BatchPlan",
     "kernels_available",
     "unavailable_reason",

@@ -16,6 +16,15 @@ overrides them where it predicts a speedup far above the margin, and the choice 
 ``under_load`` so the user knows to re-tune (:func:`~.convert.retune`).
 :func:`rule_layer` is the no-measurement fallback (``autotune=False``): CSR when density <= 0.25,
 else dense.
+
+Sparse inputs (a :class:`~sparseforge.activations.ThresholdedLinear`): :func:`measure_input_sparse`
+times the sparse-input kernel (:func:`~.kernels.input_sparse_matmul`) on random rows with the
+layer's calibrated fraction of active inputs, and at the higher fractions of
+:data:`INPUT_DENSITY_LADDER`, interleaved with the path the plain layer runs for one row (dense
+``F.linear`` or a packed weight format, after the same thresholding), through the same noise
+handling (:func:`_measure_batch`); it returns the packing and the crossover (the most active
+inputs for which the kernel still wins by the margin). :func:`rule_input_sparse` is its
+no-measurement fallback.
 """
 
 from __future__ import annotations
@@ -31,11 +40,22 @@ from itertools import pairwise
 import numpy as np
 import torch
 
+from ..activations.thresholded import drop_small
 from ..errors import SparseforgeError
-from .formats import Bitmask, BlockSparse, CompactCSR, CompactDense, PackedFormat, PackedNM
+from .formats import (
+    Bitmask,
+    BlockSparse,
+    CompactCSR,
+    CompactDense,
+    InputSparseBitmask,
+    InputSparseDense,
+    PackedFormat,
+    PackedNM,
+)
 from .kernels import (
     bitmask_spmv_avx512,
     has_native_kernel,
+    input_sparse_matmul,
     kernel_available_for,
     set_spmv_variant,
     sparse_matmul_tensor,
@@ -51,6 +71,12 @@ __all__ = [
     "predicted_speedups",
     "RULE_MAX_DENSITY",
     "SPARSE_MARGIN",
+    "InputSparseChoice",
+    "measure_input_sparse",
+    "rule_input_sparse",
+    "predict_input_sparse_ms",
+    "sparse_input_sample",
+    "INPUT_DENSITY_LADDER",
 ]
 
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
@@ -649,4 +675,211 @@ def rule_layer(weight: torch.Tensor, batch_sizes: tuple[int, ...]) -> LayerChoic
         None,
         {b: "dense" for b in batch_sizes},
         f"dense by rule: density {density:.3f} > {RULE_MAX_DENSITY} (autotune=False; sparse kernels lose here on the reference CPU)",
+    )
+
+
+# ------------------------------------------------------------------------------------ sparse inputs
+#: Fractions of active inputs, besides the layer's calibrated one, at which the sparse-input kernel
+#: is timed (those above the calibrated one): the crossover is the largest of them up to which it
+#: wins by the margin at every timed fraction.
+INPUT_DENSITY_LADDER = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+#: The weight-sparse sparse-input layout (:class:`~.formats.InputSparseBitmask`) is a candidate
+#: from this weight sparsity on (below it, its masks and offsets cost more than the zeros save).
+INPUT_BITMASK_MIN_SPARSITY = 0.25
+#: ``autotune=False``: the kernel runs for layers calibrated to drop at least this fraction of
+#: their inputs, while at most RULE_CROSSOVER of a row's inputs are active (the benchmark's dense-
+#: weight kernel won at 50 % active inputs on every shape, one and two threads).
+RULE_MIN_INPUT_SPARSITY = 0.5
+RULE_CROSSOVER = 0.5
+#: Cost model of the sparse-input kernel: a call reads its packed bytes times
+#: ``min(1, active fraction x _INPUT_WASTE)``: skipped columns of a tile sit between read ones, and
+#: the hardware prefetcher fetches part of them anyway (4096x4096 on the development Xeon: 25 %
+#: active inputs cost 0.35-0.45 of all-active, 50 % 0.75-1.0); plus the gather, ns per input.
+_INPUT_WASTE = 1.6
+_NS_INPUT_GATHER = 0.5
+#: The thresholding (``drop_small``: three PyTorch ops) the plain path runs before its matmul, ms.
+_DROP_SMALL_MS = 0.006
+
+_InputFormat = InputSparseDense | InputSparseBitmask
+
+
+@dataclass
+class InputSparseChoice:
+    """Outcome of :func:`measure_input_sparse` / :func:`rule_input_sparse` for one thresholded layer.
+
+    ``packed``: the sparse-input packing to run for one row (``None``: the plain path wins);
+    ``max_active``: the crossover as a count of active inputs (the kernel runs while a row has at
+    most this many); ``crossover``: the same as a fraction of ``in_features``; ``timings_ms``:
+    ``{"plain:<path>": {1: ms}, "<format>@<fraction>": {1: ms}}``.
+    """
+
+    packed: _InputFormat | None
+    max_active: int
+    reason: str
+    timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    predicted: dict[str, dict[int, float]] = field(default_factory=dict)
+    under_load: bool = False
+    crossover: float | None = None
+
+
+def sparse_input_sample(cols: int, density: float, threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """A random ``(1, cols)`` float32 row with ``round(density * cols)`` entries of magnitude above
+    ``threshold`` at random positions; the others have magnitude at most ``threshold`` (0 when it is 0)."""
+    n = min(cols, max(0, round(density * cols)))
+    x = (torch.rand(1, cols, generator=generator) * 2 - 1) * float(threshold)
+    pos = torch.randperm(cols, generator=generator)[:n]
+    big = float(threshold) + 0.5 + torch.randn(n, generator=generator).abs()
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    x[0, pos] = sign * big
+    return x
+
+
+def predict_input_sparse_ms(fmt: _InputFormat, density: float, threads: int | None = None) -> float:
+    """Predicted ms of one sparse-input call at ``density`` (fraction of active inputs); see
+    :data:`_INPUT_WASTE`. Memory-bound: ``threads`` does not enter."""
+    rows, cols = fmt.shape
+    read = fmt.nbytes * min(1.0, max(0.0, density) * _INPUT_WASTE) + 4 * (rows + cols)
+    return MODEL_OVERHEAD_MS["native1"] + cols * _NS_INPUT_GATHER * 1e-6 + read / (MODEL_GBPS * 1e6)
+
+
+def _density_key(fmt: _InputFormat, density: float) -> str:
+    return f"{fmt.name}@{density:.3f}"
+
+
+def _plain_row_path(plain: LayerChoice) -> tuple[str, PackedFormat | None]:
+    """``(name, format)`` of what the plain layer runs for one row (format ``None``: dense)."""
+    path = plain.choices.get(1, plain.choices[min(plain.choices)])
+    if path == "dense":
+        return "dense", None
+    fmt = plain.packed if path == "sparse" else plain.extra
+    return (_describe(fmt), fmt) if fmt is not None else ("dense", None)
+
+
+def _plain_row_call(
+    fmt: PackedFormat | None, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor, x: torch.Tensor
+) -> None:
+    """One row as :class:`~.modules.InputSparseLinear`'s plain path runs it: thresholding, then the matmul."""
+    xd = drop_small(x, threshold)
+    if fmt is None:
+        torch.nn.functional.linear(xd, weight, bias)
+    else:
+        sparse_matmul_tensor(fmt, xd, bias=bias)
+
+
+def measure_input_sparse(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    input_sparsity: float,
+    plain: LayerChoice,
+    reps: int = 5,
+    seed: int = 0,
+    margin: float = SPARSE_MARGIN,
+) -> InputSparseChoice:
+    """Time the sparse-input kernel against the plain layer's one-row path; pick a packing and a crossover.
+
+    Candidates: :class:`~.formats.InputSparseDense`, and :class:`~.formats.InputSparseBitmask`
+    when the weight's sparsity is at least :data:`INPUT_BITMASK_MIN_SPARSITY`. Each is timed on
+    random rows (:func:`sparse_input_sample`) with ``1 - input_sparsity`` of the inputs active (the
+    calibrated fraction; at least one input) and with every higher fraction of
+    :data:`INPUT_DENSITY_LADDER`, all interleaved with the plain path (``plain``'s choice for one
+    row: dense ``F.linear`` or a packed format, after the same ``drop_small``), ``reps`` rounds, with
+    the noise handling, close-call re-timing and cost-model prior of :func:`measure_layer`.
+
+    A candidate qualifies when it beats the plain path by ``margin`` at the calibrated fraction;
+    its crossover is the largest timed fraction up to which it wins by the margin at every timed
+    fraction (the kernel's time grows with the active inputs, the plain path's does not). The
+    fastest qualifying candidate at the calibrated fraction is kept (within :data:`TIE_FRACTION`:
+    the larger crossover, then the fewer bytes); ``max_active = floor(crossover * in_features)``.
+    """
+    w = weight.detach().contiguous()
+    rows, cols = int(w.shape[0]), int(w.shape[1])
+    d0 = max(1.0 / max(cols, 1), 1.0 - float(input_sparsity))
+    densities = sorted({d0, *(d for d in INPUT_DENSITY_LADDER if d > d0 + 1e-9)})
+    cands: list[_InputFormat] = [InputSparseDense.from_dense(w)]
+    if w.numel() and float((w == 0).float().mean()) >= INPUT_BITMASK_MIN_SPARSITY:
+        cands.append(InputSparseBitmask.from_dense(w))
+    gen = torch.Generator().manual_seed(seed)
+    samples = {d: sparse_input_sample(cols, d, threshold, gen) for d in densities}
+    plain_name, plain_fmt = _plain_row_path(plain)
+    thr = torch.tensor(float(threshold), dtype=torch.float32)
+    fns: dict[str, Callable[[], object]] = {"dense": partial(_plain_row_call, plain_fmt, w, bias, thr, samples[d0])}
+    base_ms = predict_ms(plain_fmt, (rows, cols), 1) + _DROP_SMALL_MS
+    predicted: dict[str, float] = {}
+    for fmt in cands:
+        for d in densities:
+            key = _density_key(fmt, d)
+            fns[key] = partial(input_sparse_matmul, fmt, samples[d], float(threshold), bias)
+            predicted[key] = base_ms / predict_input_sparse_ms(fmt, d)
+    ms, note = _measure_batch(fns, reps, margin, predicted)
+    timings = {f"plain:{plain_name}": {1: ms["dense"]}, **{k: {1: v} for k, v in ms.items() if k != "dense"}}
+    suffix = f"; UNDER LOAD, re-tune on a quiet machine: {note}" if note else ""
+
+    def wins(fmt: _InputFormat, d: float) -> bool:
+        return ms["dense"] >= (1.0 + margin) * ms[_density_key(fmt, d)]
+
+    scored: list[tuple[float, float, int, _InputFormat]] = []
+    for fmt in cands:
+        if not wins(fmt, d0):
+            continue
+        cross = d0
+        for d in densities:
+            if not wins(fmt, d):
+                break
+            cross = d
+        scored.append((ms[_density_key(fmt, d0)], cross, fmt.nbytes, fmt))
+    pred = {k: {1: v} for k, v in predicted.items()}
+    if not scored:
+        best_k = min((k for k in ms if k.endswith(f"@{d0:.3f}")), key=ms.__getitem__)
+        return InputSparseChoice(
+            None,
+            0,
+            f"no sparse-input kernel beat the plain path by >= {margin:.0%} at {d0:.0%} active inputs "
+            f"({best_k} {ms[best_k]:.3g} ms vs {ms['dense']:.3g} ms {plain_name}){suffix}",
+            timings,
+            pred,
+            bool(note),
+        )
+    fastest = min(t for t, *_ in scored)
+    near = [c for c in scored if c[0] <= fastest * (1.0 + TIE_FRACTION)]
+    t0, cross, _, fmt = min(near, key=lambda c: (-c[1], c[2], c[0]))
+    above = [d for d in densities if d > cross]
+    upto = (
+        f"wins by the margin up to there, not at {above[0]:.0%}"
+        if above
+        else "wins by the margin at every timed fraction"
+    )
+    return InputSparseChoice(
+        fmt,
+        min(cols, math.floor(cross * cols + 1e-9)),
+        f"{fmt.name} measured at {d0:.0%} active inputs (calibrated input sparsity {float(input_sparsity):.2f}): "
+        f"{t0:.3g} ms vs {ms['dense']:.3g} ms {plain_name} ({ms['dense'] / t0:.2f}x, needs >= {margin:.0%}); "
+        f"crossover {cross:.0%} active inputs ({upto}){suffix}",
+        timings,
+        pred,
+        bool(note),
+        cross,
+    )
+
+
+def rule_input_sparse(weight: torch.Tensor, input_sparsity: float) -> InputSparseChoice:
+    """No measurement (``autotune=False``): the sparse-input kernel when the layer was calibrated to
+    drop at least :data:`RULE_MIN_INPUT_SPARSITY` of its inputs, with crossover :data:`RULE_CROSSOVER`
+    (:class:`~.formats.InputSparseBitmask` for weights at least half zeros, else the dense layout)."""
+    w = weight.detach().contiguous()
+    cols = int(w.shape[1])
+    if float(input_sparsity) < RULE_MIN_INPUT_SPARSITY:
+        return InputSparseChoice(
+            None,
+            0,
+            f"plain path by rule: input sparsity {float(input_sparsity):.2f} < {RULE_MIN_INPUT_SPARSITY} (autotune=False)",
+        )
+    sparse_w = w.numel() > 0 and float((w == 0).float().mean()) >= 0.5
+    fmt: _InputFormat = InputSparseBitmask.from_dense(w) if sparse_w else InputSparseDense.from_dense(w)
+    return InputSparseChoice(
+        fmt,
+        math.floor(RULE_CROSSOVER * cols),
+        f"{fmt.name} by rule: input sparsity {float(input_sparsity):.2f} >= {RULE_MIN_INPUT_SPARSITY}, "
+        f"crossover {RULE_CROSSOVER:.0%} active inputs (autotune=False)",
+        crossover=RULE_CROSSOVER,
     )

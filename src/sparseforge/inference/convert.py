@@ -9,6 +9,12 @@ Layers where dense wins everywhere stay ``nn.Linear``/``nn.Conv`` and are listed
 with the reason (a warning also says how many). Layers of other types or dtypes are listed as
 skipped. A model with no Linear / Conv layer at all raises :class:`SparseforgeError`.
 
+A :class:`~sparseforge.activations.ThresholdedLinear` (inputs with ``|x| <= threshold`` dropped)
+never loses its thresholding: it becomes an :class:`~.modules.InputSparseLinear` (one input row
+runs the sparse-input kernel when it measured faster than the plain path at the layer's calibrated
+input sparsity, up to a measured crossover of active inputs; more rows run what the plain layer
+would, on the thresholded input), or stays a ``ThresholdedLinear`` where neither helps.
+
 Decisions timed while other processes kept the cores busy are flagged in the report
 (``LayerDecision.under_load``) and by a warning; :func:`retune` measures a converted model again
 (every ``SparseLinear`` and every dense-kept layer with zeros) and rebuilds it with the new choices.
@@ -27,11 +33,12 @@ from typing import Any, TypeGuard, cast
 import torch
 from torch import nn
 
+from ..activations.thresholded import ThresholdedLinear
 from ..errors import SparseforgeError
 from ..masks import check_materialized, check_module
-from .autotune import LayerChoice, measure_layer, rule_layer
+from .autotune import InputSparseChoice, LayerChoice, measure_input_sparse, measure_layer, rule_input_sparse, rule_layer
 from .kernels import unavailable_reason
-from .modules import BatchPlan, SparseLinear
+from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
 __all__ = ["LayerDecision", "ConversionReport", "convert", "retune", "check_model"]
 
@@ -45,7 +52,11 @@ class LayerDecision:
 
     ``under_load``: some batch size was decided from noisy timings (other processes competing for
     the cores); re-tune on a quiet machine. ``predicted``: the cost model's speedup over dense per
-    candidate format and batch size.
+    candidate format and batch size. For a thresholded layer (``ThresholdedLinear``,
+    ``InputSparseLinear``): ``input_sparsity`` is its calibrated input sparsity, ``crossover`` the
+    largest fraction of active inputs at which one row runs the sparse-input kernel (``None``: it
+    never does), and ``format`` names the sparse-input format (``"input-sparse"``,
+    ``"input-sparse+bitmask"``) when it runs, else the plain formats.
     """
 
     name: str
@@ -61,6 +72,8 @@ class LayerDecision:
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     under_load: bool = False
     predicted: dict[str, dict[int, float]] = field(default_factory=dict)
+    input_sparsity: float | None = None
+    crossover: float | None = None
 
 
 @dataclass
@@ -90,8 +103,9 @@ class ConversionReport:
             head += f"; {len(self.under_load_layers)} decided under load (re-tune on a quiet machine: sparseforge.inference.retune)"
         lines = [head]
         for d in self.layers:
+            inputs = f", input sparsity {d.input_sparsity:.3f}" if d.input_sparsity is not None else ""
             lines.append(
-                f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}] -> {d.action.upper()}"
+                f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}{inputs}] -> {d.action.upper()}"
                 f"{' ' + d.format if d.format else ''}{' (UNDER LOAD)' if d.under_load else ''}: {d.reason}"
             )
         return "\n".join(lines)
@@ -246,12 +260,21 @@ def build_module(m: _Layer, choice: LayerChoice, batch_sizes: tuple[int, ...] | 
 
 def _dense_module(m: SparseLinear) -> nn.Module:
     """The plain ``nn.Linear`` / 1x1 ``nn.Conv1d`` / ``nn.Conv2d`` that ``m`` computes (for a layer
-    that :func:`retune` now keeps dense)."""
+    that :func:`retune` now keeps dense); a ``ThresholdedLinear`` with the same threshold for an
+    :class:`~.modules.InputSparseLinear`."""
     w = _weight_2d(m).clone()
     bias = m.bias
     has_bias = bias is not None
     new: nn.Linear | nn.Conv1d | nn.Conv2d
-    if m.layout == "linear":
+    if isinstance(m, InputSparseLinear):
+        new = ThresholdedLinear(
+            m.in_features,
+            m.out_features,
+            bias=has_bias,
+            threshold=float(m.input_threshold),
+            sparsity=float(m.input_sparsity),
+        )
+    elif m.layout == "linear":
         new = nn.Linear(m.in_features, m.out_features, bias=has_bias)
     elif m.layout == "conv1d":
         new, w = nn.Conv1d(m.in_features, m.out_features, 1, bias=has_bias), w[:, :, None]
@@ -266,6 +289,101 @@ def _dense_module(m: SparseLinear) -> nn.Module:
 
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)
+
+
+def _choose(
+    name: str,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    autotune: bool,
+    reps: int,
+    max_formats: int,
+) -> LayerChoice:
+    """The plain layer's choice (measured or by rule); dense everywhere, with a warning, when a kernel fails."""
+    try:
+        return measure_layer(w, bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(w, sizes)
+    except Exception as exc:  # a kernel that fails to compile must never crash convert
+        warnings.warn(
+            f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=4
+        )
+        return LayerChoice(None, dict.fromkeys(sizes, "dense"), f"kernel failed: {type(exc).__name__}")
+
+
+def _convert_thresholded(
+    m: ThresholdedLinear | InputSparseLinear,
+    name: str,
+    w: torch.Tensor,
+    sparsity: float,
+    sizes: tuple[int, ...],
+    autotune: bool,
+    reps: int,
+    min_sparsity: float,
+    max_formats: int,
+    kernel_problem: str | None,
+) -> tuple[InputSparseLinear | None, LayerDecision]:
+    """Decide a thresholded layer: ``(new module or None to keep it thresholded and dense, decision)``.
+
+    The plain choice (dense, or a packed format where the weight has zeros) is made as for any
+    layer, at ``sizes`` plus one row; then the sparse-input kernel is timed against the plain
+    path's one-row call (:func:`~.autotune.measure_input_sparse`). An ``InputSparseLinear`` is
+    built when either beats dense; it thresholds its input on every path.
+    """
+    kind = type(m).__name__
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    threshold, in_sparsity = float(m.input_threshold), float(m.input_sparsity)
+    sizes1 = tuple(sorted({*sizes, 1}))
+
+    def decision(
+        action: str, fmt: str | None, plan: str, reason: str, *parts: LayerChoice | InputSparseChoice
+    ) -> LayerDecision:
+        timings = {k: v for p in parts for k, v in p.timings_ms.items()}
+        predicted = {k: v for p in parts for k, v in p.predicted.items()}
+        cross = next((p.crossover for p in parts if isinstance(p, InputSparseChoice) and p.packed is not None), None)
+        under = any(p.under_load for p in parts)
+        return LayerDecision(
+            name, kind, shape, sparsity, action, fmt, plan, reason, timings, under, predicted, in_sparsity, cross
+        )
+
+    if kernel_problem:
+        return None, decision("dense", None, "all: dense (thresholded)", kernel_problem)
+    if sparsity <= min_sparsity or sparsity == 0.0:
+        plain = LayerChoice(
+            None,
+            dict.fromkeys(sizes1, "dense"),
+            f"dense: sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)",
+        )
+    else:
+        plain = _choose(name, w, m.bias, sizes1, autotune, reps, max_formats)
+    try:
+        ins = (
+            measure_input_sparse(w, m.bias, threshold, in_sparsity, plain, reps=reps)
+            if autotune
+            else rule_input_sparse(w, in_sparsity)
+        )
+    except Exception as exc:  # as for the plain kernels: never crash convert
+        warnings.warn(
+            f"sparseforge.convert: sparse-input kernel failed for {name!r}: {type(exc).__name__}: {exc}", stacklevel=3
+        )
+        ins = InputSparseChoice(None, 0, f"sparse-input kernel failed: {type(exc).__name__}")
+    reason = f"one row: {ins.reason}; plain path: {plain.reason}"
+    if ins.packed is None and plain.packed is None:
+        return None, decision("dense", None, "all: dense (thresholded)", reason, plain, ins)
+    plan = BatchPlan.from_choices(plain.choices)
+    new = InputSparseLinear(
+        ins.packed,
+        ins.max_active,
+        threshold,
+        in_sparsity,
+        plain.packed,
+        w.clone().contiguous() if "dense" in plan.paths else None,
+        m.bias,
+        plan,
+        shape=shape,
+        extra=plain.extra,
+    )
+    new.tuned_batch_sizes = sizes1
+    return new, decision("sparse", new.format_names, new.describe_plan(), reason, plain, ins)
 
 
 def _convert_layers(
@@ -292,7 +410,12 @@ def _convert_layers(
             if skip is not None:
                 decisions.append(LayerDecision(name, kind, shape, sparsity, "skipped", None, "-", skip))
                 continue
-            if kernel_problem:
+            if isinstance(m, (ThresholdedLinear, InputSparseLinear)):
+                # the thresholding must survive: InputSparseLinear, or the layer kept as it is
+                new, decision = _convert_thresholded(
+                    m, name, w, sparsity, sizes, autotune, reps, min_sparsity, max_formats, kernel_problem
+                )
+            elif kernel_problem:
                 decision = LayerDecision(name, kind, shape, sparsity, "dense", None, "all: dense", kernel_problem)
             elif sparsity <= min_sparsity or sparsity == 0.0:
                 decision = LayerDecision(
@@ -306,22 +429,8 @@ def _convert_layers(
                     f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)",
                 )
             else:
-                try:
-                    choice = (
-                        measure_layer(w, m.bias, sizes, reps=reps, max_formats=max_formats)
-                        if autotune
-                        else rule_layer(w, sizes)
-                    )
-                except Exception as exc:  # a kernel that fails to compile must never crash convert
-                    warnings.warn(
-                        f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}",
-                        stacklevel=3,
-                    )
-                    choice = None
-                    decision = LayerDecision(
-                        name, kind, shape, sparsity, "dense", None, "all: dense", f"kernel failed: {type(exc).__name__}"
-                    )
-                if choice is not None and choice.packed is None:
+                choice = _choose(name, w, m.bias, sizes, autotune, reps, max_formats)
+                if choice.packed is None:
                     decision = LayerDecision(
                         name,
                         kind,
@@ -335,7 +444,7 @@ def _convert_layers(
                         choice.under_load,
                         choice.predicted,
                     )
-                elif choice is not None:
+                else:
                     new = build_module(m, choice, sizes)
                     decision = LayerDecision(
                         name,
@@ -437,10 +546,11 @@ def retune(
 ) -> tuple[nn.Module, ConversionReport]:
     """Measure a converted model again and rebuild its layers with the new choices.
 
-    Every :class:`SparseLinear` (from :func:`convert` or :func:`~.serialization.load_converted`)
-    and every ``nn.Linear`` / 1x1 conv that has zeros (a layer ``convert`` kept dense) is timed
-    as :func:`convert` would; a SparseLinear that now runs dense everywhere becomes a plain
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` again. Use it after a conversion on a busy machine
+    Every :class:`SparseLinear` (from :func:`convert` or :func:`~.serialization.load_converted`),
+    every ``nn.Linear`` / 1x1 conv that has zeros (a layer ``convert`` kept dense) and every
+    ``ThresholdedLinear`` / ``InputSparseLinear`` is timed as :func:`convert` would; a SparseLinear
+    that now runs dense everywhere becomes a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+    again (an ``InputSparseLinear``: a ``ThresholdedLinear`` with its threshold). Use it after a conversion on a busy machine
     (``report.under_load_layers``), or on a different machine.
 
     Args:

@@ -17,7 +17,16 @@ format              arrays                                          bytes per ke
                     block-column indices + int32 block-row pointers
 ``CompactDense``    the dense sub-matrix of the rows and columns     4 / fill + small
                     with any nonzero + their uint16/int32 indices
+``InputSparseDense``  W^T in output tiles of ``tile`` rows: for       4 (+ row padding)
+                    each tile, every input's ``tile`` weights
+                    contiguous (sparse *inputs*, batch 1)
+``InputSparse-      per 64-row tile and input: a uint64 mask, a      4 + 1/8 / d + 4/64 / d
+Bitmask``           uint32 offset and the kept values (sparse
+                    inputs *and* weights, batch 1)
 ==================  ==============================================  ============================
+
+The two ``InputSparse*`` formats serve the sparse-input kernel (:func:`.kernels.input_sparse_matmul`):
+one input row whose small entries are dropped, so only the weights of the active inputs are read.
 
 ``to_dense(fmt.from_dense(w))`` reproduces ``w`` bit for bit (including ``-0.0`` stored as a
 kept value only if it is not an exact zero: ``-0.0 == 0`` so it is dropped and comes back as
@@ -41,6 +50,9 @@ __all__ = [
     "PackedNM",
     "BlockSparse",
     "CompactDense",
+    "InputSparseDense",
+    "InputSparseBitmask",
+    "INPUT_SPARSE_FORMATS",
     "FORMATS",
     "as_weight_array",
     "index_dtype_for",
@@ -518,4 +530,183 @@ class CompactDense(PackedFormat):
         return cls(shape, rows, cols, weight)
 
 
-FORMATS: dict[str, type[PackedFormat]] = {f.name: f for f in (CompactCSR, Bitmask, PackedNM, BlockSparse, CompactDense)}
+# --------------------------------------------------------------------------------------------
+#: Output tile heights the sparse-input kernel has register-blocked code for.
+INPUT_SPARSE_TILES = (16, 32, 64, 128)
+
+
+def _tile_count(rows: int, tile: int) -> int:
+    return (rows + tile - 1) // tile
+
+
+def _tiled_transpose(w: np.ndarray, tile: int) -> np.ndarray:
+    """``w`` ``(rows, cols)`` as ``(tiles, cols, tile)``: W^T of each output tile, rows zero padded."""
+    rows, cols = w.shape
+    nt = _tile_count(rows, tile)
+    padded = np.zeros((nt * tile, cols), dtype=np.float32)
+    padded[:rows] = w
+    return np.ascontiguousarray(padded.reshape(nt, tile, cols).transpose(0, 2, 1))
+
+
+def _untile(tiled: np.ndarray, rows: int) -> np.ndarray:
+    """Inverse of :func:`_tiled_transpose`: ``(tiles, cols, tile)`` back to ``(rows, cols)``."""
+    nt, cols, tile = tiled.shape
+    return np.ascontiguousarray(tiled.transpose(0, 2, 1).reshape(nt * tile, cols)[:rows])
+
+
+@dataclass(eq=False)
+class InputSparseDense(PackedFormat):
+    """A dense weight laid out for sparse *inputs*: W^T in output tiles, tile-major.
+
+    ``tiles`` is ``(ceil(out_features / tile), in_features, tile)`` float32: for output tile
+    ``t`` and input ``j``, ``tiles[t, j]`` holds ``W[t*tile : (t+1)*tile, j]`` (the last tile zero
+    padded). At batch 1 with a sparse input, the kernel reads one contiguous ``4 * tile``-byte
+    chunk per tile and *active* input, and keeps a tile's ``tile`` sums in vector registers.
+    ``tile`` is one of :data:`INPUT_SPARSE_TILES` (64 by default: 4 AVX-512 registers).
+    """
+
+    name: ClassVar[str] = "input-sparse"
+    shape: tuple[int, int]
+    tile: int
+    tiles: np.ndarray
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor | np.ndarray, tile: int = 64) -> InputSparseDense:
+        if tile not in INPUT_SPARSE_TILES or isinstance(tile, bool):
+            raise SparseforgeError(f"tile={tile!r} is not allowed; allowed: one of {INPUT_SPARSE_TILES}")
+        w = as_weight_array(weight)
+        return cls((int(w.shape[0]), int(w.shape[1])), int(tile), _tiled_transpose(w, int(tile)))
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.from_numpy(_untile(self.tiles, self.shape[0]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"tiles": self.tiles}
+
+    def params(self) -> dict[str, int]:
+        return {"tile": self.tile}
+
+    @property
+    def nnz(self) -> int:
+        return int(self.tiles.size)
+
+    @classmethod
+    def from_arrays(
+        cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]
+    ) -> InputSparseDense:
+        _require(arrays, ("tiles",), "input-sparse")
+        rows, cols = shape
+        tile = int(params.get("tile", 0))
+        tiles = arrays["tiles"]
+        ok = tile in INPUT_SPARSE_TILES and tiles.dtype == np.float32
+        ok = ok and tiles.shape == (_tile_count(rows, tile), cols, tile)
+        if ok and rows % tile:
+            ok = not np.any(tiles[-1, :, rows % tile :])  # the padding rows are zero
+        if not ok:
+            raise SparseforgeError(
+                f"input-sparse arrays are inconsistent with shape {shape} and tile {tile}; allowed: a file written by save_converted"
+            )
+        return cls(shape, tile, np.ascontiguousarray(tiles))
+
+
+@dataclass(eq=False)
+class InputSparseBitmask(PackedFormat):
+    """A pruned weight laid out for sparse inputs: per 64-row output tile and input, a mask and the kept values.
+
+    ``mask`` is ``(ceil(out_features / 64), in_features)`` uint64: bit ``i`` of ``mask[t, j]`` says
+    whether ``W[64 t + i, j]`` is kept. ``values`` holds the kept values tile by tile, input by
+    input, in row order. Derived (not stored): ``tileptr`` (int64, ``tiles + 1``: where each tile's
+    values start) and ``coloff`` (uint32, like ``mask``: where input ``j``'s values start inside
+    its tile), so the kernel jumps straight to the values of an active input. At weight density
+    ``d`` this costs ``4 d + 1/8 + 1/16`` bytes per weight (mask and offsets), and an active input
+    reads only its kept values: sparse weights and sparse inputs multiply.
+    """
+
+    name: ClassVar[str] = "input-sparse+bitmask"
+    shape: tuple[int, int]
+    mask: np.ndarray
+    values: np.ndarray
+    tileptr: np.ndarray
+    coloff: np.ndarray
+
+    tile: ClassVar[int] = 64
+
+    @staticmethod
+    def _offsets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(tileptr, coloff)`` of a ``(tiles, cols)`` uint64 mask."""
+        counts = np.unpackbits(
+            np.ascontiguousarray(mask.astype("<u8", copy=False)).view(np.uint8).reshape(mask.shape + (8,)), axis=2
+        ).sum(axis=2, dtype=np.int64)
+        per_tile = counts.sum(axis=1)
+        tileptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+        np.cumsum(per_tile, out=tileptr[1:])
+        coloff = np.zeros(mask.shape, dtype=np.int64)
+        if mask.shape[1] > 1:
+            np.cumsum(counts[:, :-1], axis=1, out=coloff[:, 1:])
+        return tileptr, coloff.astype(np.uint32)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor | np.ndarray) -> InputSparseBitmask:
+        w = as_weight_array(weight)
+        rows, cols = w.shape
+        if cols and 64 * cols >= 2**32:
+            raise SparseforgeError(f"in_features={cols} is too large; allowed: at most {2**32 // 64 - 1}")
+        tiled = _tiled_transpose(w, 64)  # (tiles, cols, 64)
+        keep = tiled != 0
+        mask = np.packbits(keep, axis=2, bitorder="little").view("<u8").reshape(keep.shape[:2])
+        mask = np.ascontiguousarray(mask.astype(np.uint64, copy=False))
+        tileptr, coloff = cls._offsets(mask)
+        return cls((rows, cols), mask, np.ascontiguousarray(tiled[keep]), tileptr, coloff)
+
+    def to_dense(self) -> torch.Tensor:
+        nt, cols = self.mask.shape
+        keep = np.unpackbits(
+            np.ascontiguousarray(self.mask.astype("<u8", copy=False)).view(np.uint8).reshape(nt, cols, 8),
+            axis=2,
+            bitorder="little",
+        ).astype(bool)
+        tiled = np.zeros((nt, cols, 64), dtype=np.float32)
+        tiled[keep] = self.values
+        return torch.from_numpy(_untile(tiled, self.shape[0]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        # tileptr and coloff are derivable from the mask (see from_arrays)
+        return {"mask": self.mask, "values": self.values}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.mask.nbytes + self.values.nbytes + self.tileptr.nbytes + self.coloff.nbytes)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    @classmethod
+    def from_arrays(
+        cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]
+    ) -> InputSparseBitmask:
+        _require(arrays, ("mask", "values"), "input-sparse+bitmask")
+        rows, cols = shape
+        mask, values = arrays["mask"], arrays["values"]
+        ok = mask.dtype == np.uint64 and mask.shape == (_tile_count(rows, 64), cols)
+        ok = ok and values.dtype == np.float32 and values.ndim == 1 and 64 * cols < 2**32
+        if ok and rows % 64:
+            ok = not np.any(mask[-1] >> np.uint64(rows % 64))  # no bit in the padding rows
+        if not ok:
+            raise SparseforgeError(
+                f"input-sparse+bitmask arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
+            )
+        tileptr, coloff = cls._offsets(mask)
+        if int(tileptr[-1]) != values.shape[0]:
+            raise SparseforgeError(
+                f"input-sparse+bitmask has {int(tileptr[-1])} set bits but {values.shape[0]} values; allowed: equal counts"
+            )
+        return cls(shape, np.ascontiguousarray(mask), np.ascontiguousarray(values), tileptr, coloff)
+
+
+#: The formats of the sparse-input kernel (batch 1, sparse activations), by name.
+INPUT_SPARSE_FORMATS: dict[str, type[PackedFormat]] = {f.name: f for f in (InputSparseDense, InputSparseBitmask)}
+
+FORMATS: dict[str, type[PackedFormat]] = {
+    f.name: f for f in (CompactCSR, Bitmask, PackedNM, BlockSparse, CompactDense, InputSparseDense, InputSparseBitmask)
+}

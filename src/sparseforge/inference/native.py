@@ -70,7 +70,7 @@ CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", 
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 8
+ABI = 9
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.
@@ -191,6 +191,7 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
+_F32 = ctypes.c_float
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -216,6 +217,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_bitmask_spmm.restype = _INT
     lib.sf_block_spmv.argtypes = [_P, _P, _P, _I64, _I64, _P, _P, _P, _INT, _INT, _P]
     lib.sf_block_spmm.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, _I64, _I64, _I64]
+    lib.sf_insparse_dense.argtypes = [_P, _I64, _I64, _I64, _P, _F32, _P, _P, _P, _I64, _INT, _I64, _INT]
+    lib.sf_insparse_dense.restype = _I64
+    lib.sf_insparse_bitmask.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _F32, _P, _P, _P, _I64, _INT, _I64, _INT]
+    lib.sf_insparse_bitmask.restype = _I64
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
     lib.sf_transpose.restype = None
     lib.sf_set_threading.argtypes = [_INT]

@@ -17,6 +17,12 @@ replaces those layers of the skeleton and leaves the rest of its state as it is.
 A skeleton layer may be an ``nn.Linear``, a 1x1 convolution or transformers' ``Conv1D`` (GPT-2,
 weight stored ``(in, out)``): the file's shape is ``(out, in)`` in every case.
 
+An :class:`~.modules.InputSparseLinear` (a converted ``ThresholdedLinear``) is stored like a
+``SparseLinear`` plus its ``input_threshold`` and ``input_sparsity`` tensors; its metadata entry
+has ``"kind": "input-sparse"``, the sparse-input format and its parameters, and the crossover
+(``max_active``). The sparse-input packing is re-packed on load from the stored weight. Its
+skeleton layer is the ``ThresholdedLinear`` (or an ``nn.Linear`` of the same shape).
+
 Unstructured packings are *stored* as :class:`~.formats.Bitmask` (``4 d + 1/8`` bytes per
 weight: 13.1 % of dense at 90 % sparsity, below CSR's ``6 d``) and re-packed on load into the
 format the layer runs. The file is written with :func:`sparseforge.fileio.atomic_write` (a
@@ -44,9 +50,9 @@ from ..fileio import (
     describe_os_error,
     verify_checksums,
 )
-from .formats import FORMATS, Bitmask, CompactCSR
+from .formats import FORMATS, INPUT_SPARSE_FORMATS, Bitmask, CompactCSR, InputSparseBitmask, InputSparseDense
 from .kernels import set_spmv_variant
-from .modules import BatchPlan, SparseLinear
+from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
 __all__ = ["save_converted", "load_converted"]
 
@@ -105,6 +111,17 @@ def save_converted(path: str | os.PathLike, model: nn.Module, *, layers_only: bo
             "layout": m.layout,
             "bias": m.bias is not None,
         }
+        if isinstance(m, InputSparseLinear):
+            for key in ("input_threshold", "input_sparsity"):
+                tensors[f"{name}.{key}"] = getattr(m, key).detach().reshape(()).contiguous().clone()
+            fmt = m.input_packed
+            layers[name].update(
+                kind="input-sparse",
+                input_format=fmt.name if fmt is not None else None,
+                input_params=fmt.params() if fmt is not None else {},
+                max_active=m.max_active,
+                input_variant=m.input_variant,
+            )
     for key, value in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner in sparse_names or layers_only:
@@ -151,6 +168,47 @@ def _repack(stored, runs: str, params: dict | None, layer: str):
         raise SparseforgeError(
             f"file layer {layer!r}: format {runs!r} does not take parameters {sorted(params)}"
         ) from None
+
+
+#: Entries of a stored layer that are not arrays of its format.
+_NOT_ARRAYS = ("bias", "input_threshold", "input_sparsity")
+
+
+def _input_sparse_layer(
+    path: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor], stored, plain: tuple
+) -> InputSparseLinear:
+    """An :class:`InputSparseLinear` from a file entry of kind ``"input-sparse"`` (``plain``: the
+    SparseLinear parts already built from it)."""
+    scalars = {}
+    for key in ("input_threshold", "input_sparsity"):
+        t = tensors.get(f"{name}.{key}")
+        if t is None or t.numel() != 1 or t.dtype != torch.float32:
+            raise SparseforgeError(f"file {str(path)!r}: layer {name!r} has no valid {key!r} tensor (corrupted)")
+        scalars[key] = float(t.reshape(()))
+    fmt_name = spec.get("input_format")
+    if fmt_name is not None and fmt_name not in INPUT_SPARSE_FORMATS:
+        raise SparseforgeError(
+            f"file layer {name!r} has sparse-input format {fmt_name!r}; allowed: {sorted(INPUT_SPARSE_FORMATS)}"
+        )
+    input_packed = _repack(stored, fmt_name, spec.get("input_params"), name) if fmt_name is not None else None
+    assert input_packed is None or isinstance(input_packed, (InputSparseDense, InputSparseBitmask))  # checked above
+    max_active = spec.get("max_active")
+    if isinstance(max_active, bool) or not isinstance(max_active, int):
+        raise SparseforgeError(f"file layer {name!r} has max_active {max_active!r}; allowed: an int (corrupted)")
+    packed, dense, bias, plan, shape, extra = plain
+    return InputSparseLinear(
+        input_packed,
+        max_active,
+        scalars["input_threshold"],
+        scalars["input_sparsity"],
+        packed,
+        dense,
+        bias,
+        plan,
+        shape=shape,
+        extra=extra,
+        input_variant=spec.get("input_variant"),
+    )
 
 
 def _skeleton_shape(target: nn.Module) -> tuple[int, int] | None:
@@ -229,7 +287,7 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
         arrays = {
             k[len(prefix) :]: t.numpy()
             for k, t in tensors.items()
-            if k.startswith(prefix) and k[len(prefix) :] != "bias"
+            if k.startswith(prefix) and k[len(prefix) :] not in _NOT_ARRAYS
         }
         stored = cls.from_arrays(shape, arrays, {k: int(v) for k, v in spec["params"].items()})
         plan = BatchPlan(tuple((int(b), str(p)) for b, p in spec["plan"]))
@@ -249,7 +307,12 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
                 set_spmv_variant(fmt, int(variant))
         dense = stored.to_dense() if "dense" in plan.paths else None
         bias = tensors.get(f"{name}.bias") if spec["bias"] else None
-        built[name] = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
+        if spec.get("kind", "sparse") == "input-sparse":
+            built[name] = _input_sparse_layer(
+                path, name, spec, tensors, stored, (packed, dense, bias, plan, shape, extra)
+            )
+        else:
+            built[name] = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     own = {k: v for k, v in skeleton.state_dict().items() if k.rpartition(".")[0] not in layers}
     if layers_only and rest:
