@@ -183,6 +183,34 @@ def test_sparsify_refuses_bad_calibration_and_gpt2_conv1d() -> None:
         sparsify_activations(_gpt2(), _ids(2, 8, seed=0), sparsity=0.5)
 
 
+@needs_transformers
+def test_thresholds_round_trip_through_json_onto_a_fresh_model() -> None:
+    import json
+
+    from sparseforge.activations import ActivationThresholds, apply_thresholds
+
+    torch.manual_seed(0)
+    model = _llama()
+    fresh = _llama()
+    fresh.load_state_dict(model.state_dict())
+    ids = _ids(4, 16, seed=3)
+    result = sparsify_activations(model, ids, sparsity=0.5, where="mlp")
+    loaded = ActivationThresholds.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert loaded.layers == result.layers
+    assert apply_thresholds(fresh, loaded) == [layer.name for layer in result.layers]
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    for bad in (
+        {"layers": "x"},
+        {"layers": [{"name": 3}]},
+        {"layers": [{"name": "a", "threshold": -1, "sparsity": 0.5}]},
+    ):
+        with pytest.raises(SparseforgeError, match="activation threshold"):
+            ActivationThresholds.from_dict(bad)
+    wrong = ActivationThresholds.from_dict({"layers": [{"name": "model.nothing", "threshold": 0.1, "sparsity": 0.5}]})
+    with pytest.raises(SparseforgeError, match="'model.nothing' is not in the model"):
+        apply_thresholds(fresh, wrong)
+
+
 # -- measurement -----------------------------------------------------------------------------------
 
 

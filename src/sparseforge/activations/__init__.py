@@ -16,7 +16,14 @@ weight columns they multiply saves work with no weight pruning at all. This pack
   :class:`ProSparseSchedule` (ProSparse's progressive L1).
 """
 
-from .calibrate import WHERE, ActivationThresholds, LayerThreshold, sparsify_activations, threshold_layers
+from .calibrate import (
+    WHERE,
+    ActivationThresholds,
+    LayerThreshold,
+    apply_thresholds,
+    sparsify_activations,
+    threshold_layers,
+)
 from .cett import cett, cett_threshold, cett_thresholds, down_inputs
 from .functions import ACTIVATIONS, ReLU2, make_activation, swap_activation
 from .measure import ActivationReport, LayerActivity, measure_activations
@@ -41,6 +48,7 @@ __all__ = [
     "ReLU2",
     "ThresholdedLinear",
     "TopKLinear",
+    "apply_thresholds",
     "apply_topk",
     "cett",
     "cett_threshold",

@@ -35,7 +35,14 @@ from .collect import CalibrationData, for_each_input
 from .sites import find_mlps
 from .thresholded import ThresholdedLinear
 
-__all__ = ["WHERE", "ActivationThresholds", "LayerThreshold", "sparsify_activations", "threshold_layers"]
+__all__ = [
+    "WHERE",
+    "ActivationThresholds",
+    "LayerThreshold",
+    "apply_thresholds",
+    "sparsify_activations",
+    "threshold_layers",
+]
 
 #: The places :func:`sparsify_activations` can put thresholds.
 WHERE = ("mlp", "mlp-down", "all")
@@ -66,6 +73,7 @@ class ActivationThresholds:
         return sum(layer.sparsity for layer in self.layers) / max(1, len(self.layers))
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (:meth:`from_dict` reads it back)."""
         return {
             "target": self.target,
             "where": self.where,
@@ -74,6 +82,33 @@ class ActivationThresholds:
             "mean_sparsity": self.mean_sparsity,
             "layers": [{"name": x.name, "threshold": x.threshold, "sparsity": x.sparsity} for x in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, data: object) -> ActivationThresholds:
+        """Read what :meth:`to_dict` wrote (e.g. a JSON file); bad content raises a one-line error."""
+        allowed = "allowed: the dict ActivationThresholds.to_dict() writes"
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list):
+            raise SparseforgeError(f"activation thresholds of type {type(data).__name__} without 'layers'; {allowed}")
+        layers = []
+        for item in data["layers"]:
+            if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+                raise SparseforgeError(f"activation threshold entry {item!r} has no layer name; {allowed}")
+            t, s = item.get("threshold"), item.get("sparsity")
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (t, s))
+            if not ok or t < 0 or not 0 <= s < 1:  # type: ignore[operator]
+                raise SparseforgeError(
+                    f"activation threshold entry for {item['name']} has threshold={t!r}, sparsity={s!r}; "
+                    "allowed: a threshold >= 0 and a sparsity in [0, 1)"
+                )
+            layers.append(LayerThreshold(item["name"], float(t), float(s)))  # type: ignore[arg-type]
+        target = data.get("target", math.nan)
+        return cls(
+            float(target) if isinstance(target, (int, float)) else math.nan,
+            str(data.get("where", "mlp")),
+            tuple(layers),
+            int(data.get("tokens", 0)) if isinstance(data.get("tokens", 0), int) else 0,
+            float(data.get("seconds", 0.0)) if isinstance(data.get("seconds", 0.0), (int, float)) else 0.0,
+        )
 
 
 def threshold_layers(model: nn.Module, where: str = "mlp", exclude: Sequence[str] = ()) -> list[str]:
@@ -172,6 +207,37 @@ def _choose(name: str, values: torch.Tensor, target: float, thresholds: Mapping[
     return LayerThreshold(name, t, dropped)
 
 
+def apply_thresholds(model: nn.Module, thresholds: ActivationThresholds) -> list[str]:
+    """Give a model the thresholds of an earlier calibration (e.g. read back with ``from_dict``), in place.
+
+    No data is needed: each named ``nn.Linear`` becomes (or stays) a :class:`ThresholdedLinear`
+    with the recorded threshold and calibrated sparsity. Every name must be an ``nn.Linear`` of
+    the model (checked before anything changes). Returns the names.
+    """
+    model = unwrap(check_module(model))
+    if not isinstance(thresholds, ActivationThresholds):
+        raise SparseforgeError(
+            f"thresholds of type {type(thresholds).__name__}; allowed: an ActivationThresholds (from_dict reads JSON)"
+        )
+    for item in thresholds.layers:
+        try:
+            layer = model.get_submodule(item.name)
+        except AttributeError:
+            raise SparseforgeError(
+                f"layer {item.name!r} is not in the model; allowed: thresholds calibrated on it"
+            ) from None
+        if not isinstance(layer, nn.Linear):
+            raise SparseforgeError(f"layer {item.name} is a {type(layer).__name__}; allowed: nn.Linear layers")
+    for item in thresholds.layers:
+        layer = model.get_submodule(item.name)
+        if not isinstance(layer, ThresholdedLinear):
+            assert isinstance(layer, nn.Linear)
+            layer = ThresholdedLinear.from_linear(layer)
+            model.set_submodule(item.name, layer)
+        layer.set_threshold(item.threshold, min(item.sparsity, 1.0 - 1e-6))
+    return [item.name for item in thresholds.layers]
+
+
 def sparsify_activations(
     model: nn.Module,
     calibration: CalibrationData,
@@ -242,13 +308,6 @@ def sparsify_activations(
         sampler = _Sampler(samples_per_layer, _token_count(calibration), widths, seed)
         tokens = for_each_input(model, calibration, layers, sampler.visit, batch_size=batch_size)
         chosen = [_choose(name, sampler.sorted(name), target, thresholds) for name in names]
-        for item in chosen:
-            layer = layers[item.name]
-            sparsity_seen = min(item.sparsity, 1.0 - 1e-6)
-            if not isinstance(layer, ThresholdedLinear):
-                assert isinstance(layer, nn.Linear)
-                layer = ThresholdedLinear.from_linear(layer)
-                model.set_submodule(item.name, layer)
-                layers[item.name] = layer
-            layer.set_threshold(item.threshold, sparsity_seen)
+        apply_thresholds(model, ActivationThresholds(target, where, tuple(chosen), tokens, 0.0))
+        layers = {name: model.get_submodule(name) for name in names}
     return ActivationThresholds(target, where, tuple(chosen), tokens, time.perf_counter() - start)
