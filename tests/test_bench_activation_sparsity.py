@@ -50,6 +50,22 @@ def test_finetune_claims(bench) -> None:  # type: ignore[no-untyped-def]
     assert bench.finetune_claims(rows) == {"relu2_best_tradeoff": False, "prosparse_high_sparsity_close_quality": False}
 
 
+def test_speed_claims(bench) -> None:  # type: ignore[no-untyped-def]
+    speedups = [1.6, 1.4, 1.3, 1.7, 2.0, 0.96]
+    rows = [{"label": label, "speedup": x} for label, x in zip(bench.SPEED_CONFIGS, speedups, strict=True)]
+    assert bench.speed_claims(rows) == {
+        "activations_50pct_mlp_at_least_1.5x": True,
+        "activations_50pct_all_at_least_1.5x": False,
+        "never_slower_with_dense_activations": True,
+        "weights_and_activations_faster_than_either": True,
+    }
+    rows[3]["speedup"], rows[5]["speedup"] = 1.6, 0.94  # combined only ties activations; dense inputs 6 % slower
+    claims = bench.speed_claims(rows)
+    assert (
+        not claims["weights_and_activations_faster_than_either"] and not claims["never_slower_with_dense_activations"]
+    )
+
+
 @needs_transformers
 def test_the_decoder_and_finetune_parts_run_on_a_tiny_model(bench) -> None:  # type: ignore[no-untyped-def]
     from test_oneshot_driver import _llama
