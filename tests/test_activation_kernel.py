@@ -90,7 +90,7 @@ def test_input_sparse_formats_round_trip_exactly(rows, cols, density, seed):
         assert fmt.nbytes == sum(a.nbytes for a in vars(fmt).values() if isinstance(a, np.ndarray))
     bm = InputSparseBitmask.from_dense(w)
     assert bm.nnz == int((w != 0).sum())
-    assert bm.tileptr[-1] == bm.nnz and bm.coloff.dtype == np.uint32
+    assert bm.colptr[-1] == bm.nnz and bm.coloff.dtype == np.uint32
 
 
 def test_input_sparse_formats_are_registered_and_refused_by_sparse_linear():
@@ -107,19 +107,19 @@ def test_input_sparse_formats_refuse_bad_arguments_and_arrays():
     with pytest.raises(SparseforgeError, match="dtype"):
         InputSparseDense.from_dense(w.double())
     dense = InputSparseDense.from_dense(w, 64)
-    bad = dense.tiles.copy()
-    bad[-1, 0, 63] = 1.0  # a padding row (70 rows: the last tile holds 6)
+    bad = dense.weight_t.copy()
+    bad[0, 127] = 1.0  # a padding output (70 rows, padded to 128)
     for arrays, params in (
-        ({"tiles": bad}, {"tile": 64}),
-        ({"tiles": dense.tiles}, {"tile": 32}),
-        ({"tiles": dense.tiles[:, :5]}, {"tile": 64}),
+        ({"weight_t": bad}, {"tile": 64}),
+        ({"weight_t": dense.weight_t}, {"tile": 32}),
+        ({"weight_t": dense.weight_t[:5]}, {"tile": 64}),
         ({}, {"tile": 64}),
     ):
         with pytest.raises(SparseforgeError, match="input-sparse"):
             InputSparseDense.from_arrays((70, 9), arrays, params)
     bm = InputSparseBitmask.from_dense(w)
     mask = bm.mask.copy()
-    mask[-1, 0] |= np.uint64(1) << np.uint64(63)  # a bit in a padding row
+    mask[0, -1] |= np.uint64(1) << np.uint64(63)  # a bit in a padding output
     with pytest.raises(SparseforgeError, match="inconsistent"):
         InputSparseBitmask.from_arrays((70, 9), {"mask": mask, "values": bm.values}, {})
     with pytest.raises(SparseforgeError, match="set bits but"):
@@ -345,12 +345,12 @@ def test_builds_without_avx512_or_avx2_compute_the_same(tmp_path, march):
         out = torch.empty(1, 130)
         if isinstance(fmt, InputSparseDense):
             n = lib.sf_insparse_dense(
-                fmt.tiles.ctypes.data, fmt.tile, 130, 77, x.data_ptr(), 0.2, None, bias.data_ptr(),
+                fmt.weight_t.ctypes.data, fmt.tile, 130, 77, x.data_ptr(), 0.2, None, bias.data_ptr(),
                 out.data_ptr(), 77, 2, 0, 2,
             )  # fmt: skip
         else:
             n = lib.sf_insparse_bitmask(
-                fmt.mask.ctypes.data, fmt.tileptr.ctypes.data, fmt.coloff.ctypes.data, fmt.values.ctypes.data,
+                fmt.mask.ctypes.data, fmt.colptr.ctypes.data, fmt.coloff.ctypes.data, fmt.values.ctypes.data,
                 fmt.nnz, 130, 77, x.data_ptr(), 0.2, None, bias.data_ptr(), out.data_ptr(), 77, 2, 0, 2,
             )  # fmt: skip
         assert n == int((drop_small(x, torch.tensor(0.2)) != 0).sum())

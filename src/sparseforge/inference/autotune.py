@@ -692,10 +692,11 @@ INPUT_BITMASK_MIN_SPARSITY = 0.25
 RULE_MIN_INPUT_SPARSITY = 0.5
 RULE_CROSSOVER = 0.5
 #: Cost model of the sparse-input kernel: a call reads its packed bytes times
-#: ``min(1, active fraction x _INPUT_WASTE)``: skipped columns of a tile sit between read ones, and
-#: the hardware prefetcher fetches part of them anyway (4096x4096 on the development Xeon: 25 %
-#: active inputs cost 0.35-0.45 of all-active, 50 % 0.75-1.0); plus the gather, ns per input.
-_INPUT_WASTE = 1.6
+#: ``min(1, active fraction x _INPUT_WASTE)``: the input-major layout reads the active inputs'
+#: rows only, but a pass keeps its sums in L1/L2 and a short row costs its start-up (big layers on
+#: the development Xeon, one thread: 50 % active inputs 0.48-0.5 of dense ``F.linear``, 75 %
+#: 0.6-0.75; the tile-major layout before it needed 1.6 here); plus the gather, ns per input.
+_INPUT_WASTE = 1.1
 _NS_INPUT_GATHER = 0.5
 #: The thresholding (``drop_small``: three PyTorch ops) the plain path runs before its matmul, ms.
 _DROP_SMALL_MS = 0.006

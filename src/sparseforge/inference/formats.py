@@ -531,7 +531,8 @@ class CompactDense(PackedFormat):
 
 
 # --------------------------------------------------------------------------------------------
-#: Output tile heights the sparse-input kernel has register-blocked code for.
+#: Output tile heights of the sparse-input layouts: the outputs are padded to a multiple of the
+#: tile, and the kernel splits them between threads in whole tiles.
 INPUT_SPARSE_TILES = (16, 32, 64, 128)
 
 
@@ -539,143 +540,136 @@ def _tile_count(rows: int, tile: int) -> int:
     return (rows + tile - 1) // tile
 
 
-def _tiled_transpose(w: np.ndarray, tile: int) -> np.ndarray:
-    """``w`` ``(rows, cols)`` as ``(tiles, cols, tile)``: W^T of each output tile, rows zero padded."""
+def _padded_transpose(w: np.ndarray, tile: int) -> np.ndarray:
+    """``w`` ``(rows, cols)`` as W^T ``(cols, ceil(rows / tile) * tile)``, row-major, outputs zero padded."""
     rows, cols = w.shape
-    nt = _tile_count(rows, tile)
-    padded = np.zeros((nt * tile, cols), dtype=np.float32)
-    padded[:rows] = w
-    return np.ascontiguousarray(padded.reshape(nt, tile, cols).transpose(0, 2, 1))
-
-
-def _untile(tiled: np.ndarray, rows: int) -> np.ndarray:
-    """Inverse of :func:`_tiled_transpose`: ``(tiles, cols, tile)`` back to ``(rows, cols)``."""
-    nt, cols, tile = tiled.shape
-    return np.ascontiguousarray(tiled.transpose(0, 2, 1).reshape(nt * tile, cols)[:rows])
+    out = np.zeros((cols, _tile_count(rows, tile) * tile), dtype=np.float32)
+    out[:, :rows] = w.T
+    return out
 
 
 @dataclass(eq=False)
 class InputSparseDense(PackedFormat):
-    """A dense weight laid out for sparse *inputs*: W^T in output tiles, tile-major.
+    """A dense weight laid out for sparse *inputs*: W^T row-major ("input-major").
 
-    ``tiles`` is ``(ceil(out_features / tile), in_features, tile)`` float32: for output tile
-    ``t`` and input ``j``, ``tiles[t, j]`` holds ``W[t*tile : (t+1)*tile, j]`` (the last tile zero
-    padded). At batch 1 with a sparse input, the kernel reads one contiguous ``4 * tile``-byte
-    chunk per tile and *active* input, and keeps a tile's ``tile`` sums in vector registers.
-    ``tile`` is one of :data:`INPUT_SPARSE_TILES` (64 by default: 4 AVX-512 registers).
+    ``weight_t`` is ``(in_features, ceil(out_features / tile) * tile)`` float32: row ``j`` holds
+    input ``j``'s weights for every output (``W[:, j]``, zero padded). At batch 1 with a sparse
+    input, the kernel streams the rows of the *active* inputs only; the skipped ones are whole
+    rows away, so the hardware prefetchers do not fetch them. ``tile`` (one of
+    :data:`INPUT_SPARSE_TILES`, 64 by default) is the padding and the unit of the thread split.
     """
 
     name: ClassVar[str] = "input-sparse"
     shape: tuple[int, int]
     tile: int
-    tiles: np.ndarray
+    weight_t: np.ndarray
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor | np.ndarray, tile: int = 64) -> InputSparseDense:
         if tile not in INPUT_SPARSE_TILES or isinstance(tile, bool):
             raise SparseforgeError(f"tile={tile!r} is not allowed; allowed: one of {INPUT_SPARSE_TILES}")
         w = as_weight_array(weight)
-        return cls((int(w.shape[0]), int(w.shape[1])), int(tile), _tiled_transpose(w, int(tile)))
+        return cls((int(w.shape[0]), int(w.shape[1])), int(tile), _padded_transpose(w, int(tile)))
 
     def to_dense(self) -> torch.Tensor:
-        return torch.from_numpy(_untile(self.tiles, self.shape[0]))
+        return torch.from_numpy(np.ascontiguousarray(self.weight_t[:, : self.shape[0]].T))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"tiles": self.tiles}
+        return {"weight_t": self.weight_t}
 
     def params(self) -> dict[str, int]:
         return {"tile": self.tile}
 
     @property
     def nnz(self) -> int:
-        return int(self.tiles.size)
+        return int(self.weight_t.size)
 
     @classmethod
     def from_arrays(
         cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]
     ) -> InputSparseDense:
-        _require(arrays, ("tiles",), "input-sparse")
+        _require(arrays, ("weight_t",), "input-sparse")
         rows, cols = shape
         tile = int(params.get("tile", 0))
-        tiles = arrays["tiles"]
-        ok = tile in INPUT_SPARSE_TILES and tiles.dtype == np.float32
-        ok = ok and tiles.shape == (_tile_count(rows, tile), cols, tile)
+        wt = arrays["weight_t"]
+        ok = tile in INPUT_SPARSE_TILES and wt.dtype == np.float32
+        ok = ok and wt.shape == (cols, _tile_count(rows, tile) * tile)
         if ok and rows % tile:
-            ok = not np.any(tiles[-1, :, rows % tile :])  # the padding rows are zero
+            ok = not np.any(wt[:, rows:])  # the padding outputs are zero
         if not ok:
             raise SparseforgeError(
                 f"input-sparse arrays are inconsistent with shape {shape} and tile {tile}; allowed: a file written by save_converted"
             )
-        return cls(shape, tile, np.ascontiguousarray(tiles))
+        return cls(shape, tile, np.ascontiguousarray(wt))
 
 
 @dataclass(eq=False)
 class InputSparseBitmask(PackedFormat):
-    """A pruned weight laid out for sparse inputs: per 64-row output tile and input, a mask and the kept values.
+    """A pruned weight laid out for sparse inputs: per input, its kept weights, with a mask per 64 outputs.
 
-    ``mask`` is ``(ceil(out_features / 64), in_features)`` uint64: bit ``i`` of ``mask[t, j]`` says
-    whether ``W[64 t + i, j]`` is kept. ``values`` holds the kept values tile by tile, input by
-    input, in row order. Derived (not stored): ``tileptr`` (int64, ``tiles + 1``: where each tile's
-    values start) and ``coloff`` (uint32, like ``mask``: where input ``j``'s values start inside
-    its tile), so the kernel jumps straight to the values of an active input. At weight density
+    ``mask`` is ``(in_features, ceil(out_features / 64))`` uint64: bit ``i`` of ``mask[j, t]`` says
+    whether ``W[64 t + i, j]`` is kept. ``values`` holds the kept values input by input (weight
+    column by column), in output order. Derived (not stored): ``colptr`` (int64, ``in + 1``: where
+    each input's values start) and ``coloff`` (uint32, like ``mask``: where tile ``t``'s values
+    start inside input ``j``'s), so a thread jumps straight to its outputs. At weight density
     ``d`` this costs ``4 d + 1/8 + 1/16`` bytes per weight (mask and offsets), and an active input
-    reads only its kept values: sparse weights and sparse inputs multiply.
+    reads only its kept values, contiguously: sparse weights and sparse inputs multiply.
     """
 
     name: ClassVar[str] = "input-sparse+bitmask"
     shape: tuple[int, int]
     mask: np.ndarray
     values: np.ndarray
-    tileptr: np.ndarray
+    colptr: np.ndarray
     coloff: np.ndarray
 
     tile: ClassVar[int] = 64
 
     @staticmethod
     def _offsets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(tileptr, coloff)`` of a ``(tiles, cols)`` uint64 mask."""
+        """``(colptr, coloff)`` of a ``(cols, tiles)`` uint64 mask."""
         counts = np.unpackbits(
             np.ascontiguousarray(mask.astype("<u8", copy=False)).view(np.uint8).reshape(mask.shape + (8,)), axis=2
         ).sum(axis=2, dtype=np.int64)
-        per_tile = counts.sum(axis=1)
-        tileptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
-        np.cumsum(per_tile, out=tileptr[1:])
+        per_col = counts.sum(axis=1)
+        colptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+        np.cumsum(per_col, out=colptr[1:])
         coloff = np.zeros(mask.shape, dtype=np.int64)
         if mask.shape[1] > 1:
             np.cumsum(counts[:, :-1], axis=1, out=coloff[:, 1:])
-        return tileptr, coloff.astype(np.uint32)
+        return colptr, coloff.astype(np.uint32)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor | np.ndarray) -> InputSparseBitmask:
         w = as_weight_array(weight)
         rows, cols = w.shape
-        if cols and 64 * cols >= 2**32:
-            raise SparseforgeError(f"in_features={cols} is too large; allowed: at most {2**32 // 64 - 1}")
-        tiled = _tiled_transpose(w, 64)  # (tiles, cols, 64)
-        keep = tiled != 0
+        if rows >= 2**32:
+            raise SparseforgeError(f"out_features={rows} is too large; allowed: at most {2**32 - 1}")
+        wt = _padded_transpose(w, 64).reshape(cols, -1, 64)  # (cols, tiles, 64)
+        keep = wt != 0
         mask = np.packbits(keep, axis=2, bitorder="little").view("<u8").reshape(keep.shape[:2])
         mask = np.ascontiguousarray(mask.astype(np.uint64, copy=False))
-        tileptr, coloff = cls._offsets(mask)
-        return cls((rows, cols), mask, np.ascontiguousarray(tiled[keep]), tileptr, coloff)
+        colptr, coloff = cls._offsets(mask)
+        return cls((rows, cols), mask, np.ascontiguousarray(wt[keep]), colptr, coloff)
 
     def to_dense(self) -> torch.Tensor:
-        nt, cols = self.mask.shape
+        cols, nt = self.mask.shape
         keep = np.unpackbits(
-            np.ascontiguousarray(self.mask.astype("<u8", copy=False)).view(np.uint8).reshape(nt, cols, 8),
+            np.ascontiguousarray(self.mask.astype("<u8", copy=False)).view(np.uint8).reshape(cols, nt, 8),
             axis=2,
             bitorder="little",
         ).astype(bool)
-        tiled = np.zeros((nt, cols, 64), dtype=np.float32)
-        tiled[keep] = self.values
-        return torch.from_numpy(_untile(tiled, self.shape[0]))
+        wt = np.zeros((cols, nt, 64), dtype=np.float32)
+        wt[keep] = self.values
+        return torch.from_numpy(np.ascontiguousarray(wt.reshape(cols, nt * 64)[:, : self.shape[0]].T))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        # tileptr and coloff are derivable from the mask (see from_arrays)
+        # colptr and coloff are derivable from the mask (see from_arrays)
         return {"mask": self.mask, "values": self.values}
 
     @property
     def nbytes(self) -> int:
-        return int(self.mask.nbytes + self.values.nbytes + self.tileptr.nbytes + self.coloff.nbytes)
+        return int(self.mask.nbytes + self.values.nbytes + self.colptr.nbytes + self.coloff.nbytes)
 
     @property
     def nnz(self) -> int:
@@ -688,20 +682,20 @@ class InputSparseBitmask(PackedFormat):
         _require(arrays, ("mask", "values"), "input-sparse+bitmask")
         rows, cols = shape
         mask, values = arrays["mask"], arrays["values"]
-        ok = mask.dtype == np.uint64 and mask.shape == (_tile_count(rows, 64), cols)
-        ok = ok and values.dtype == np.float32 and values.ndim == 1 and 64 * cols < 2**32
-        if ok and rows % 64:
-            ok = not np.any(mask[-1] >> np.uint64(rows % 64))  # no bit in the padding rows
+        ok = mask.dtype == np.uint64 and mask.shape == (cols, _tile_count(rows, 64))
+        ok = ok and values.dtype == np.float32 and values.ndim == 1 and rows < 2**32
+        if ok and rows % 64 and mask.size:
+            ok = not np.any(mask[:, -1] >> np.uint64(rows % 64))  # no bit in the padding outputs
         if not ok:
             raise SparseforgeError(
                 f"input-sparse+bitmask arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
             )
-        tileptr, coloff = cls._offsets(mask)
-        if int(tileptr[-1]) != values.shape[0]:
+        colptr, coloff = cls._offsets(mask)
+        if int(colptr[-1]) != values.shape[0]:
             raise SparseforgeError(
-                f"input-sparse+bitmask has {int(tileptr[-1])} set bits but {values.shape[0]} values; allowed: equal counts"
+                f"input-sparse+bitmask has {int(colptr[-1])} set bits but {values.shape[0]} values; allowed: equal counts"
             )
-        return cls(shape, np.ascontiguousarray(mask), np.ascontiguousarray(values), tileptr, coloff)
+        return cls(shape, np.ascontiguousarray(mask), np.ascontiguousarray(values), colptr, coloff)
 
 
 #: The formats of the sparse-input kernel (batch 1, sparse activations), by name.

@@ -652,10 +652,9 @@ _InputFormat = InputSparseDense | InputSparseBitmask
 
 
 #: Byte alignment of the sparse-input layouts' arrays. numpy's allocator leaves them 16 bytes off
-#: a cache line, so each 256-byte column chunk of a 64-row tile touched 5 lines instead of 4:
-#: aligned, one thread, 4096x4096 at 25 % active inputs 2.09 vs 2.37 ms, 11008x4096 10.0 vs
-#: 11.0 ms (medians of 3 interleaved runs; aligned faster in 11 of 12 pairs). 128 also keeps the
-#: adjacent-line prefetcher's 128-byte pairs whole.
+#: a cache line; with the earlier tile-major layout each 256-byte column chunk of a 64-row tile
+#: then touched 5 lines instead of 4 (aligned, one thread, 4096x4096 at 25 % active inputs 2.09
+#: vs 2.37 ms). With the input-major layout the rows of a tile-multiple width stay line-aligned.
 INPUT_SPARSE_ALIGN = 128
 
 
@@ -682,15 +681,15 @@ class _InputPlan:
 
     def __init__(self, fmt: _InputFormat) -> None:
         if isinstance(fmt, InputSparseDense):
-            fmt.tiles = _aligned(fmt.tiles, np.float32)
-            self.keep: tuple[np.ndarray, ...] = (fmt.tiles,)
-            finite = bool(np.isfinite(fmt.tiles).all())
+            fmt.weight_t = _aligned(fmt.weight_t, np.float32)
+            self.keep: tuple[np.ndarray, ...] = (fmt.weight_t,)
+            finite = bool(np.isfinite(fmt.weight_t).all())
         else:
             fmt.mask = _aligned(fmt.mask, np.uint64)
-            fmt.tileptr = _aligned(fmt.tileptr, np.int64)
+            fmt.colptr = _aligned(fmt.colptr, np.int64)
             fmt.coloff = _aligned(fmt.coloff, np.uint32)
             fmt.values = _aligned(fmt.values, np.float32)
-            self.keep = (fmt.mask, fmt.tileptr, fmt.coloff, fmt.values)
+            self.keep = (fmt.mask, fmt.colptr, fmt.coloff, fmt.values)
             finite = bool(np.isfinite(fmt.values).all())
         self.ptrs = tuple(a.ctypes.data for a in self.keep)
         self.dense_t: torch.Tensor | None = None  # the dense weight, for the PyTorch fallback (bitmask)
@@ -813,8 +812,8 @@ def _input_sparse_torch(
     xs = torch.where(keep, xr, torch.zeros((), dtype=xr.dtype)).index_select(0, idx)
     rows = fmt.shape[0]
     if isinstance(fmt, InputSparseDense):
-        part = torch.from_numpy(plan.keep[0]).index_select(1, idx)  # (tiles, active, tile)
-        y = torch.einsum("tnk,n->tk", part, xs).reshape(-1)[:rows]
+        part = torch.from_numpy(plan.keep[0]).index_select(0, idx)  # (active, padded out)
+        y = (xs @ part)[:rows]
     else:
         if plan.dense_t is None:
             plan.dense_t = fmt.to_dense()

@@ -70,7 +70,7 @@ CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", 
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 9
+ABI = 10
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.

@@ -39,7 +39,7 @@
 #define SF_AVX512 0
 #endif
 
-#define SF_ABI 9
+#define SF_ABI 10
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
@@ -966,7 +966,7 @@ void sf_block_spmm(const int64_t *brow, const int32_t *bcol, const float *blk, i
 /* ------------------------------------------------------------------ sparse input (batch 1)
  * y = W x' + b for ONE input row, where x' is x with every entry of magnitude <= threshold set
  * to 0 (the training-free activation sparsity of TEAL / CATS; threshold 0 keeps exactly the
- * nonzeros). Only the weight columns of the kept entries are read.
+ * nonzeros). Only the weights of the kept entries are read.
  *
  * Step 1, gather (the calling thread): the active inputs are the j with !(|x_j| <= threshold)
  * (so NaN counts as kept and propagates as in dense F.linear) plus the j set in `force` (may be
@@ -974,41 +974,40 @@ void sf_block_spmm(const int64_t *brow, const int32_t *bcol, const float *blk, i
  * 0 * inf = NaN); idx[k] = j, xs[k] = x'_j (0 for a forced column below the threshold). If more
  * than max_active inputs are active the call returns their number without computing anything:
  * the caller then runs its dense path (the crossover rule; max_active < 0: count only).
- * Step 2, sf_run over output tiles: tile t holds output rows t*T .. t*T+T-1; its T accumulators
- * sit in registers (AVX-512: T = 64 is 4 zmm, 128 is 8; AVX2: up to 64 floats = 8 ymm per pass,
- * so T = 128 runs as two passes over the active list) and take x'_j * W[tile rows, j] for every
- * active j in increasing order; then the bias is added. One accumulator per output in a fixed
- * order: results depend neither on the thread count nor on the runtime.
+ * Step 2, sf_run over output ranges ("axpy", input-major): W^T is stored row-major, so the
+ * weights of input j for all outputs are one contiguous row (4 * out bytes, rounded up). A
+ * chunk owns the outputs [o0, o1) (whole tiles of T outputs, one chunk per thread), keeps their
+ * sums in y itself (L1/L2 resident: at most 4 * out bytes) and, for the active inputs four at a
+ * time, streams the four rows' [o0, o1) parts: y[o] = fma(W[o, j_k], x'_jk, y[o]) for k = 0, 1,
+ * 2, 3 in turn (AVX-512: 16 outputs per step, AVX2: 8). Then the bias is added. One accumulator
+ * per output, the active inputs in increasing order: results depend neither on the thread count
+ * nor on the runtime (and equal the earlier tile-major kernel's, bit for bit).
+ * Why input-major: the skipped inputs' weights are whole rows (4-44 KB) away from the read ones,
+ * so neither the L2 streamer nor the adjacent-line prefetcher pulls them in, and the bytes moved
+ * scale with the active share. The tile-major layout it replaced (W^T in tiles of 64 outputs,
+ * 256 contiguous bytes per input and tile, accumulators in registers) read about as many bytes
+ * at 50 % active inputs as at 100 %: the skipped 256-byte chunks sat between the read ones.
  *
- * Layouts (nt = ceil(rows / T), rows past `rows` are zero padding):
- *   dense    tiles float[nt][cols][T]: tile-major, W^T of each tile (column j of tile t is T
- *            contiguous floats), so an active input costs one contiguous T*4-byte read per tile.
- *   bitmask  T = 64: mask uint64[nt][cols] (bit i of mask[t][j]: W[64t+i, j] is kept),
- *            tileptr int64[nt+1] (offset of tile t's values), coloff uint32[nt][cols] (offset of
- *            column j's values inside tile t), val float[nval]: tile by tile, column by column,
- *            the column's kept values in row order. AVX-512 expand-loads them into place in 16-row
- *            steps (masked-off lanes are zeros and are not read), so every lane is multiplied
- *            and a NaN input still reaches rows whose weight is not kept, as in dense.
+ * Layouts (nt = ceil(rows / T), ld = nt * T; outputs past `rows` are zero padding):
+ *   dense    wt float[cols][ld]: W^T row-major, T in {16, 32, 64, 128} (the unit of the thread
+ *            split; AVX-512 / AVX2 step 16 / 8 outputs).
+ *   bitmask  T = 64: mask uint64[cols][nt] (bit i of mask[j][t]: W[64t+i, j] is kept),
+ *            colptr int64[cols+1] (offset of input j's values), coloff uint32[cols][nt]
+ *            (offset of tile t's values inside input j's), val float[nval]: input by input,
+ *            the kept values of its weight column in output order. AVX-512 expand-loads them
+ *            into place in 16-output steps (masked-off lanes are zeros and are not read), so
+ *            every output is multiplied and a NaN input still reaches outputs whose weight is
+ *            not kept, as in dense. Per pass, four active inputs' masks and values stream.
  * `variant` picks the instruction set: 2 AVX-512, 1 AVX2, 0 portable C; a variant that was not
  * compiled in falls back to the next lower one. Returns the number of active inputs, or -1 when
- * a buffer could not be allocated. */
-
-/* Prefetch the weights of the active input this many places ahead in the active list. Measured
- * on the 2-vCPU AVX-512 Xeon (one thread, other jobs on the machine, medians of 30-40 calls
- * interleaved with F.linear), 4096x4096, T = 64: at 25 % active inputs 1.16-1.18 ms with 32 vs
- * 1.23-1.29 with 24, 1.43-1.44 with 16, 1.57-1.63 with 8; at 10 % 0.63 ms with none vs 0.50-0.52;
- * the combined (50 % weights) kernel 0.86 ms with 32 vs 1.08-1.11 with 8. No difference either
- * way on a layer that stays in the L3 cache (1024 x 2816).
- * Tile height: T = 64 (4 zmm accumulators) won. 4096², 10 % / 50 % active: T = 32 1.37 / 4.24 ms,
- * T = 128 0.91 / 3.72 ms, T = 64 0.52 / 3.18 ms. Tiles of 256-1024 rows (4 KB contiguous per
- * input, accumulators in L1, or in registers 8 active inputs at a time) lost at every density
- * above 25 %: 0.5-0.93x of dense at 50 % where T = 64 ran 1.1-2.1x. Transparent huge pages for
- * the weights (madvise) changed nothing measurable. */
-#ifndef SF_INS_PF
-#define SF_INS_PF 32
-#endif
-/* slack after the active list: vector stores of the gather overhang, and prefetch look-ahead */
-#define SF_INS_SLACK (8 + SF_INS_PF)
+ * a buffer could not be allocated.
+ *
+ * Measured on the 2-vCPU AVX-512 Xeon (one thread, other jobs on the machine): see
+ * docs/guide/inference.md, "Sparse inputs". No software prefetch: the rows stream; prefetching
+ * 512-1024 floats ahead in the four rows, or the next group's row heads, changed nothing beyond
+ * the noise. Output blocks of 1024-2048 (y in L1) instead of the chunk's whole range: no gain. */
+/* slack after the active list: vector stores of the gather overhang, and the groups of four */
+#define SF_INS_SLACK 16
 
 static int64_t ins_gather(const float *x, int64_t cols, float thr, const uint64_t *force,
                           int32_t *idx, float *xs, int variant) {
@@ -1046,135 +1045,98 @@ static int64_t ins_gather(const float *x, int64_t cols, float thr, const uint64_
     return n;
 }
 
-typedef struct { const float *tiles; int64_t T; const uint64_t *mask; const int64_t *tileptr;
+
+typedef struct { const float *wt; int64_t T; const uint64_t *mask; const int64_t *colptr;
                  const uint32_t *coloff; const float *val; int64_t nval; int64_t rows, cols, nt;
                  const int32_t *idx; const float *xs; int64_t n; const float *bias; float *y;
                  int variant; int nchunks; } ins_ctx;
 
-/* the finished accumulators of tile t (T of them) into y, plus the bias */
-static inline void ins_store(const ins_ctx *a, int64_t t, const float *acc) {
-    const int64_t r0 = t * a->T, r1 = r0 + a->T < a->rows ? r0 + a->T : a->rows;
+/* the bias into the finished sums y[o0 .. o1) */
+static inline void ins_bias(const ins_ctx *a, int64_t o0, int64_t o1) {
     if (a->bias)
-        for (int64_t r = r0; r < r1; ++r) a->y[r] = acc[r - r0] + a->bias[r];
-    else
-        memcpy(a->y + r0, acc, sizeof(float) * (size_t)(r1 - r0));
+        for (int64_t o = o0; o < o1; ++o) a->y[o] += a->bias[o];
 }
 
-/* dense: acc[0 .. S) = sum over the active list of xs[k] * tile[idx[k] * T + (0 .. S)] */
-#define SF_INS_PREFETCH_COL(BASE, STRIDE, K, NLINES)                                           \
-    do {                                                                                  \
-        if (SF_INS_PF > 0) {                                                              \
-            const float *q_ = (BASE) + (int64_t)idx[(K) + SF_INS_PF] * (STRIDE);           \
-            _Pragma("GCC unroll 8") for (int l_ = 0; l_ < (NLINES); ++l_) SF_PREFETCH(q_ + 16 * l_); \
+/* dense: acc[0 .. L) += sum over the active list of xs[k] * wt[idx[k] * ld + o0 + (0 .. L)], one
+ * fma per input in list order; L a multiple of the vector width W (VT: W floats), 4 inputs a pass */
+#define DEF_INS_AXPY(NAME, VT, W, SETZERO, SET1, LOADU, FMADD, STOREU)                       \
+static void NAME(const float *wt, int64_t ld, int64_t o0, int64_t L, const int32_t *idx,       \
+                 const float *xs, int64_t n, float *acc) {                                \
+    for (int64_t i = 0; i < L; i += (W)) STOREU(acc + i, SETZERO());                      \
+    int64_t k = 0;                                                                        \
+    for (; k + 4 <= n; k += 4) {                                                          \
+        const float *p0 = wt + (int64_t)idx[k] * ld + o0, *p1 = wt + (int64_t)idx[k + 1] * ld + o0; \
+        const float *p2 = wt + (int64_t)idx[k + 2] * ld + o0, *p3 = wt + (int64_t)idx[k + 3] * ld + o0; \
+        const VT x0 = SET1(xs[k]), x1 = SET1(xs[k + 1]), x2 = SET1(xs[k + 2]), x3 = SET1(xs[k + 3]); \
+        for (int64_t i = 0; i < L; i += (W)) {                                            \
+            VT s = LOADU(acc + i);                                                        \
+            s = FMADD(LOADU(p0 + i), x0, s);                                              \
+            s = FMADD(LOADU(p1 + i), x1, s);                                              \
+            s = FMADD(LOADU(p2 + i), x2, s);                                              \
+            s = FMADD(LOADU(p3 + i), x3, s);                                              \
+            STOREU(acc + i, s);                                                           \
         }                                                                                 \
-    } while (0)
-/* NV vectors of W lanes (VT) of accumulators; one prefetch per cache line of the column chunk */
-#define DEF_INS_DENSE(NAME, VT, W, NV, SETZERO, SET1, LOADU, FMADD, STOREU)                  \
-static void NAME(const float *tile, int64_t T, const int32_t *idx, const float *xs, int64_t n, \
-                 float *out) {                                                            \
-    VT acc[NV];                                                                           \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[v] = SETZERO();              \
-    for (int64_t k = 0; k < n; ++k) {                                                     \
-        SF_INS_PREFETCH_COL(tile, T, k, ((NV) * (W) + 15) / 16);                          \
-        const float *p = tile + (int64_t)idx[k] * T;                                      \
-        const VT xv = SET1(xs[k]);                                                        \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                              \
-            acc[v] = FMADD(LOADU(p + (W) * v), xv, acc[v]);                               \
     }                                                                                     \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) STOREU(out + (W) * v, acc[v]);   \
+    for (; k < n; ++k) {                                                                  \
+        const float *p0 = wt + (int64_t)idx[k] * ld + o0;                                 \
+        const VT x0 = SET1(xs[k]);                                                        \
+        for (int64_t i = 0; i < L; i += (W)) STOREU(acc + i, FMADD(LOADU(p0 + i), x0, LOADU(acc + i))); \
+    }                                                                                     \
 }
 #if SF_AVX512
-#define DEF_INS_DENSE512(NV) DEF_INS_DENSE(ins_dense512_##NV, __m512, 16, NV, _mm512_setzero_ps, \
-    _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
-DEF_INS_DENSE512(1)
-DEF_INS_DENSE512(2)
-DEF_INS_DENSE512(4)
-DEF_INS_DENSE512(8)
+DEF_INS_AXPY(ins_axpy512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps,
+             _mm512_fmadd_ps, _mm512_storeu_ps)
 #endif
 #if SF_AVX2
-#define DEF_INS_DENSE256(NV) DEF_INS_DENSE(ins_dense256_##NV, __m256, 8, NV, _mm256_setzero_ps, \
-    _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps)
-DEF_INS_DENSE256(2)
-DEF_INS_DENSE256(4)
-DEF_INS_DENSE256(8)
+DEF_INS_AXPY(ins_axpy256, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps,
+             _mm256_fmadd_ps, _mm256_storeu_ps)
 #endif
-static void ins_dense_scalar(const float *tile, int64_t T, const int32_t *idx, const float *xs,
-                             int64_t n, float *out, int64_t S) {
-    for (int64_t i = 0; i < S; ++i) out[i] = 0.f;
+static void ins_axpy_scalar(const float *wt, int64_t ld, int64_t o0, int64_t L, const int32_t *idx,
+                            const float *xs, int64_t n, float *acc) {
+    for (int64_t i = 0; i < L; ++i) acc[i] = 0.f;
     for (int64_t k = 0; k < n; ++k) {
-        const float *p = tile + (int64_t)idx[k] * T;
+        const float *p = wt + (int64_t)idx[k] * ld + o0;
         const float xv = xs[k];
-        for (int64_t i = 0; i < S; ++i) out[i] += xv * p[i];
+        for (int64_t i = 0; i < L; ++i) acc[i] += p[i] * xv;
     }
+}
+static void ins_axpy(const ins_ctx *a, int64_t o0, int64_t L, float *acc) {
+    const int64_t ld = a->nt * a->T;
+#if SF_AVX512
+    if (a->variant >= 2) { ins_axpy512(a->wt, ld, o0, L, a->idx, a->xs, a->n, acc); return; }
+#endif
+#if SF_AVX2
+    if (a->variant >= 1) { ins_axpy256(a->wt, ld, o0, L, a->idx, a->xs, a->n, acc); return; }
+#endif
+    ins_axpy_scalar(a->wt, ld, o0, L, a->idx, a->xs, a->n, acc);
+}
+
+/* outputs of chunk c: tiles [t0, t1) of T, clipped to rows */
+static inline void ins_range(const ins_ctx *a, int c, int64_t *o0, int64_t *o1) {
+    const int64_t t0 = a->nt * c / a->nchunks, t1 = a->nt * (c + 1) / a->nchunks;
+    *o0 = t0 * a->T;
+    *o1 = t1 * a->T < a->rows ? t1 * a->T : a->rows;
 }
 
 static void ins_dense_chunk(const void *p, int c) {
     const ins_ctx *a = (const ins_ctx *)p;
-    const int64_t T = a->T, t0 = a->nt * c / a->nchunks, t1 = a->nt * (c + 1) / a->nchunks;
-    float acc[128] __attribute__((aligned(64)));
-    for (int64_t t = t0; t < t1; ++t) {
-        const float *tile = a->tiles + t * a->cols * T;
-        int done = 0;
-#if SF_AVX512
-        if (a->variant >= 2) {
-            done = 1;
-            if (T == 128) ins_dense512_8(tile, T, a->idx, a->xs, a->n, acc);
-            else if (T == 64) ins_dense512_4(tile, T, a->idx, a->xs, a->n, acc);
-            else if (T == 32) ins_dense512_2(tile, T, a->idx, a->xs, a->n, acc);
-            else if (T == 16) ins_dense512_1(tile, T, a->idx, a->xs, a->n, acc);
-            else done = 0;
-        }
-#endif
-#if SF_AVX2
-        if (!done && a->variant >= 1) {
-            done = 1;
-            if (T % 64 == 0)
-                for (int64_t s = 0; s < T; s += 64) ins_dense256_8(tile + s, T, a->idx, a->xs, a->n, acc + s);
-            else if (T == 32) ins_dense256_4(tile, T, a->idx, a->xs, a->n, acc);
-            else if (T == 16) ins_dense256_2(tile, T, a->idx, a->xs, a->n, acc);
-            else done = 0;
-        }
-#endif
-        if (!done) ins_dense_scalar(tile, T, a->idx, a->xs, a->n, acc, T);
-        ins_store(a, t, acc);
+    int64_t o0, o1;
+    ins_range(a, c, &o0, &o1);
+    if (o1 <= o0) return;
+    /* the sums live in y; a ragged end (rows % 16) goes through a small buffer (the layout's
+     * padding outputs are zero weights, so reading up to 16 of them is in bounds) */
+    const int64_t main1 = o0 + ((o1 - o0) & ~(int64_t)15);
+    if (main1 > o0) ins_axpy(a, o0, main1 - o0, a->y + o0);
+    if (o1 > main1) {
+        float tail[16] __attribute__((aligned(64)));
+        ins_axpy(a, main1, 16, tail);
+        memcpy(a->y + main1, tail, sizeof(float) * (size_t)(o1 - main1));
     }
+    ins_bias(a, o0, o1);
 }
 
-/* bitmask (T = 64): per active column, 64 mask bits and the column's kept values. Returns the
- * values of active input k of a tile (mask bits in *bits), prefetching those SF_INS_PF ahead. */
-static inline const float *ins_bm_column(const uint64_t *mk, const uint32_t *off, const float *v,
-                                         const int32_t *idx, int64_t k, uint64_t *bits) {
-    if (SF_INS_PF > 0) {
-        const float *q = v + off[idx[k + SF_INS_PF]];
-        SF_PREFETCH(q);
-        SF_PREFETCH(q + 16);
-    }
-    *bits = mk[idx[k]];
-    return v + off[idx[k]];
-}
-#if SF_AVX512
-static void ins_bitmask512(const uint64_t *mk, const uint32_t *off, const float *v, const int32_t *idx,
-                           const float *xs, int64_t n, float *out) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; ++k) {
-        uint64_t bits;
-        const float *p = ins_bm_column(mk, off, v, idx, k, &bits);
-        const __m512 xv = _mm512_set1_ps(xs[k]);
-        const int o1 = __builtin_popcountll(bits & 0xffffu);
-        const int o2 = __builtin_popcountll(bits & 0xffffffffu);
-        const int o3 = __builtin_popcountll(bits & 0xffffffffffffull);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)bits, p), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(bits >> 16), p + o1), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(bits >> 32), p + o2), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(bits >> 48), p + o3), xv, a3);
-    }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-}
-#endif
-/* one column, portable: unkept rows add 0 * x (NaN for a NaN input, as in dense) */
+/* bitmask: tiles [t0, t1) of 64 outputs; acc holds their sums (64 per tile) */
+/* one tile of one input, portable: unkept outputs add 0 * x (NaN for a NaN input, as in dense) */
 static inline void ins_bitmask_col_scalar(uint64_t bits, const float *p, float xv, float *acc) {
     for (int i = 0; i < 64; ++i) {
         const int bit = (int)(bits >> i & 1u);
@@ -1182,71 +1144,142 @@ static inline void ins_bitmask_col_scalar(uint64_t bits, const float *p, float x
         p += bit;
     }
 }
+#if SF_AVX512
+/* one tile's 64 sums in 4 zmm, one input's mask word and values: p advances past them */
+#define SF_INS_BM512(A0, A1, A2, A3, BITS, P, XV)                                           \
+    do {                                                                                  \
+        const uint64_t b_ = (BITS);                                                       \
+        const int o1_ = __builtin_popcountll(b_ & 0xffffu);                               \
+        const int o2_ = __builtin_popcountll(b_ & 0xffffffffu);                           \
+        const int o3_ = __builtin_popcountll(b_ & 0xffffffffffffull);                     \
+        A0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)b_, P), XV, A0);       \
+        A1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b_ >> 16), P + o1_), XV, A1); \
+        A2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b_ >> 32), P + o2_), XV, A2); \
+        A3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b_ >> 48), P + o3_), XV, A3); \
+        P += __builtin_popcountll(b_);                                                    \
+    } while (0)
+static void ins_bitmask512(const ins_ctx *a, int64_t t0, int64_t t1, float *acc) {
+    const int64_t nt = a->nt, n = a->n;
+    const int32_t *idx = a->idx;
+    const float *xs = a->xs;
+    for (int64_t i = 0; i < (t1 - t0) * 64; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+        const int64_t j0 = idx[k], j1 = idx[k + 1], j2 = idx[k + 2], j3 = idx[k + 3];
+        const uint64_t *m0 = a->mask + j0 * nt, *m1 = a->mask + j1 * nt, *m2 = a->mask + j2 * nt, *m3 = a->mask + j3 * nt;
+        const float *p0 = a->val + a->colptr[j0] + a->coloff[j0 * nt + t0];
+        const float *p1 = a->val + a->colptr[j1] + a->coloff[j1 * nt + t0];
+        const float *p2 = a->val + a->colptr[j2] + a->coloff[j2 * nt + t0];
+        const float *p3 = a->val + a->colptr[j3] + a->coloff[j3 * nt + t0];
+        const __m512 x0 = _mm512_set1_ps(xs[k]), x1 = _mm512_set1_ps(xs[k + 1]);
+        const __m512 x2 = _mm512_set1_ps(xs[k + 2]), x3 = _mm512_set1_ps(xs[k + 3]);
+        for (int64_t t = t0; t < t1; ++t) {
+            float *s = acc + (t - t0) * 64;
+            __m512 a0 = _mm512_loadu_ps(s), a1 = _mm512_loadu_ps(s + 16);
+            __m512 a2 = _mm512_loadu_ps(s + 32), a3 = _mm512_loadu_ps(s + 48);
+            SF_INS_BM512(a0, a1, a2, a3, m0[t], p0, x0);
+            SF_INS_BM512(a0, a1, a2, a3, m1[t], p1, x1);
+            SF_INS_BM512(a0, a1, a2, a3, m2[t], p2, x2);
+            SF_INS_BM512(a0, a1, a2, a3, m3[t], p3, x3);
+            _mm512_storeu_ps(s, a0);
+            _mm512_storeu_ps(s + 16, a1);
+            _mm512_storeu_ps(s + 32, a2);
+            _mm512_storeu_ps(s + 48, a3);
+        }
+    }
+    for (; k < n; ++k) {
+        const int64_t j0 = idx[k];
+        const uint64_t *m0 = a->mask + j0 * nt;
+        const float *p0 = a->val + a->colptr[j0] + a->coloff[j0 * nt + t0];
+        const __m512 x0 = _mm512_set1_ps(xs[k]);
+        for (int64_t t = t0; t < t1; ++t) {
+            float *s = acc + (t - t0) * 64;
+            __m512 a0 = _mm512_loadu_ps(s), a1 = _mm512_loadu_ps(s + 16);
+            __m512 a2 = _mm512_loadu_ps(s + 32), a3 = _mm512_loadu_ps(s + 48);
+            SF_INS_BM512(a0, a1, a2, a3, m0[t], p0, x0);
+            _mm512_storeu_ps(s, a0);
+            _mm512_storeu_ps(s + 16, a1);
+            _mm512_storeu_ps(s + 32, a2);
+            _mm512_storeu_ps(s + 48, a3);
+        }
+    }
+}
+#endif
 #if SF_AVX2
-/* 8 rows per mask byte with the byte -> expand permutation of the bitmask SpMV; reads up to 8
- * values past the column's last one, so the caller checks that they are inside `val` */
+/* 8 outputs per mask byte with the byte -> expand permutation of the bitmask SpMV; reads up to 8
+ * values past the tile's last one, so the caller checks that they are inside `val` */
 #define SF_INS_EXPAND8(ACC, BYTE, VP)                                                       \
     do {                                                                                  \
         const __m256i p_ = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)&sf_expand[(BYTE)])); \
         const __m256 e_ = _mm256_permutevar8x32_ps(_mm256_loadu_ps(VP), p_);              \
         ACC = _mm256_fmadd_ps(_mm256_blendv_ps(_mm256_setzero_ps(), e_, _mm256_castsi256_ps(p_)), xv, ACC); \
     } while (0)
-static void ins_bitmask256(const uint64_t *mk, const uint32_t *off, const float *v, int64_t left,
-                           const int32_t *idx, const float *xs, int64_t n, float *out) {
-    __m256 acc[8];
-    _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n; ++k) {
-        uint64_t bits;
-        const float *p = ins_bm_column(mk, off, v, idx, k, &bits);
-        if ((p - v) + __builtin_popcountll(bits) + 8 > left) {  /* at the end of val */
-            float tmp[64] __attribute__((aligned(32)));
-            _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) _mm256_store_ps(tmp + 8 * g, acc[g]);
-            ins_bitmask_col_scalar(bits, p, xs[k], tmp);
-            _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) acc[g] = _mm256_load_ps(tmp + 8 * g);
-            continue;
-        }
-        const __m256 xv = _mm256_set1_ps(xs[k]);
-        int o = 0;
-        _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) {
-            const unsigned b = (unsigned)(bits >> (8 * g) & 0xffu);
-            SF_INS_EXPAND8(acc[g], b, p + o);
-            o += __builtin_popcount(b);
+/* one input at a time (the sums of the chunk's tiles in acc) */
+static void ins_bitmask256(const ins_ctx *a, int64_t t0, int64_t t1, float *acc) {
+    const int64_t nt = a->nt;
+    for (int64_t i = 0; i < (t1 - t0) * 64; ++i) acc[i] = 0.f;
+    for (int64_t k = 0; k < a->n; ++k) {
+        const int64_t j = a->idx[k];
+        const uint64_t *mk = a->mask + j * nt;
+        const float *p = a->val + a->colptr[j] + a->coloff[j * nt + t0];
+        const __m256 xv = _mm256_set1_ps(a->xs[k]);
+        for (int64_t t = t0; t < t1; ++t) {
+            float *s = acc + (t - t0) * 64;
+            const uint64_t bits = mk[t];
+            const int cnt = __builtin_popcountll(bits);
+            if ((p - a->val) + cnt + 8 > a->nval) {  /* at the end of val */
+                ins_bitmask_col_scalar(bits, p, a->xs[k], s);
+            } else {
+                int o = 0;
+                _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) {
+                    const unsigned b = (unsigned)(bits >> (8 * g) & 0xffu);
+                    __m256 acc8 = _mm256_loadu_ps(s + 8 * g);
+                    SF_INS_EXPAND8(acc8, b, p + o);
+                    _mm256_storeu_ps(s + 8 * g, acc8);
+                    o += __builtin_popcount(b);
+                }
+            }
+            p += cnt;
         }
     }
-    _Pragma("GCC unroll 8") for (int g = 0; g < 8; ++g) _mm256_storeu_ps(out + 8 * g, acc[g]);
 }
 #endif
+static void ins_bitmask_run(const ins_ctx *a, int64_t t0, int64_t t1, float *acc) {
+#if SF_AVX512
+    if (a->variant >= 2) { ins_bitmask512(a, t0, t1, acc); return; }
+#endif
+#if SF_AVX2
+    if (a->variant >= 1) { ins_bitmask256(a, t0, t1, acc); return; }
+#endif
+    const int64_t nt = a->nt;
+    for (int64_t i = 0; i < (t1 - t0) * 64; ++i) acc[i] = 0.f;
+    for (int64_t k = 0; k < a->n; ++k) {
+        const int64_t j = a->idx[k];
+        const float *p = a->val + a->colptr[j] + a->coloff[j * nt + t0];
+        for (int64_t t = t0; t < t1; ++t) {
+            const uint64_t bits = a->mask[j * nt + t];
+            ins_bitmask_col_scalar(bits, p, a->xs[k], acc + (t - t0) * 64);
+            p += __builtin_popcountll(bits);
+        }
+    }
+}
 
 static void ins_bitmask_chunk(const void *p, int c) {
     const ins_ctx *a = (const ins_ctx *)p;
     const int64_t t0 = a->nt * c / a->nchunks, t1 = a->nt * (c + 1) / a->nchunks;
-    float acc[64] __attribute__((aligned(64)));
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint64_t *mk = a->mask + t * a->cols;
-        const uint32_t *off = a->coloff + t * a->cols;
-        const float *v = a->val + a->tileptr[t];
-        int done = 0;
-#if SF_AVX512
-        if (a->variant >= 2) { ins_bitmask512(mk, off, v, a->idx, a->xs, a->n, acc); done = 1; }
-#endif
-#if SF_AVX2
-        if (!done && a->variant >= 1) {
-            ins_bitmask256(mk, off, v, a->nval - a->tileptr[t], a->idx, a->xs, a->n, acc);
-            done = 1;
-        }
-#endif
-        if (!done) {
-            for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-            for (int64_t k = 0; k < a->n; ++k) {
-                const int64_t j = a->idx[k];
-                ins_bitmask_col_scalar(mk[j], v + off[j], a->xs[k], acc);
-            }
-        }
-        ins_store(a, t, acc);
+    if (t1 <= t0) return;
+    /* whole tiles straight into y; a last tile cut by `rows` through a small buffer */
+    const int64_t full1 = t1 * 64 <= a->rows ? t1 : t1 - 1;
+    if (full1 > t0) ins_bitmask_run(a, t0, full1, a->y + t0 * 64);
+    if (t1 > full1) {
+        float tail[64] __attribute__((aligned(64)));
+        ins_bitmask_run(a, full1, t1, tail);
+        memcpy(a->y + full1 * 64, tail, sizeof(float) * (size_t)(a->rows - full1 * 64));
     }
+    ins_bias(a, t0 * 64, t1 * 64 < a->rows ? t1 * 64 : a->rows);
 }
 
-/* Gather, then run `fn` over the output tiles (shared by both layouts). */
+/* Gather, then run `fn` over the output ranges (shared by both layouts): one chunk per thread */
 static int64_t ins_run(sf_chunk_fn fn, ins_ctx *a, const float *x, float thr, const uint64_t *force,
                        int64_t max_active, int nthreads, int64_t min_work, int64_t work_per_input) {
     int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->cols + SF_INS_SLACK));
@@ -1254,30 +1287,29 @@ static int64_t ins_run(sf_chunk_fn fn, ins_ctx *a, const float *x, float thr, co
     if (!idx || !xs) { free(idx); free(xs); return -1; }
     const int64_t n = ins_gather(x, a->cols, thr, force, idx, xs, a->variant);
     if (n > max_active) { free(idx); free(xs); return n; }
-    for (int64_t k = n; k < n + SF_INS_SLACK; ++k) idx[k] = n ? idx[n - 1] : 0;  /* prefetch look-ahead */
     a->idx = idx; a->xs = xs; a->n = n;
     if (n * work_per_input < min_work) nthreads = 1;
     if (nthreads < 1) nthreads = 1;
-    a->nchunks = nthreads > 1 ? (int)(a->nt < 4 * nthreads ? a->nt : 4 * nthreads) : 1;
+    a->nchunks = (int)(a->nt < nthreads ? a->nt : nthreads);
     if (a->nchunks < 1) a->nchunks = 1;
     sf_run(fn, a, a->nchunks, nthreads);
     free(idx); free(xs);
     return n;
 }
 
-int64_t sf_insparse_dense(const float *tiles, int64_t T, int64_t rows, int64_t cols, const float *x,
+int64_t sf_insparse_dense(const float *wt, int64_t T, int64_t rows, int64_t cols, const float *x,
                           float threshold, const uint64_t *force, const float *bias, float *y,
                           int64_t max_active, int nthreads, int64_t min_work, int variant) {
-    if (T < 1 || T > 128) return -2;
-    ins_ctx a = {tiles, T, NULL, NULL, NULL, NULL, 0, rows, cols, (rows + T - 1) / T, NULL, NULL, 0, bias, y, variant, 1};
+    if (T < 16 || T > 128 || T % 16) return -2;
+    ins_ctx a = {wt, T, NULL, NULL, NULL, NULL, 0, rows, cols, (rows + T - 1) / T, NULL, NULL, 0, bias, y, variant, 1};
     return ins_run(ins_dense_chunk, &a, x, threshold, force, max_active, nthreads, min_work, a.nt * T);
 }
 
-int64_t sf_insparse_bitmask(const uint64_t *mask, const int64_t *tileptr, const uint32_t *coloff,
+int64_t sf_insparse_bitmask(const uint64_t *mask, const int64_t *colptr, const uint32_t *coloff,
                             const float *val, int64_t nval, int64_t rows, int64_t cols, const float *x,
                             float threshold, const uint64_t *force, const float *bias, float *y,
                             int64_t max_active, int nthreads, int64_t min_work, int variant) {
-    ins_ctx a = {NULL, 64, mask, tileptr, coloff, val, nval, rows, cols, (rows + 63) / 64, NULL, NULL, 0, bias, y, variant, 1};
+    ins_ctx a = {NULL, 64, mask, colptr, coloff, val, nval, rows, cols, (rows + 63) / 64, NULL, NULL, 0, bias, y, variant, 1};
     /* work per active input: its kept weights (about nval / cols) */
     const int64_t per = cols > 0 ? nval / cols + 1 : 1;
     return ins_run(ins_bitmask_chunk, &a, x, threshold, force, max_active, nthreads, min_work, per);
