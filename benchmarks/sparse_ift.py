@@ -1,13 +1,18 @@
 """Sparse-IFT against dense at equal FLOPs, through the experiments system.
 
-Runs the shipped ``sparse_ift.yaml`` (MNIST-1D MLP; the hidden layer replaced by Sparse Parallel,
-Factorized or Doped at 50/75/90 %, static and RigL masks; three seeds) into a results store
-(resumable), then writes a table of test accuracy beside dense's and whether each beats it by more
-than the standard error of the difference.
+Runs the shipped configs into one results store (resumable), then writes a table per study of
+test accuracy beside dense's and whether each beats it by more than the standard error of the
+difference:
 
-    .venv/bin/python benchmarks/sparse_ift.py [--workers 2] [--report-only]
+- ``mlp`` (``sparse_ift.yaml``): the MNIST-1D MLP, its hidden layer replaced by Sparse Parallel,
+  Factorized or Doped, or its hidden widths widened (Sparse Wide), at 50/75/90 %, static and RigL
+  masks, three seeds; then the best two at five times the epochs;
+- ``cnn`` (``sparse_ift_cnn.yaml``): the MNIST-1D 1-D CNN, its inner convolutions replaced or its
+  hidden widths widened, the same grid, with sparse and with the default initialisation.
 
-Writes benchmarks/results/sparse_ift.md and sparse_ift.json.
+    .venv/bin/python benchmarks/sparse_ift.py [--study mlp|cnn|all] [--workers 2] [--report-only]
+
+Writes benchmarks/results/sparse_ift.md / .json (mlp) and sparse_ift_cnn.md / .json (cnn).
 """
 
 from __future__ import annotations
@@ -29,11 +34,20 @@ from sparseforge.experiments.store import ResultsStore
 from sparseforge.fileio import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "sparseforge" / "experiments" / "configs" / "sparse_ift.yaml"
+CONFIGS = ROOT / "src" / "sparseforge" / "experiments" / "configs"
 STORE = ROOT / ".cache" / "sparse_ift" / "results.sqlite"
 RESULTS = ROOT / "benchmarks" / "results"
-KINDS = ("parallel", "factorized", "doped")
+#: study -> (config file, experiment name, results file stem)
+STUDIES = {
+    "mlp": ("sparse_ift.yaml", "sparse-ift-mlp", "sparse_ift"),
+    "cnn": ("sparse_ift_cnn.yaml", "sparse-ift-cnn", "sparse_ift_cnn"),
+}
+KINDS = ("wide", "parallel", "factorized", "doped")
 SPARSITIES = (0.5, 0.75, 0.9)
+INITS = {
+    "sparse": "Sparse initialisation (each kept row rescaled to its sparse fan-in, `sparsity.init: sparse`)",
+    "dense": "The layers' default initialisation (`sparsity.init: dense`)",
+}
 
 
 def _pm(values: list[float]) -> str:
@@ -55,38 +69,49 @@ def _verdict(a: list[float], b: list[float]) -> str:
     return f"below dense ({100 * diff:+.1f})"
 
 
-def table(store: Path) -> tuple[str, list[dict[str, object]]]:
+def table(store: Path, experiment: str = "sparse-ift-mlp") -> tuple[str, list[dict[str, object]]]:
+    """The Markdown table of ``experiment``'s finished runs, and its rows as data."""
     s = ResultsStore(store)
     try:
-        records = [r for r in s.runs(experiment="sparse-ift-mlp") if r.status == "done" and r.summary]
+        records = [r for r in s.runs(experiment=experiment) if r.status == "done" and r.summary]
     finally:
         s.close()
-    acc: dict[tuple[str, str, float, float], list[float]] = {}
+    acc: dict[tuple[str, str, float, float, str], list[float]] = {}
     for r in records:
         f = flatten(r.config)
         kind = f.get("model.sparse_ift.kind") or "dense"
         sparsity = 0.0 if kind == "dense" else float(f["sparsity.target"])
-        key = (kind, f["algorithm.name"], sparsity, float(f["training.multiplier"]))
+        init = "dense" if kind == "dense" else str(f.get("sparsity.init", "dense"))
+        key = (kind, f["algorithm.name"], sparsity, float(f["training.multiplier"]), init)
         acc.setdefault(key, []).append(float(r.summary["accuracy"]))
-    dense = acc.get(("dense", "dense", 0.0, 1.0), [])
+    dense = acc.get(("dense", "dense", 0.0, 1.0, "dense"), [])
     lines = [
         f"Dense: **{_pm(dense)}** % (n={len(dense)}). Test accuracy (%), mean ± std over seeds; "
         "every row has the dense model's multiply-adds.",
-        "",
-        "| transformation | masks | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |",
-        "|---|---|" + "---|" * len(SPARSITIES),
     ]
     rows: list[dict[str, object]] = []
-    for kind in KINDS:
-        for algo in ("static", "rigl"):
-            cells = []
-            for sp in SPARSITIES:
-                values = acc.get((kind, algo, sp, 1.0), [])
-                verdict = _verdict(values, dense)
-                cells.append(f"{_pm(values)}: {verdict}")
-                rows.append({"kind": kind, "algorithm": algo, "sparsity": sp, "accuracy": values, "verdict": verdict})
-            lines.append(f"| {kind} | {algo} | " + " | ".join(cells) + " |")
-    dense5 = acc.get(("dense", "dense", 0.0, 5.0), [])
+    inits = [i for i in INITS if any(k[4] == i and k[0] != "dense" and k[3] == 1.0 for k in acc)]
+    for init in inits:
+        if len(inits) > 1:
+            lines += ["", f"{INITS[init]}:"]
+        lines += [
+            "",
+            "| transformation | masks | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |",
+            "|---|---|" + "---|" * len(SPARSITIES),
+        ]
+        for kind in KINDS:
+            for algo in ("static", "rigl"):
+                cells = []
+                for sp in SPARSITIES:
+                    values = acc.get((kind, algo, sp, 1.0, init), [])
+                    verdict = _verdict(values, dense)
+                    cells.append(f"{_pm(values)}: {verdict}")
+                    rows.append(
+                        {"kind": kind, "algorithm": algo, "sparsity": sp, "init": init, "accuracy": values,
+                         "verdict": verdict}
+                    )  # fmt: skip
+                lines.append(f"| {kind} | {algo} | " + " | ".join(cells) + " |")
+    dense5 = acc.get(("dense", "dense", 0.0, 5.0, "dense"), [])
     longer = [(k, v) for k, v in acc.items() if k[3] == 5.0 and k[0] != "dense"]
     if dense5 and longer:
         lines += [
@@ -96,7 +121,7 @@ def table(store: Path) -> tuple[str, list[dict[str, object]]]:
             "| transformation | masks | sparsity | accuracy (%) | against dense at 5x |",
             "|---|---|---:|---:|---|",
         ]
-        for (kind, algo, sp, _), values in sorted(longer):
+        for (kind, algo, sp, _, init), values in sorted(longer):
             verdict = _verdict(values, dense5)
             lines.append(f"| {kind} | {algo} | {sp:.0%} | {_pm(values)} | {verdict} |")
             rows.append(
@@ -104,6 +129,7 @@ def table(store: Path) -> tuple[str, list[dict[str, object]]]:
                     "kind": kind,
                     "algorithm": algo,
                     "sparsity": sp,
+                    "init": init,
                     "multiplier": 5.0,
                     "accuracy": values,
                     "verdict": verdict,
@@ -114,37 +140,43 @@ def table(store: Path) -> tuple[str, list[dict[str, object]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", type=Path, default=STORE)
     parser.add_argument("--report-only", action="store_true", help="read the store; train nothing")
     args = parser.parse_args()
-    started = time.perf_counter()
-    try:
-        if not args.report_only:
-            from sparseforge.experiments.sweep import run_sweep
+    for study in STUDIES if args.study == "all" else [args.study]:
+        config, experiment, stem = STUDIES[study]
+        started = time.perf_counter()
+        try:
+            if not args.report_only:
+                from sparseforge.experiments.sweep import run_sweep
 
-            _, runs = load_runs(CONFIG)
-            args.store.parent.mkdir(parents=True, exist_ok=True)
-            run_sweep(runs, args.store, workers=args.workers, resume=True, progress=sys.stderr.isatty())
-        text, rows = table(args.store)
-    except SparseforgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.store} keeps every finished run: run the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text(RESULTS / "sparse_ift.md", text)
-    payload = {
-        "command": "python benchmarks/sparse_ift.py",
-        "seconds": round(time.perf_counter() - started, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "rows": rows,
-    }
-    if not args.report_only:
-        write_text(RESULTS / "sparse_ift.json", json.dumps(payload, indent=2) + "\n")
-    print(text)
+                _, runs = load_runs(CONFIGS / config)
+                args.store.parent.mkdir(parents=True, exist_ok=True)
+                run_sweep(runs, args.store, workers=args.workers, resume=True, progress=sys.stderr.isatty())
+            text, rows = table(args.store, experiment)
+        except SparseforgeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print(
+                f"interrupted; {args.store} keeps every finished run: run the same command to resume", file=sys.stderr
+            )
+            raise SystemExit(130) from None
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_text(RESULTS / f"{stem}.md", text)
+        payload = {
+            "command": f"python benchmarks/sparse_ift.py --study {study}",
+            "seconds": round(time.perf_counter() - started, 1),
+            "workers": args.workers,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "rows": rows,
+        }
+        if not args.report_only:
+            write_text(RESULTS / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+        print(text)
 
 
 if __name__ == "__main__":

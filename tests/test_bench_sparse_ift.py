@@ -19,11 +19,30 @@ def bench():  # type: ignore[no-untyped-def]
 
 def test_the_shipped_config_compares_every_transformation_with_dense():
     _, runs = load_runs(ROOT / "src/sparseforge/experiments/configs/sparse_ift.yaml")
-    # dense once per seed + 3 kinds x 2 mask algorithms x 3 sparsities, 3 seeds
-    assert len(runs) == (1 + 3 * 2 * 3 + 1 + 2) * 3  # + dense, parallel and doped at 5x
+    # dense once per seed + 4 kinds x 2 mask algorithms x 3 sparsities, 3 seeds
+    assert len(runs) == (1 + 4 * 2 * 3 + 1 + 2) * 3  # + dense, parallel and doped at 5x
     kinds = {r.config.model.sparse_ift.kind for r in runs if r.config.model.sparse_ift is not None}
-    assert kinds == {"parallel", "factorized", "doped"}
-    assert all(r.config.model.sparse_ift.exclude == ["0", "4"] for r in runs if r.config.model.sparse_ift)
+    assert kinds == {"wide", "parallel", "factorized", "doped"}
+    for r in runs:  # the first and the last layer stay dense; Wide excludes nothing (it would widen nothing)
+        if r.config.model.sparse_ift is not None:
+            assert r.config.model.sparse_ift.exclude == ([] if r.config.model.sparse_ift.kind == "wide" else ["0", "4"])
+
+
+def test_the_shipped_cnn_config_compares_every_transformation_with_dense_under_both_inits():
+    _, runs = load_runs(ROOT / "src/sparseforge/experiments/configs/sparse_ift_cnn.yaml")
+    # dense + 4 kinds x 2 mask algorithms x 3 sparsities x 2 initialisations, 3 seeds
+    assert len(runs) == (1 + 4 * 2 * 3 * 2) * 3
+    assert {r.config.model.name for r in runs} == {"cnn"}
+    sparse = [r.config for r in runs if r.config.model.sparse_ift is not None]
+    assert {(c.model.sparse_ift.kind, c.algorithm.name, c.sparsity.target, c.sparsity.init) for c in sparse} == {
+        (k, a, s, i)
+        for k in ("wide", "parallel", "factorized", "doped")
+        for a in ("static", "rigl")
+        for s in (0.5, 0.75, 0.9)
+        for i in ("sparse", "dense")
+    }
+    for c in sparse:
+        assert c.model.sparse_ift.exclude == ([] if c.model.sparse_ift.kind == "wide" else ["features.0", "classifier"])
 
 
 @pytest.mark.parametrize(

@@ -227,18 +227,30 @@ def test_local_data_needs_a_root_and_says_where_it_looked(tmp_path):
         run_experiment(run)
 
 
-@pytest.mark.parametrize("kind", ["parallel", "factorized", "doped"])
-def test_a_sparse_ift_run_trains_at_the_dense_runs_flops(kind):
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [("mlp", "parallel"), ("mlp", "factorized"), ("mlp", "doped"), ("mlp", "wide"), ("cnn", "wide"), ("cnn", "doped")],
+)
+def test_a_sparse_ift_run_trains_at_the_dense_runs_flops(model, kind):
+    from torch import nn
+
     from sparseforge.layers import SparseDoped, SparseFactorized, SparseParallel
 
-    sparse = _run(model={"name": "mlp", "width": 16, "sparse_ift": kind}, algorithm={"name": "rigl", "every": 4})
+    spec = {"name": model, "width": 16}
+    sparse = _run(model={**spec, "sparse_ift": kind}, algorithm={"name": "rigl", "every": 4})
     setup = build(sparse.config, sparse.seed)
-    expected = {"parallel": SparseParallel, "factorized": SparseFactorized, "doped": SparseDoped}[kind]
-    assert sum(isinstance(m, expected) for m in setup.model.modules()) == 3  # every Linear, head included
+    layers = 3 if model == "mlp" else 4
+    if kind == "wide":  # 16 x 1 / sqrt(1 - 0.8) = 35.8: every hidden width is 36, the layers stay plain
+        widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in setup.model.modules()
+                  if isinstance(m, (nn.Linear, nn.Conv1d))]  # fmt: skip
+        assert widths == [36] * (layers - 1) + [10]
+    else:
+        expected = {"parallel": SparseParallel, "factorized": SparseFactorized, "doped": SparseDoped}[kind]
+        assert sum(isinstance(m, expected) for m in setup.model.modules()) == layers  # every layer, head included
     # the optimizer holds the new layers' parameters, not the replaced ones
     held = {id(p) for group in setup.optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in setup.model.parameters()}
-    dense = _run(model={"name": "mlp", "width": 16}, algorithm="dense")
+    dense = _run(model=spec, algorithm="dense")
     got, reference = run_experiment(sparse), run_experiment(dense)
     assert got["train_flops"] == reference["train_flops"]  # iso-FLOP, counted from the masks every step
     assert math.isfinite(got["accuracy"])
@@ -248,4 +260,4 @@ def test_sparse_ift_is_refused_with_an_algorithm_that_moves_weights_between_laye
     with pytest.raises(SparseforgeError, match=r"model.sparse_ift trains with algorithm static, set or rigl.*'snfs'"):
         _run(model={"name": "mlp", "sparse_ift": "parallel"}, algorithm="snfs")
     with pytest.raises(SparseforgeError, match=r"model.sparse_ift.kind"):
-        _run(model={"name": "mlp", "sparse_ift": "wide"})
+        _run(model={"name": "mlp", "sparse_ift": "wider"})

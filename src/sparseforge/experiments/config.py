@@ -95,16 +95,17 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 
 class SparseIFTSpec(_Strict):
-    """A Sparse-IFT transformation of every linear layer (:func:`sparseforge.layers.transform`),
-    sized for ``sparsity.target``; ``exclude``: glob patterns of layers left dense."""
+    """A Sparse-IFT transformation of the model's Linear and Conv1d/Conv2d layers
+    (:func:`sparseforge.layers.transform`), sized for ``sparsity.target``; ``exclude``: glob
+    patterns of layers left dense (for ``wide``, also left at their widths)."""
 
-    kind: Literal["parallel", "factorized", "doped"]
+    kind: Literal["wide", "parallel", "factorized", "doped"]
     exclude: list[str] = []
 
 
 class ModelSpec(_Strict):
     """``name``: a built-in model or ``package.module:factory`` / ``path/file.py:factory``;
-    ``sparse_ift``: its linear layers replaced by iso-FLOP sparse ones (a kind or a mapping)."""
+    ``sparse_ift``: its layers replaced by iso-FLOP sparse ones (a kind or a mapping)."""
 
     name: str = "mlp"
     width: Annotated[int, Field(ge=1)] | None = None

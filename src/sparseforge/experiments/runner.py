@@ -122,14 +122,15 @@ def _model(config: ExperimentConfig, data: Any, seed: int) -> nn.Module:
     return model_from_spec(config.model.name, in_features=features, num_classes=classes, seed=seed)
 
 
-def _sparse_ift(model: nn.Module, config: ExperimentConfig, seed: int) -> Any:
-    """The model's linear layers replaced by Sparse-IFT ones (in place), and their masks; ``None`` when off."""
+def _sparse_ift(model: nn.Module, config: ExperimentConfig, seed: int, example: torch.Tensor) -> Any:
+    """The model rewritten into its Sparse-IFT form (in place), and its masks; ``None`` when off.
+    ``example``: a training batch, which traces the model for Sparse Wide."""
     spec = config.model.sparse_ift
     if spec is None:
         return None
     from ..layers import transform
 
-    _, masks = transform(model, spec.kind, config.sparsity.target, exclude=spec.exclude, seed=seed)
+    _, masks = transform(model, spec.kind, config.sparsity.target, exclude=spec.exclude, seed=seed, example=example)
     return masks
 
 
@@ -220,7 +221,7 @@ def build(config: ExperimentConfig, seed: int, data: Any | None = None) -> Setup
     model = _model(config, data, seed)
     with torch.random.fork_rng(devices=[]):  # the new layers' initialisation, from the seed
         torch.manual_seed(seed)
-        ift_masks = _sparse_ift(model, config, seed)
+        ift_masks = _sparse_ift(model, config, seed, data.x_train[:2])
     optimizer = _optimizer(model, config)
     per_epoch = -(-len(data.y_train) // config.training.batch_size)
     epochs = config.training.total_epochs
