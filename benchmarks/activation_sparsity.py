@@ -396,14 +396,22 @@ def _mark(value: bool | None) -> str:
 
 
 def format_markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
     lines = [
         "# Activation sparsity",
         "",
-        f"Command: `{result['command']}`. Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"torch {result['machine']['torch']}, transformers {result['machine']['transformers']}; "
-        f"{result['total_seconds']:.0f} s; load average before {result['load_average']['before']}.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}. Per part: the command, its wall time and the load average "
+        "before it (other processes sharing the cores make the speed numbers not final).",
         "",
     ]
+    for part in PARTS:
+        run = result.get(part, {}).get("run")
+        if run:
+            lines.append(
+                f"- {part}: `{run['command']}`, {run['date']}, {run['seconds']:.0f} s, load before {run['load_before']}"
+            )
+    lines.append("")
     dec = result.get("decoder")
     if dec:
         lines += [
@@ -494,10 +502,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch_size = 8
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python benchmarks/activation_sparsity.py" + "".join(f" {shlex.quote(a)}" for a in argv_list)
-    before = bench_oneshot._load()
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"command": command, "machine": bench_oneshot.machine_info(), "quick": quick}
+    out = Path(args.out_dir)
+    suffix = "_quick" if quick else ""
+    json_path = out / f"activation_sparsity{suffix}.json"
+    result: dict[str, Any] = {}
+    if json_path.is_file() and not quick:  # parts not run now keep their earlier results
+        result = json.loads(json_path.read_text(encoding="utf-8"))
+    result.update({"machine": bench_oneshot.machine_info(), "quick": quick})
     reports: dict[str, ActivationReport] = {}
+
+    def timed(part: str, run: Callable[[], dict[str, Any]]) -> None:
+        before, t0 = bench_oneshot._load(), time.perf_counter()
+        result[part] = run()
+        result[part]["run"] = {
+            "command": command,
+            "seconds": time.perf_counter() - t0,
+            "load_before": before,
+            "load_after": bench_oneshot._load(),
+            "date": bench_oneshot.machine_info()["date"],
+        }
+
     if "decoder" in parts or "finetune" in parts:
         model_dir = Path(args.model_dir)
         if not (model_dir / "config.json").is_file():
@@ -508,48 +532,56 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         heldout = text_windows(tokenizer, model_dir / stdlib_lm.HELDOUT_FILE, 16 if quick else 64, 256)
         if "decoder" in parts:
             _log("decoder, training-free:")
-            result["decoder"], found = run_decoder(model, calibration, heldout, targets=targets, batch_size=batch_size)
-            reports.update(found)
+            timed(
+                "decoder", lambda: run_decoder(model, calibration, heldout, targets=targets, batch_size=batch_size)[0]
+            )
         if "finetune" in parts:
             _log("decoder, fine-tuned:")
             text = (model_dir / stdlib_lm.CALIBRATION_FILE).read_text(encoding="utf-8")
             train_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-            result["finetune"], found = run_finetune(
-                model,
-                calibration,
-                heldout,
-                train_ids,
-                methods=METHODS,
-                steps=steps,
-                batch=8,
-                lr=args.lr,
-                batch_size=batch_size,
-            )
-            reports.update(found)
+
+            def finetune() -> dict[str, Any]:
+                found, methods = run_finetune(
+                    model,
+                    calibration,
+                    heldout,
+                    train_ids,
+                    methods=METHODS,
+                    steps=steps,
+                    batch=8,
+                    lr=args.lr,
+                    batch_size=batch_size,
+                )
+                reports.update(methods)
+                return found
+
+            timed("finetune", finetune)
     if "minilm" in parts:
         _log("MiniLM, training-free:")
-        result["minilm"] = run_minilm(
-            targets=targets if quick else (0.3, 0.4, 0.5, 0.6),
-            n_calibration=32 if quick else 128,
-            n_quality=100 if quick else 500,
+        timed(
+            "minilm",
+            lambda: run_minilm(
+                targets=targets if quick else (0.3, 0.4, 0.5, 0.6),
+                n_calibration=32 if quick else 128,
+                n_quality=100 if quick else 500,
+            ),
         )
     if "speed" in parts:
         _log("decoding speed:")
-        result["speed"] = run_speed(
-            quick=quick, repeats=3 if quick else 7, reps=3 if quick else 5, new_tokens=8 if quick else 64, prompt=16
+        timed(
+            "speed",
+            lambda: run_speed(
+                quick=quick, repeats=3 if quick else 7, reps=3 if quick else 5, new_tokens=8 if quick else 64, prompt=16
+            ),
         )
-    result["total_seconds"] = time.perf_counter() - t0
-    result["load_average"] = {"before": before, "after": bench_oneshot._load()}
     markdown = format_markdown(result)
     print(markdown)
-    out = Path(args.out_dir)
-    suffix = "_quick" if quick else ""
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / f"activation_sparsity{suffix}.json", json.dumps(result, indent=2) + "\n")
+    write_text(json_path, json.dumps(result, indent=2) + "\n")
     write_text(out / f"activation_sparsity{suffix}.md", markdown + "\n")
     if reports and not quick:
         plot_activation_sparsity(
-            reports, args.plot, title="MLP hidden activation of the stdlib decoder, held-out tokens"
+            reports, args.plot, title="MLP hidden activation of the fine-tuned stdlib decoder, held-out tokens"
         )
     return result
 
