@@ -336,6 +336,18 @@ def test_keep_topk_keeps_exactly_k_largest(rows: int, width: int, data: st.DataO
     assert (kept_min >= dropped_max).all()
 
 
+@needs_transformers
+def test_topk_layers_are_measured_as_they_multiply_and_refused_by_ppl_p() -> None:
+    torch.manual_seed(0)
+    model = _llama(intermediate=64)
+    assert set(apply_topk(model, 0.25).values()) == {16}
+    ids = _ids(4, 16, seed=0)
+    report = measure_activations(model, ids)
+    assert all(layer.zero == pytest.approx(1 - 16 / 64) for layer in report.layers)
+    with pytest.raises(SparseforgeError, match="keeps the top 16 activations"):
+        ppl_p_sparsity(model, ids, ids, p=1.0, steps=1)
+
+
 def test_topk_apply_and_bad_density() -> None:
     model = _FunctionalModel()
     assert apply_topk(model, 0.25) == {"layers.0.down": 8, "layers.1.down": 8}

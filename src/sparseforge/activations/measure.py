@@ -14,6 +14,7 @@ from ..masks import check_module, unwrap
 from .calibrate import threshold_layers
 from .collect import CalibrationData, for_each_input
 from .thresholded import ThresholdedLinear
+from .topk import TopKLinear, keep_topk
 
 __all__ = ["ActivationReport", "LayerActivity", "measure_activations"]
 
@@ -79,13 +80,16 @@ class ActivationReport:
 
 
 class _Counts:
-    def __init__(self, thresholds: Mapping[str, float]) -> None:
+    def __init__(self, thresholds: Mapping[str, float], topk: Mapping[str, int]) -> None:
         self.thresholds = thresholds
+        self.topk = topk
         self.zero = dict.fromkeys(thresholds, 0)
         self.entries = dict.fromkeys(thresholds, 0)
         self.per_token: dict[str, list[torch.Tensor]] = {name: [] for name in thresholds}
 
     def visit(self, name: str, rows: torch.Tensor) -> None:
+        if name in self.topk:  # what a top-k layer multiplies
+            rows = keep_topk(rows, self.topk[name])
         magnitude = rows.detach().abs()
         self.zero[name] += int((magnitude == 0).sum())
         self.entries[name] += magnitude.numel()
@@ -113,7 +117,9 @@ def measure_activations(
             layer name; ``None``: each :class:`ThresholdedLinear`'s own threshold, else 0 (exact
             zeros only).
 
-    The inputs are read as the layers receive them, before their own thresholding.
+    The inputs are read as the layers receive them, before their own thresholding (so ``below``
+    is what a :class:`ThresholdedLinear`'s own threshold drops); a :class:`TopKLinear`'s input is
+    counted after its top-k, i.e. as the layer multiplies it.
     """
     model = unwrap(check_module(model))
     names = list(layers) if layers is not None else threshold_layers(model, where)
@@ -136,7 +142,7 @@ def measure_activations(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise SparseforgeError(f"threshold {value!r} for {name} is not allowed; allowed: a number >= 0")
         limits[name] = float(value)
-    counts = _Counts(limits)
+    counts = _Counts(limits, {n: m.k for n, m in modules.items() if isinstance(m, TopKLinear)})
     tokens = for_each_input(model, data, modules, counts.visit, batch_size=batch_size)
     report: list[LayerActivity] = []
     for name, module in modules.items():

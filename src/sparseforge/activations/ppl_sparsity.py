@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import check_float, check_int
+from ..errors import SparseforgeError, check_float, check_int
 from ..masks import check_module, unwrap
 from ..oneshot.evaluate import perplexity
 from .cett import cett_threshold, down_inputs
 from .collect import CalibrationData
 from .measure import measure_activations
 from .thresholded import ThresholdedLinear
+from .topk import TopKLinear
 
 __all__ = ["PPLSparsity", "ppl_p_sparsity"]
 
@@ -74,6 +75,12 @@ def ppl_p_sparsity(
     steps = check_int(steps, "steps", minimum=1, maximum=50)
     inputs = down_inputs(model, calibration, max_tokens=max_tokens, batch_size=batch_size)
     originals = {name: model.get_submodule(name) for name in inputs}
+    for name, layer in originals.items():
+        if isinstance(layer, TopKLinear):
+            raise SparseforgeError(
+                f"layer {name} keeps the top {layer.k} activations, which CETT thresholds would replace; allowed: "
+                "models without top-k layers (measure a top-k model's sparsity with measure_activations)"
+            )
     dense_nll, _ = perplexity(model, eval_ids, batch_size=batch_size)
     dense = math.exp(dense_nll)
     limit = dense * (1.0 + p / 100.0)
