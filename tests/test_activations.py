@@ -52,6 +52,7 @@ def test_drop_small_by_hand() -> None:
     out = drop_small(x, 0.5)
     assert out[:5].tolist() == [0.0, 0.0, 0.0, -2.0, 0.0]
     assert math.isnan(out[5]) and out[6] == float("inf")
+    assert drop_small(x, 0.0) is x and drop_small(x, torch.tensor(0.0)) is x  # nothing to drop: no pass over x
 
 
 def test_thresholded_linear_matches_linear_on_kept_inputs() -> None:
