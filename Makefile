@@ -55,6 +55,7 @@ bench: $(STAMP) decoder
 	$(PY) benchmarks/bench_decoder.py --model-dir $(DECODER)
 	$(PY) benchmarks/bench_llm_speed.py
 	$(PY) benchmarks/random_search.py
+	$(PY) benchmarks/activation_sparsity.py --model-dir $(DECODER)
 
 # The shipped validation configs through the experiments system (kill-safe: a rerun resumes),
 # the claims table, then the multi-run methods (one-shot, IMP, soups, N:M recipes).
