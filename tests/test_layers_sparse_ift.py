@@ -445,3 +445,11 @@ def test_the_guide_config_snippet_validates():
     snippet = re.findall(r"```yaml\n(.*?)```", guide, re.S)[0]
     config = parse_config(yaml.safe_load(snippet))
     assert config.model.sparse_ift is not None and config.model.sparse_ift.kind == "wide"
+
+
+@pytest.mark.parametrize("kind", ["wide", "parallel", "factorized"])
+def test_an_absurd_sparsity_is_refused_before_allocating(kind: str) -> None:
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4))
+    with pytest.raises(SparseforgeError, match=r"would hold [\d,]+ weights .*GiB as float32.*a lower sparsity"):
+        transform(model, kind, 0.9999)
+    assert isinstance(model[2], nn.Linear) and model[2].weight.shape == (4096, 4096)  # left unchanged

@@ -18,7 +18,21 @@ from torch import nn
 
 from ..errors import SparseforgeError, check_int
 
-__all__ = ["REPLACEABLE", "IsoFlopLayer", "Layer", "LayerSpec", "check_layer", "in_out"]
+__all__ = ["MAX_WEIGHTS", "REPLACEABLE", "IsoFlopLayer", "Layer", "LayerSpec", "check_layer", "check_weights", "in_out"]
+
+#: The most weights (dense storage, float elements) one transformed layer may hold: 2^30, 4 GiB as
+#: float32. A sparsity close to 1 would otherwise ask for absurd widths, branches or ranks.
+MAX_WEIGHTS = 1 << 30
+
+
+def check_weights(count: int, what: str) -> None:
+    """Refuse a transformed layer of more than :data:`MAX_WEIGHTS` weights (``what`` names it)."""
+    if count > MAX_WEIGHTS:
+        raise SparseforgeError(
+            f"{what} would hold {count:,} weights ({count * 4 / 2**30:.1f} GiB as float32); allowed: at most "
+            f"{MAX_WEIGHTS:,} per transformed layer (a lower sparsity)"
+        )
+
 
 #: A layer Sparse-IFT replaces, and the type of the parts it builds.
 Layer = nn.Linear | nn.Conv1d | nn.Conv2d
@@ -86,7 +100,9 @@ class LayerSpec:
 
     def make(self, inputs: int, outputs: int, *, bias: bool, pointwise: bool = False) -> Layer:
         """A fresh layer (default initialisation) of this type with ``inputs`` -> ``outputs``;
-        ``pointwise``: a 1x1 convolution (stride 1, no padding) instead of the dense geometry."""
+        ``pointwise``: a 1x1 convolution (stride 1, no padding) instead of the dense geometry.
+        Refused (:func:`check_weights`) beyond :data:`MAX_WEIGHTS` weights."""
+        check_weights(inputs * outputs * (1 if pointwise else self.kernel), f"a {inputs} -> {outputs} part")
         if self.conv is None:
             return nn.Linear(inputs, outputs, bias=bias)
         conv: Any = self.conv  # its geometry comes from a layer of the same type

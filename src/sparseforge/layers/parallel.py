@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseforgeError, check_int
-from .base import IsoFlopLayer, in_out
+from .base import IsoFlopLayer, check_weights, in_out
 from .budget import sparsity_bound, split_exactly
 
 __all__ = ["SparseParallel"]
@@ -64,6 +64,7 @@ class SparseParallel(IsoFlopLayer):
                 f"weights (fewer than one each); allowed: sparsity at most {sparsity_bound(1 - 1 / dense, up=False):g} "
                 f"({dense} branch{'es' if dense > 1 else ''})"
             )
+        check_weights(branches * dense, f"parallel at sparsity {sparsity:g} ({branches} branches of layer {name!r})")
         counts = split_exactly(dense, [dense] * branches)
         return cls.from_layer(layer, branches), {f"branches.{b}.weight": k for b, k in enumerate(counts)}
 
