@@ -85,7 +85,7 @@ METHODS = ("silu", "relu", "relu2", "topk", "prosparse")
 TOPK_DENSITY = 0.1
 #: ProSparse's L1 factor: two sine stages over the first and second half of the steps, ending at these.
 PROSPARSE_FACTORS = (0.1, 0.5)
-#: Perplexity rise allowed by the training-free target (issue target: within 5 % at 50 % MLP-input sparsity).
+#: Perplexity rise allowed by the training-free target (within 5 % at 50 % MLP-input sparsity).
 PPL_LIMIT = 1.05
 
 
@@ -300,7 +300,7 @@ SPEED_CONFIGS: dict[str, tuple[str | None, float, float]] = {
     "weights 50 % + activations 50 %, every block layer": ("all", 0.5, 0.5),
     "activations 0 % (dense inputs)": ("mlp", 0.0, 0.0),
 }
-#: Decode speedup target of the training-free thresholds at 50 % (issue target; TEAL reports 1.8x on GPU).
+#: Decode speedup target of the training-free thresholds at 50 % (the target; TEAL reports 1.8x on GPU).
 SPEED_TARGET = 1.5
 
 
