@@ -36,6 +36,7 @@ def plot_activation_sparsity(reports: Mapping[str, ActivationReport], path: str 
             hi = [100 * layer.per_token[2] for layer in report.layers]
             (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xticks(range(max(len(report.layers) for report in reports.values())))
         ax.set_xlabel("layer (model order)")
         ax.set_ylabel("inactive inputs, % (10-90 % of tokens shaded)")
         ax.set_ylim(0, 100)
