@@ -610,7 +610,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timed(
             "speed",
             lambda: run_speed(
-                quick=quick, repeats=3 if quick else 7, reps=3 if quick else 5, new_tokens=8 if quick else 64, prompt=16
+                quick=quick,
+                repeats=3 if quick else 11,
+                reps=3 if quick else 5,
+                new_tokens=8 if quick else 64,
+                prompt=16,
             ),
         )
     markdown = format_markdown(result)
