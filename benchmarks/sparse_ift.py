@@ -89,7 +89,9 @@ def table(store: Path, experiment: str = "sparse-ift-mlp") -> tuple[str, list[di
         f"Dense: **{_pm(dense)}** % (n={len(dense)}). Test accuracy (%), mean ± std over seeds; "
         "every row has the dense model's multiply-adds.",
     ]
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = [
+        {"kind": "dense", "algorithm": "dense", "sparsity": 0.0, "init": "dense", "accuracy": dense, "verdict": "-"}
+    ]
     inits = [i for i in INITS if any(k[4] == i and k[0] != "dense" and k[3] == 1.0 for k in acc)]
     for init in inits:
         if len(inits) > 1:
@@ -138,6 +140,54 @@ def table(store: Path, experiment: str = "sparse-ift-mlp") -> tuple[str, list[di
     return "\n".join(lines) + "\n", rows
 
 
+def plot(rows: list[dict[str, object]], path: Path, title: str) -> Path:
+    """Accuracy against sparsity per transformation and mask algorithm (mean ± std over seeds), dense as a band.
+
+    The sparse initialisation's rows where the study has them, else the default one; 1x epochs only.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparseforge.experiments.plotting import legend_outside, save_png
+
+    def mean_std(values: object) -> tuple[float, float]:
+        v = [100 * float(x) for x in values]  # type: ignore[attr-defined]
+        return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+    dense = next(r for r in rows if r["kind"] == "dense")
+    init = "sparse" if any(r["init"] == "sparse" for r in rows) else "dense"
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    try:
+        m, sd = mean_std(dense["accuracy"])
+        ax.axhline(m, color="black", lw=1.2, label=f"dense ({m:.1f} ± {sd:.1f})")
+        ax.axhspan(m - sd, m + sd, color="black", alpha=0.08, lw=0)
+        for index, kind in enumerate(KINDS):
+            for algo, style in (("static", "--"), ("rigl", "-")):
+                points = [
+                    r for r in rows
+                    if r["kind"] == kind and r["algorithm"] == algo and r["init"] == init and "multiplier" not in r
+                    and r["accuracy"]
+                ]  # fmt: skip
+                if not points:
+                    continue
+                stats = [mean_std(r["accuracy"]) for r in points]
+                x = [100 * float(r["sparsity"]) for r in points]  # type: ignore[arg-type]
+                ax.errorbar(
+                    x, [a for a, _ in stats], yerr=[b for _, b in stats], ls=style, marker="o", ms=3, capsize=2,
+                    color=f"C{index}", label=f"{kind}, {algo}",
+                )  # fmt: skip
+        ax.set_xlabel("sparsity of the transformed layers, % (same FLOPs as dense)")
+        ax.set_ylabel("test accuracy, %")
+        ax.set_title(f"{title} ({'sparse' if init == 'sparse' else 'default'} initialisation)", fontsize=9)
+        ax.grid(alpha=0.3)
+        legend_outside(ax)
+        return Path(save_png(fig, path))
+    finally:
+        plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
@@ -166,6 +216,7 @@ def main() -> None:
             raise SystemExit(130) from None
         RESULTS.mkdir(parents=True, exist_ok=True)
         write_text(RESULTS / f"{stem}.md", text)
+        plot(rows, ROOT / "docs" / f"{stem}.png", f"Sparse-IFT on MNIST-1D ({study}), mean ± std over seeds")
         payload = {
             "command": f"python benchmarks/sparse_ift.py --study {study}",
             "seconds": round(time.perf_counter() - started, 1),
