@@ -41,6 +41,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 STUDIES = {
     "mlp": ("sparse_ift.yaml", "sparse-ift-mlp", "sparse_ift"),
     "cnn": ("sparse_ift_cnn.yaml", "sparse-ift-cnn", "sparse_ift_cnn"),
+    "cifar10": ("sparse_ift_cifar10.yaml", "sparse-ift-cifar10", "sparse_ift_cifar10"),
 }
 KINDS = ("wide", "parallel", "factorized", "doped")
 SPARSITIES = (0.5, 0.75, 0.9)
@@ -194,15 +195,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", type=Path, default=STORE)
     parser.add_argument("--report-only", action="store_true", help="read the store; train nothing")
+    parser.add_argument("--cifar10", type=Path, default=None, help="a local CIFAR-10 copy (the cifar10 study)")
     args = parser.parse_args()
-    for study in STUDIES if args.study == "all" else [args.study]:
+    studies = [s for s in STUDIES if s != "cifar10" or args.cifar10] if args.study == "all" else [args.study]
+    if "cifar10" in studies and args.cifar10 is None and not args.report_only:
+        parser.error("--study cifar10 needs --cifar10 DIR (a local CIFAR-10 copy; nothing is downloaded)")
+    for study in studies:
         config, experiment, stem = STUDIES[study]
         started = time.perf_counter()
         try:
             if not args.report_only:
                 from sparseforge.experiments.sweep import run_sweep
 
-                _, runs = load_runs(CONFIGS / config)
+                _, runs = load_runs(CONFIGS / config, data_root=args.cifar10 if study == "cifar10" else None)
                 args.store.parent.mkdir(parents=True, exist_ok=True)
                 run_sweep(runs, args.store, workers=args.workers, resume=True, progress=sys.stderr.isatty())
             text, rows = table(args.store, experiment)
@@ -216,7 +221,9 @@ def main() -> None:
             raise SystemExit(130) from None
         RESULTS.mkdir(parents=True, exist_ok=True)
         write_text(RESULTS / f"{stem}.md", text)
-        plot(rows, ROOT / "docs" / f"{stem}.png", f"Sparse-IFT on MNIST-1D ({study}), mean ± std over seeds")
+        if any(r["accuracy"] for r in rows if r["kind"] == "dense"):
+            data = "CIFAR-10, ResNet-20" if study == "cifar10" else f"MNIST-1D ({study})"
+            plot(rows, ROOT / "docs" / f"{stem}.png", f"Sparse-IFT on {data}, mean ± std over seeds")
         payload = {
             "command": f"python benchmarks/sparse_ift.py --study {study}",
             "seconds": round(time.perf_counter() - started, 1),

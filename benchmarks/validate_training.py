@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.experiments.config import flatten
@@ -50,14 +49,9 @@ METHOD_ORDER = ("dense", "static", "set", "rigl", "snfs", "srigl", "gmp", "grane
 
 def study_runs(study: str, cifar10: Path | None) -> list[Any]:
     """The runs of one shipped config (CIFAR-10: its ``data.root`` set to the local copy)."""
-    from sparseforge.experiments.config import expand, parse_config
+    from sparseforge.experiments.config import load_runs
 
-    path = CONFIGS / STUDIES[study]
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if study == "cifar10":
-        raw["data"]["root"] = str(cifar10)
-    config = parse_config(raw, f"config {str(path)!r}")
-    return expand(config, raw, f"config {str(path)!r}")
+    return load_runs(CONFIGS / STUDIES[study], data_root=cifar10 if study == "cifar10" else None)[1]
 
 
 def run_studies(studies: Sequence[str], store: Path, workers: int, cifar10: Path | None) -> None:

@@ -56,3 +56,23 @@ def test_the_shipped_cnn_config_compares_every_transformation_with_dense_under_b
 )
 def test_verdicts(bench, a, b, word):
     assert bench._verdict(a, b) == word
+
+
+def test_the_cifar10_config_takes_a_local_copy_and_transforms_resnet20_at_equal_flops(tmp_path):
+    import torch
+
+    from sparseforge.experiments.models import build_model
+    from sparseforge.layers import transform
+
+    path = ROOT / "src/sparseforge/experiments/configs/sparse_ift_cifar10.yaml"
+    _, runs = load_runs(path, data_root=tmp_path)
+    assert len(runs) == (1 + 3 * 2 * 3) * 3  # dense + parallel/factorized/doped x static/rigl x 50/75/90 %
+    assert {r.config.data.root for r in runs} == {str(tmp_path)}
+    model = build_model("resnet20", 3 * 32 * 32, 10, input_shape=(3, 32, 32))
+    convs = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n != "conv1"}
+    _, masks = transform(model, "parallel", 0.75, exclude=["conv1", "fc"])
+    kept = {}
+    for name, mask in masks.items():
+        layer = name.split(".branches.")[0]
+        kept[layer] = kept.get(layer, 0) + int(mask.sum())
+    assert kept == convs  # every replaced convolution keeps exactly its dense weight count

@@ -541,8 +541,21 @@ def expand(config: ExperimentConfig, raw: dict[str, Any] | None = None, source: 
     return runs
 
 
-def load_runs(path: str | os.PathLike[str]) -> tuple[ExperimentConfig, list[Run]]:
-    """``(config, runs)`` of a YAML file: validated, then its grid expanded and every run validated."""
+def load_runs(
+    path: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None
+) -> tuple[ExperimentConfig, list[Run]]:
+    """``(config, runs)`` of a YAML file: validated, then its grid expanded and every run validated.
+
+    ``data_root`` replaces the file's ``data.root`` (a shipped config naming a placeholder folder
+    for a data set that must be copied in, such as CIFAR-10) before anything is validated.
+    """
     config = load_config(path)
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if data_root is not None:
+        if not isinstance(raw.get("data"), dict):
+            raise SparseforgeError(
+                f"config {str(path)!r} has no data: mapping to set the root of; allowed: one with data:"
+            )
+        raw["data"]["root"] = str(data_root)
+        config = parse_config(raw, f"config {str(path)!r}")
     return config, expand(config, raw, f"config {str(path)!r}")
