@@ -51,15 +51,18 @@ from .formats import (
     InputSparseDense,
     PackedFormat,
     PackedNM,
+    PairedCSR,
 )
 from .kernels import (
     bitmask_spmv_avx512,
     has_native_kernel,
     input_sparse_matmul,
     kernel_available_for,
+    pairs_padded_batch,
     set_spmv_variant,
     sparse_matmul_tensor,
 )
+from .native import get_library
 
 __all__ = [
     "LayerChoice",
@@ -160,6 +163,9 @@ _NS_BLOCK_SPMV = 0.080
 _NS_BLOCK_SPMM = ((16, 0.020), (128, 0.033))
 #: Numba kernels (N:M, or any format without the C library): per kept weight at batch 1, per kept weight x column above.
 _NS_NUMBA = (2.35, 0.222)
+#: Pairs kernel, ns per kept weight and batch lane (padded to its tiles) on one thread: ~98 GFLOP/s
+#: per core on the 2-vCPU AVX-512 Xeon (BERT-base shapes, 50 % density, 64-512 rows).
+_NS_PAIRS = 0.020
 #: Calls below this many multiply-adds run on one thread (kernels.MIN_PARALLEL_WORK).
 _PARALLEL_WORK = 65536
 
@@ -187,6 +193,12 @@ _BLOCKS = ((8, 8), (4, 4), (1, 8))
 _MIN_BLOCK_FILL = 0.6
 #: The compacted dense sub-matrix is a candidate when it keeps at most this fraction of the matrix.
 _MAX_COMPACT_AREA = 0.8
+#: The row-pair format (batched kernel) is a candidate when some batch size has this many rows.
+PAIRS_MIN_BATCH = 8
+#: Above this density pairs of rows share their common columns (about density^2 of the columns);
+#: below it two rows rarely share one and the empty shared runs only cost loop overhead, so each
+#: row keeps its own run, in wider blocks (256 columns: at 90 % sparsity a row keeps ~26 per block).
+PAIRS_SHARE_MIN_DENSITY = 0.25
 
 
 @dataclass
@@ -209,11 +221,16 @@ class LayerChoice:
     load_note: str = ""
 
 
-def candidate_formats(weight: torch.Tensor) -> list[PackedFormat]:
-    """Every packed format that suits ``weight``'s zeros: CSR and bitmask always; N:M, block and
-    compact dense (whole zero rows or columns) when they fit."""
+def candidate_formats(weight: torch.Tensor, batch_sizes: tuple[int, ...] = ()) -> list[PackedFormat]:
+    """Every packed format that suits ``weight``'s zeros: CSR and bitmask always; the row-pair
+    format when some batch size has at least :data:`PAIRS_MIN_BATCH` rows (and its C kernel is
+    built); N:M, block and compact dense (whole zero rows or columns) when they fit."""
     w = weight.detach().contiguous()
     out: list[PackedFormat] = [CompactCSR.from_dense(w), Bitmask.from_dense(w)]
+    if batch_sizes and max(batch_sizes) >= PAIRS_MIN_BATCH and get_library() is not None:
+        density = float((w != 0).float().mean()) if w.numel() else 0.0
+        share = density > PAIRS_SHARE_MIN_DENSITY
+        out.append(PairedCSR.from_dense(w, cb=128 if share else 256, share=share))
     for n_keep, m in _NM_PATTERNS:
         if PackedNM.fits(w, n_keep, m):
             out.append(PackedNM.from_dense(w, n_keep, m))
@@ -278,7 +295,10 @@ def predict_ms(fmt: PackedFormat | None, shape: tuple[int, int], batch: int, thr
         overhead = MODEL_OVERHEAD_MS["numba"]
     else:
         overhead = MODEL_OVERHEAD_MS["native1" if batch == 1 else "native"]
-        if isinstance(fmt, BlockSparse):
+        if isinstance(fmt, PairedCSR):
+            lanes = pairs_padded_batch(batch)
+            ns = kept * lanes * _NS_PAIRS
+        elif isinstance(fmt, BlockSparse):
             ns = kept * (_NS_BLOCK_SPMV if batch == 1 else padded * _interp(_NS_BLOCK_SPMM, batch))
         elif isinstance(fmt, Bitmask):
             steps = rows * ((cols + 63) // 64) * 8
@@ -531,7 +551,7 @@ def measure_layer(
     shape = (int(w.shape[0]), int(w.shape[1]))
     threads = torch.get_num_threads()
     found: list[tuple[str, PackedFormat, int | None]] = []
-    for f in candidate_formats(w):
+    for f in candidate_formats(w, tuple(batch_sizes)):
         if not kernel_available_for(f):
             continue
         found.append((_describe(f), f, None))

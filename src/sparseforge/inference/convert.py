@@ -23,6 +23,7 @@ Decisions timed while other processes kept the cores busy are flagged in the rep
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import numbers
@@ -37,6 +38,7 @@ from ..activations.thresholded import ThresholdedLinear
 from ..errors import SparseforgeError
 from ..masks import check_materialized, check_module
 from .autotune import InputSparseChoice, LayerChoice, measure_input_sparse, measure_layer, rule_input_sparse, rule_layer
+from .fusion import Fusion, fuse_epilogues
 from .kernels import unavailable_reason
 from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
@@ -83,6 +85,8 @@ class ConversionReport:
     layers: list[LayerDecision]
     batch_sizes: tuple[int, ...]
     autotune: bool
+    #: activations fused into the layer before them (:mod:`.fusion`)
+    fusions: list[Fusion] = field(default_factory=list)
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -108,6 +112,9 @@ class ConversionReport:
                 f"  {d.name or '<root>'} [{d.layer_type} {'x'.join(map(str, d.shape))}, sparsity {d.sparsity:.3f}{inputs}] -> {d.action.upper()}"
                 f"{' ' + d.format if d.format else ''}{' (UNDER LOAD)' if d.under_load else ''}: {d.reason}"
             )
+        for f in self.fusions:
+            chained = f"; {', '.join(f.chained)} reads its output transposed, in place" if f.chained else ""
+            lines.append(f"  fused: {f.replaced} ({f.activation}) into {f.layer}{chained}")
         return "\n".join(lines)
 
 
@@ -251,8 +258,17 @@ def build_module(m: _Layer, choice: LayerChoice, batch_sizes: tuple[int, ...] | 
     plan = BatchPlan.from_choices(choice.choices)
     w = _weight_2d(m)
     dense = w.clone().contiguous() if "dense" in plan.paths else None
+    fused = m if isinstance(m, SparseLinear) else None  # a re-tuned layer keeps its fused epilogue
     new = SparseLinear(
-        choice.packed, dense, m.bias, plan, _layout(m), shape=(w.shape[0], w.shape[1]), extra=choice.extra
+        choice.packed,
+        dense,
+        m.bias,
+        plan,
+        _layout(m),
+        shape=(w.shape[0], w.shape[1]),
+        extra=choice.extra,
+        activation=fused.activation if fused is not None else None,
+        transposed_output=fused.transposed_output if fused is not None else False,
     )
     new.tuned_batch_sizes = tuple(batch_sizes) if batch_sizes is not None else tuple(sorted(choice.choices))
     return new
@@ -460,7 +476,19 @@ def _convert_layers(
                         choice.predicted,
                     )
             if new is None and isinstance(m, SparseLinear):  # was_sparse
-                new = _dense_module(m)  # a re-tuned layer that now runs dense everywhere
+                if m.activation is not None and not isinstance(m, InputSparseLinear):
+                    # dense everywhere now, but its activation module was fused away: keep it here
+                    new = SparseLinear(
+                        None,
+                        w.clone().contiguous(),
+                        m.bias,
+                        BatchPlan(((1, "dense"),)),
+                        m.layout,
+                        shape=(m.out_features, m.in_features),
+                        activation=m.activation,
+                    )
+                else:
+                    new = _dense_module(m)  # a re-tuned layer that now runs dense everywhere
             if new is not None:
                 if name:
                     _set_submodule(out, name, new)
@@ -500,6 +528,7 @@ def convert(
     reps: int = 5,
     min_sparsity: float = 0.0,
     max_formats: int = 2,
+    fuse: bool = True,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return ``(converted_model, report)`` with pruned layers packed for fast CPU inference.
 
@@ -514,6 +543,9 @@ def convert(
         min_sparsity: layers with a lower sparsity (fraction of zeros) stay dense without timing.
         max_formats: packed formats a layer may keep (1 or 2): with 2, a second format is kept
             for the batch sizes where it beats the first by the margin (more memory, faster).
+        fuse: fuse an activation module into the converted layer before it where the model's
+            structure allows (:mod:`.fusion`; the module becomes ``nn.Identity``), and let a
+            widening layer hand its output to the next converted layer in the transposed layout.
 
     Layers decided from noisy timings (the machine busy with other processes) are flagged in the
     report (``under_load``) and by a warning; :func:`retune` re-measures them later.
@@ -523,14 +555,22 @@ def convert(
     """
     check_model(model)
     sizes = _check_batch_sizes(batch_sizes)
-    _check_args(reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, autotune=autotune, inplace=inplace)
+    _check_args(
+        reps=reps, max_formats=max_formats, min_sparsity=min_sparsity, autotune=autotune, inplace=inplace, fuse=fuse
+    )
     if not any(_is_layer(m) for m in model.modules()):
         raise SparseforgeError(
             f"nothing to convert: {type(model).__name__} has no nn.Linear, transformers Conv1D or 1x1 nn.Conv1d/Conv2d layer"
         )
     out = model if inplace else copy.deepcopy(model)
     out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
-    report = ConversionReport(decisions, sizes, autotune)
+    fusions = fuse_epilogues(out) if fuse else []
+    fused = {f.layer: f.activation for f in fusions}
+    decisions = [
+        dataclasses.replace(d, format=f"{d.format}+{fused[d.name]}") if d.name in fused and d.format else d
+        for d in decisions
+    ]
+    report = ConversionReport(decisions, sizes, autotune, fusions)
     _warn_summary(report, "convert")
     return out, report
 

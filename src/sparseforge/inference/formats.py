@@ -17,6 +17,9 @@ format              arrays                                          bytes per ke
                     block-column indices + int32 block-row pointers
 ``CompactDense``    the dense sub-matrix of the rows and columns     4 / fill + small
                     with any nonzero + their uint16/int32 indices
+``PairedCSR``       rows in pairs, inputs in blocks of ``cb``:       4 + 1 (shared columns:
+                    uint8 columns per run (shared / first / second)  8 + 1 per two weights)
+                    + fp32 values (batched kernel)
 ``InputSparseDense``  W^T in output tiles of ``tile`` rows: for       4 (+ row padding)
                     each tile, every input's ``tile`` weights
                     contiguous (sparse *inputs*, batch 1)
@@ -50,6 +53,7 @@ __all__ = [
     "PackedNM",
     "BlockSparse",
     "CompactDense",
+    "PairedCSR",
     "InputSparseDense",
     "InputSparseBitmask",
     "INPUT_SPARSE_FORMATS",
@@ -698,9 +702,200 @@ class InputSparseBitmask(PackedFormat):
         return cls(shape, np.ascontiguousarray(mask), np.ascontiguousarray(values), colptr, coloff)
 
 
+# --------------------------------------------------------------------------------------------
+#: Default input features per block of :class:`PairedCSR` (at 64 batch rows per tile the block's
+#: inputs are 32 KiB, inside a 48 KiB L1) and rows per group.
+PAIRS_BLOCK_COLS = 128
+PAIRS_GROUP_ROWS = 64
+_PAIRS_MAX_CB = 256
+
+
+@dataclass(eq=False)
+class PairedCSR(PackedFormat):
+    """Rows in pairs and input features in blocks, for the batched (encoder-regime) kernel.
+
+    Rows are padded to an even count and taken in pairs ``(2p, 2p + 1)``; groups of ``group`` rows
+    run together; input features are cut into blocks of ``cb`` (<= 256) columns. For each (group,
+    block, pair) three runs follow each other, each in column order: the columns both rows keep
+    (one uint8 column inside the block, two values), then those only the first row keeps, then
+    those only the second keeps (one column, one value). ``counts`` int32 ``(ngroups, nblocks,
+    group // 2, 3)`` holds the run lengths. A shared column is read once for both rows, which
+    saves input loads in the kernel (:func:`.kernels.sparse_matmul_tensor`); bytes per kept weight
+    are 4 + 1 (one byte per column entry, shared entries counted once).
+    """
+
+    name: ClassVar[str] = "pairs"
+    shape: tuple[int, int]
+    cb: int
+    group: int
+    counts: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+    share: int = 1
+
+    def __post_init__(self) -> None:
+        per = self.counts.reshape(-1, self.counts.shape[2], 3) if self.counts.size else self.counts.reshape(0, 1, 3)
+        n_cols = per.sum(axis=(1, 2), dtype=np.int64)
+        n_vals = (2 * per[..., 0].astype(np.int64) + per[..., 1] + per[..., 2]).sum(axis=1)
+        starts = np.zeros((n_cols.shape[0], 2), dtype=np.int64)
+        if n_cols.shape[0] > 1:
+            np.cumsum(n_cols[:-1], out=starts[1:, 0])
+            np.cumsum(n_vals[:-1], out=starts[1:, 1])
+        #: offsets of each (group, block) in ``cols`` and ``values`` (derived, not saved)
+        self.starts = starts
+
+    @staticmethod
+    def _check_params(cb: int, group: int) -> None:
+        if isinstance(cb, bool) or not isinstance(cb, (int, np.integer)) or not 1 <= int(cb) <= _PAIRS_MAX_CB:
+            raise SparseforgeError(
+                f"pairs block width cb={cb!r} is not allowed; allowed: an integer in 1..{_PAIRS_MAX_CB}"
+            )
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 2 or group % 2:
+            raise SparseforgeError(f"pairs group={group!r} is not allowed; allowed: an even integer >= 2")
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor | np.ndarray,
+        cb: int = PAIRS_BLOCK_COLS,
+        group: int = PAIRS_GROUP_ROWS,
+        share: bool = True,
+    ) -> PairedCSR:
+        """Pack ``weight``; ``share=False`` stores every weight in its own row's run (no shared
+        columns): at high sparsity two rows rarely share a column, and the empty shared runs
+        only cost loop overhead."""
+        cls._check_params(cb, group)
+        cb, group = int(cb), int(group)
+        w = as_weight_array(weight)
+        rows, cols = w.shape
+        rows_pad = rows + rows % 2
+        half = group // 2
+        ng, nb = -(-rows_pad // group), -(-cols // cb)
+        k1 = w[0::2] != 0
+        k2 = np.zeros_like(k1)
+        k2[: rows // 2] = w[1::2] != 0
+        if share:
+            kind = np.where(k1 & k2, 0, np.where(k1, 1, np.where(k2, 2, 3))).astype(np.int8)
+            p, c = np.nonzero(kind < 3)  # pair-major, columns increasing
+            k = kind[p, c].astype(np.int64)
+        else:  # every kept weight in its own row's run
+            p1, c1 = np.nonzero(k1)
+            p2, c2 = np.nonzero(k2)
+            p, c = np.concatenate([p1, p2]), np.concatenate([c1, c2])
+            k = np.concatenate([np.ones(p1.shape[0], np.int64), np.full(p2.shape[0], 2, np.int64)])
+        b = c // cb
+        key = (((p // half) * nb + b) * half + p % half) * 3 + k
+        order = np.argsort(key, kind="stable")
+        p, c, k, b, key = p[order], c[order], k[order], b[order], key[order]
+        counts = np.bincount(key, minlength=ng * nb * half * 3).astype(np.int32).reshape(ng, nb, half, 3)
+        first = w[2 * p, c]
+        second = np.zeros_like(first)
+        has2 = 2 * p + 1 < rows
+        second[has2] = w[2 * p[has2] + 1, c[has2]]
+        nv = np.where(k == 0, 2, 1)
+        pos = np.cumsum(nv) - nv
+        values = np.empty(int(nv.sum()), dtype=np.float32)
+        values[pos[k != 2]] = first[k != 2]
+        values[pos[k == 0] + 1] = second[k == 0]
+        values[pos[k == 2]] = second[k == 2]
+        return cls((rows, cols), cb, group, counts, (c - b * cb).astype(np.uint8), values, int(bool(share)))
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per column entry: its pair, its input feature and its run (0 shared, 1 first, 2 second)."""
+        ng, nb, half, _ = self.counts.shape
+        seg = np.repeat(np.arange(self.counts.size, dtype=np.int64), self.counts.ravel().astype(np.int64))
+        k = seg % 3
+        q = seg // 3 % half
+        b = seg // (3 * half) % nb
+        g = seg // (3 * half * nb)
+        return g * half + q, b * self.cb + self.cols.astype(np.int64), k
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        out = np.zeros((rows + rows % 2, cols), dtype=np.float32)
+        p, c, k = self._entries()
+        nv = np.where(k == 0, 2, 1)
+        pos = np.cumsum(nv) - nv
+        out[2 * p[k != 2], c[k != 2]] = self.values[pos[k != 2]]
+        out[2 * p[k == 0] + 1, c[k == 0]] = self.values[pos[k == 0] + 1]
+        out[2 * p[k == 2] + 1, c[k == 2]] = self.values[pos[k == 2]]
+        return torch.from_numpy(np.ascontiguousarray(out[:rows]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts, "cols": self.cols, "values": self.values}
+
+    def params(self) -> dict[str, int]:
+        return {"cb": self.cb, "group": self.group, "share": self.share}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.counts.nbytes + self.cols.nbytes + self.values.nbytes + self.starts.nbytes)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    @classmethod
+    def from_arrays(cls, shape: tuple[int, int], arrays: dict[str, np.ndarray], params: dict[str, int]) -> PairedCSR:
+        _require(arrays, ("counts", "cols", "values"), "pairs")
+        cb, group, share = params.get("cb"), params.get("group"), params.get("share", 1)
+        cls._check_params(cb, group)  # type: ignore[arg-type]
+        cb, group = int(cb), int(group)  # type: ignore[arg-type]
+        if share not in (0, 1):
+            raise SparseforgeError(f"pairs share={share!r} is not allowed; allowed: 0 or 1")
+        rows, cols = shape
+        rows_pad = rows + rows % 2
+        counts, col, values = arrays["counts"], arrays["cols"], arrays["values"]
+        ng, nb, half = -(-rows_pad // group), -(-cols // cb), group // 2
+        bad = (
+            counts.dtype != np.int32
+            or counts.shape != (ng, nb, half, 3)
+            or col.dtype != np.uint8
+            or col.ndim != 1
+            or values.dtype != np.float32
+            or values.ndim != 1
+        )
+        if not bad:
+            c64 = counts.astype(np.int64)
+            bad = bool(np.any(c64 < 0)) or int(c64.sum()) != col.shape[0]
+            bad = bad or int((2 * c64[..., 0] + c64[..., 1] + c64[..., 2]).sum()) != values.shape[0]
+            bad = bad or (share == 0 and bool(np.any(c64[..., 0])))
+        if bad:
+            raise SparseforgeError(
+                f"pairs arrays are inconsistent with shape {shape}; allowed: a file written by save_converted"
+            )
+        fmt = cls(shape, cb, group, np.ascontiguousarray(counts), np.ascontiguousarray(col), values, int(share))
+        p, c, k = fmt._entries()
+        # every entry inside the matrix (the kernel reads inputs at these columns), no pair past
+        # the padded rows, no value in the padding row, and no (row, column) stored twice
+        ok = bool(np.all(c < cols)) and bool(np.all(2 * p < rows_pad))
+        ok = ok and (rows % 2 == 0 or not bool(np.any((2 * p + 1 == rows) & (k != 1))))
+        if ok and c.size:
+            r_first = np.where(k != 2, 2 * p, -1)
+            r_second = np.where(k != 1, 2 * p + 1, -1)
+            cells = np.concatenate([r_first * cols + c, r_second * cols + c])
+            cells = cells[cells >= 0]
+            ok = np.unique(cells).size == cells.size
+        if not ok:
+            raise SparseforgeError(
+                f"pairs entries fall outside shape {shape} or repeat a weight; allowed: a file written by save_converted"
+            )
+        return fmt
+
+
 #: The formats of the sparse-input kernel (batch 1, sparse activations), by name.
 INPUT_SPARSE_FORMATS: dict[str, type[PackedFormat]] = {f.name: f for f in (InputSparseDense, InputSparseBitmask)}
 
 FORMATS: dict[str, type[PackedFormat]] = {
-    f.name: f for f in (CompactCSR, Bitmask, PackedNM, BlockSparse, CompactDense, InputSparseDense, InputSparseBitmask)
+    f.name: f
+    for f in (
+        CompactCSR,
+        Bitmask,
+        PackedNM,
+        BlockSparse,
+        CompactDense,
+        PairedCSR,
+        InputSparseDense,
+        InputSparseBitmask,
+    )
 }

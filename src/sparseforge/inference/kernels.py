@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import SparseforgeError
+from .epilogue import activation_code, apply_activation
 from .formats import (
     Bitmask,
     BlockSparse,
@@ -50,6 +51,7 @@ from .formats import (
     InputSparseDense,
     PackedFormat,
     PackedNM,
+    PairedCSR,
 )
 from .native import get_library, native_reason
 
@@ -66,6 +68,9 @@ __all__ = [
     "input_sparse_matmul",
     "input_sparse_native",
     "INPUT_SPARSE_VARIANT",
+    "pairs_padded_batch",
+    "pairs_leading_dim",
+    "transposed_view_ok",
 ]
 
 try:  # pragma: no cover - exercised only where numba is absent
@@ -88,8 +93,10 @@ def kernels_available() -> bool:
 
 
 def kernel_available_for(fmt: PackedFormat) -> bool:
-    """Whether :func:`sparse_matmul` can run ``fmt`` here (C kernels: CSR, bitmask, block; Numba: those
-    and N:M; compact dense: PyTorch, always)."""
+    """Whether :func:`sparse_matmul` can run ``fmt`` here (C kernels: CSR, bitmask, block, pairs; Numba:
+    CSR, bitmask, block and N:M; compact dense: PyTorch, always)."""
+    if isinstance(fmt, PairedCSR):
+        return has_native_kernel(fmt)
     return isinstance(fmt, CompactDense) or _IMPORT_ERROR is None or has_native_kernel(fmt)
 
 
@@ -331,7 +338,7 @@ class _NativePlan:
         "spmm_blk",
         "spmv_variant",
     )
-    keep: tuple[np.ndarray, np.ndarray, np.ndarray]  # the arrays whose addresses ptrs holds, per kind
+    keep: tuple[np.ndarray, ...]  # the arrays whose addresses ptrs holds, per kind
 
     def __init__(self, fmt: PackedFormat) -> None:
         rows, cols = fmt.shape
@@ -360,6 +367,19 @@ class _NativePlan:
             self.words, self.nnz = 0, int(blocks.shape[0]) * bsz
             # work per block-row: its weights plus ~8 weights of overhead per output row
             self.work = brow * bsz + 8 * fmt.bh * np.arange(brow.shape[0], dtype=np.int64)
+        elif isinstance(fmt, PairedCSR):
+            self.kind = "pairs"
+            counts = np.ascontiguousarray(fmt.counts, dtype=np.int32)
+            starts = np.ascontiguousarray(fmt.starts, dtype=np.int64)
+            self.keep = (counts, starts, np.ascontiguousarray(fmt.cols), np.ascontiguousarray(fmt.values))
+            self.suffix = ""
+            self.words, self.nnz = 0, int(fmt.values.shape[0])
+            # chunks are ranges of row pairs; work per pair: its values plus ~8 weights of overhead
+            # per row and block
+            npairs = (rows + rows % 2) // 2
+            per_pair = counts.transpose(0, 2, 1, 3).reshape(-1, counts.shape[1] * 3).astype(np.int64).sum(axis=1)
+            per_pair = per_pair[:npairs] + 16 * counts.shape[1]
+            self.work = np.concatenate([[0], np.cumsum(per_pair)]).astype(np.int64)
         elif isinstance(fmt, Bitmask):
             self.kind = "bitmask"
             mask = np.ascontiguousarray(fmt.mask, dtype=np.uint64)
@@ -404,7 +424,7 @@ _PLANS_LOCK = threading.Lock()
 
 
 #: Formats with C kernels (N:M runs on Numba: the bitmask format stores 2:4 in fewer bytes).
-_NATIVE_FORMATS = (CompactCSR, Bitmask, BlockSparse)
+_NATIVE_FORMATS = (CompactCSR, Bitmask, BlockSparse, PairedCSR)
 
 
 def _cached_plan(cache: weakref.WeakKeyDictionary, fmt: PackedFormat, make: Callable[[PackedFormat], object]):
@@ -442,6 +462,126 @@ def spmm_block_cols(cols: int, ldx: int) -> int:
         return 0
     cb = max(64, CSR_SPMM_BLOCK_BYTES // (4 * ldx))
     return cb if cb < cols else 0
+
+
+def pairs_padded_batch(batch: int) -> int:
+    """Lanes the pairs kernel computes for ``batch`` input rows: full tiles of 128, then the smallest
+    tile of 16, 32, 64 or 128 that holds the rest (``csrc/spmm.c``, ``sf_pairs_tile``)."""
+    full = batch // 128 * 128
+    rest = batch - full
+    if rest == 0:
+        return full
+    return full + next(t for t in (16, 32, 64, 128) if t >= rest)
+
+
+def pairs_leading_dim(batch: int) -> int:
+    """Row length (floats) of the transposed activations for ``batch`` rows: the padded batch plus
+    16, so that consecutive rows never sit a multiple of 4 KiB apart (they would all share a few
+    L1 sets)."""
+    return pairs_padded_batch(batch) + 16
+
+
+#: Per-thread scratch buffers of the pairs kernel (the transposed input and output), grown to the
+#: largest call seen and reused: a fresh 0.8 MB tensor per call costs its page faults every time
+#: (about 0.05 ms of a 0.8 ms BERT-base layer at 64 rows).
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, n: int) -> torch.Tensor:
+    """A float32 buffer of ``n`` elements for this thread (slot 0: input, 1: output)."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = [None, None]
+    buf = bufs[slot]
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
+def transposed_view_ok(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``(batch, features)`` is a transposed view the pairs kernel reads in place:
+    unit batch stride, a feature stride of at least the padded batch, and storage behind every lane
+    the kernel reads (what a layer converted with ``transposed_output`` returns)."""
+    if x.dim() != 2 or x.stride(0) != 1 or x.shape[0] < 2 or x.shape[1] < 1:
+        return False
+    batch, cols = x.shape
+    ld = x.stride(1)
+    need = x.storage_offset() + (cols - 1) * ld + pairs_padded_batch(batch)
+    return ld >= pairs_padded_batch(batch) and x.untyped_storage().nbytes() >= 4 * need
+
+
+def _pairs_matmul(
+    lib,
+    plan: _NativePlan,
+    fmt: PairedCSR,
+    x: torch.Tensor,
+    threads: int,
+    bias: torch.Tensor | None,
+    act: str | None,
+    transposed_output: bool,
+) -> torch.Tensor:
+    """The row-pair kernel on ``x`` float32 ``(batch, in_features)``: C-contiguous rows, or a
+    transposed view (:func:`transposed_view_ok`), read in place.
+
+    ``transposed_output=True`` returns the result as a transposed view ``(batch, out_features)``
+    with strides ``(1, ld)``, which the next pairs layer reads without a copy. Rows of ``x`` holding a
+    NaN or an infinity are computed again with the dense weight (a sparse kernel skips ``0 * inf``,
+    which dense ``F.linear`` turns into NaN), so the output matches dense in which entries are NaN or
+    infinite."""
+    rows, cols = fmt.shape
+    batch = x.shape[0]
+    bpad = pairs_padded_batch(batch)
+    rows_pad = rows + rows % 2
+    cp, nchunks = plan.cuts_for(threads)
+    if transposed_view_ok(x):
+        xt_ptr, ldx = x.data_ptr(), x.stride(1)
+        bad = lib.sf_nonfinite(xt_ptr, cols, batch, ldx, threads)
+    else:
+        x = x.contiguous()
+        ldx = pairs_leading_dim(batch)
+        xt = _scratch(0, cols * ldx)
+        xt_ptr = xt.data_ptr()
+        lib.sf_transpose(x.data_ptr(), batch, cols, cols, xt_ptr, ldx, bpad, threads)
+        bad = lib.sf_nonfinite(x.data_ptr(), batch, cols, cols, threads)
+    ldo = pairs_leading_dim(batch)
+    if transposed_output:
+        store = torch.empty(rows_pad * ldo, dtype=torch.float32)
+        out = store.view(rows_pad, ldo)[:rows, :batch].T
+        out_ptr, ldy = None, 0
+    else:
+        store = _scratch(1, rows_pad * ldo)
+        out = torch.empty(batch, rows, dtype=torch.float32)
+        out_ptr, ldy = out.data_ptr(), rows
+    counts_p, starts_p, cols_p, val_p = plan.ptrs
+    rc = lib.sf_pairs_spmm(
+        counts_p,
+        starts_p,
+        cols_p,
+        val_p,
+        rows,
+        cols,
+        fmt.cb,
+        fmt.group,
+        xt_ptr,
+        ldx,
+        bpad,
+        store.data_ptr(),
+        ldo,
+        bias.data_ptr() if bias is not None else None,
+        activation_code(act),
+        cp,
+        nchunks,
+        threads,
+        out_ptr,
+        batch,
+        ldy,
+    )
+    if rc != 0:  # the format's invariants are checked on construction and load
+        raise SparseforgeError(f"pairs kernel refused its arguments (cb={fmt.cb}, group={fmt.group}, batch={batch})")
+    if bad:
+        hit = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()
+        out[hit] = apply_activation(torch.nn.functional.linear(x[hit], fmt.to_dense(), bias), act)
+    return out
 
 
 def _native_matmul(
@@ -567,17 +707,28 @@ def _compact_matmul(fmt: CompactDense, x: torch.Tensor, bias: torch.Tensor | Non
 
 
 def sparse_matmul_tensor(
-    fmt: PackedFormat, x: torch.Tensor, runner: KernelRunner | None = None, bias: torch.Tensor | None = None
+    fmt: PackedFormat,
+    x: torch.Tensor,
+    runner: KernelRunner | None = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    transposed_output: bool = False,
 ) -> torch.Tensor:
     """Like :func:`sparse_matmul` for a float32 CPU tensor ``x`` ``(batch, in_features)``; returns a tensor.
 
     ``bias`` (float32 ``(out_features,)``, optional) is added to every output row; the batch-1 C
     kernels add it in place, right after each row's sum (bitwise the same as adding it afterwards).
+    ``activation`` (a name of :data:`.epilogue.ACTIVATIONS`, optional) is applied after the bias:
+    inside the kernel for the pairs format, with PyTorch otherwise. ``transposed_output`` (pairs
+    format, batch >= 2): return a transposed view that the next pairs layer reads in place (any
+    other consumer sees an ordinary, non-contiguous tensor).
     """
+    code = activation_code(activation)  # refuses an unknown name before any work
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
     if isinstance(fmt, CompactDense):
-        return _compact_matmul(fmt, x.contiguous(), None if bias is None else bias.contiguous())
+        y = _compact_matmul(fmt, x.contiguous(), None if bias is None else bias.contiguous())
+        return apply_activation(y, activation)
     if isinstance(fmt, _NATIVE_FORMATS):
         lib = get_library()
         if lib is not None:
@@ -586,11 +737,18 @@ def sparse_matmul_tensor(
             if plan.nnz * x.shape[0] < MIN_PARALLEL_WORK:
                 threads = 1
             b = None if bias is None else bias.contiguous()
-            return _native_matmul(lib, plan, fmt, x.contiguous(), max(1, int(threads)), b)
+            if isinstance(fmt, PairedCSR):
+                return _pairs_matmul(
+                    lib, plan, fmt, x, max(1, int(threads)), b, activation if code else None, transposed_output
+                )
+            y = _native_matmul(lib, plan, fmt, x.contiguous(), max(1, int(threads)), b)
+            return apply_activation(y, activation)
+    if isinstance(fmt, PairedCSR):
+        raise RuntimeError(f"the pairs format runs on the C kernels only, which are unavailable: {native_reason()}")
     out = torch.from_numpy(sparse_matmul(fmt, x.contiguous().numpy(), runner))
     if bias is not None:
         out += bias
-    return out
+    return apply_activation(out, activation)
 
 
 def sparse_matmul(fmt: PackedFormat, x: np.ndarray, runner: KernelRunner | None = None) -> np.ndarray:

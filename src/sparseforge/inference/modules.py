@@ -17,6 +17,7 @@ from torch import nn
 
 from ..activations.thresholded import drop_small
 from ..errors import SparseforgeError, check_sparsity
+from .epilogue import activation_code, apply_activation
 from .formats import INPUT_SPARSE_FORMATS, InputSparseBitmask, InputSparseDense, PackedFormat
 from .kernels import input_sparse_matmul, input_sparse_native, kernel_available_for, sparse_matmul_tensor
 
@@ -81,6 +82,12 @@ class SparseLinear(nn.Module):
         shape: ``(out_features, in_features)`` when neither weight gives it.
         extra: a second packing of the same weight in another format, for the batch sizes where
             it is faster (say bitmask at batch 1 and CSR above); plan path ``extra.name``.
+        activation: an activation applied to the output (the fused epilogue, see
+            :mod:`.epilogue`): ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``None``. The
+            pairs kernel applies it in registers; every other path with PyTorch.
+        transposed_output: return the pairs kernel's output as a transposed view (strides
+            ``(1, ld)``), which a following pairs layer reads without a copy; ``convert`` sets it
+            where the next consumer is such a layer. Other paths return ordinary tensors.
 
     ``tuned_batch_sizes`` (attribute, not saved) holds the batch sizes ``convert`` measured, which
     :func:`~.convert.retune` measures again by default; ``None`` when unknown (then the plan's bounds).
@@ -99,8 +106,13 @@ class SparseLinear(nn.Module):
         layout: str = "linear",
         shape: tuple[int, int] | None = None,
         extra: PackedFormat | None = None,
+        activation: str | None = None,
+        transposed_output: bool = False,
     ) -> None:
         super().__init__()
+        activation_code(activation)  # refuses an unknown name
+        if not isinstance(transposed_output, bool):
+            raise SparseforgeError(f"transposed_output={transposed_output!r} is not allowed; allowed: True or False")
         if layout not in LAYOUTS:
             raise SparseforgeError(f"layout={layout!r} is not allowed; allowed: {LAYOUTS}")
         if packed is None and dense_weight is None:
@@ -127,6 +139,11 @@ class SparseLinear(nn.Module):
             raise SparseforgeError("plan uses the dense path but no dense weight was given")
         self.packed = packed
         self.extra = extra
+        self.activation = activation
+        self.transposed_output = transposed_output
+        #: name of the activation module this layer's epilogue replaced (now ``nn.Identity``), set
+        #: by ``convert``; saved so that loading the file into the original model fuses it again
+        self.fused_from: str | None = None
         self.tuned_batch_sizes: tuple[int, ...] | None = None
         self.plan = plan
         self.layout = layout
@@ -164,7 +181,8 @@ class SparseLinear(nn.Module):
         return text
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_names}, layout={self.layout}, plan=[{self.describe_plan()}]"
+        act = f", activation={self.activation}" if self.activation else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_names}, layout={self.layout}, plan=[{self.describe_plan()}]{act}"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
@@ -182,12 +200,18 @@ class SparseLinear(nn.Module):
         fmt = self.format_for(x2.shape[0])
         if fmt is not None and kernel_available_for(fmt):
             # direct buffer lookup: nn.Module.__getattr__ costs ~1 us per call
-            return sparse_matmul_tensor(fmt, x2, bias=self._buffers["bias"])
+            return sparse_matmul_tensor(
+                fmt,
+                x2,
+                bias=self._buffers["bias"],
+                activation=self.activation,
+                transposed_output=self.transposed_output,
+            )
         if self.dense_weight is None:
             # Kernels vanished after conversion (not expected): rebuild the dense weight once.
             assert self.packed is not None  # __init__ refuses neither a packed nor a dense weight
             self.dense_weight = self.packed.to_dense()
-        return torch.nn.functional.linear(x2, self.dense_weight, self.bias)
+        return apply_activation(torch.nn.functional.linear(x2, self.dense_weight, self.bias), self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

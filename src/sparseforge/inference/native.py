@@ -67,10 +67,12 @@ __all__ = [
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 #: Compiler flags (a list, appended after the compiler command).
 CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fno-strict-aliasing"]
+#: Libraries linked after the source (the portable activation epilogues use erfcf / expf).
+LIBS = ["-lm"]
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
 #: ABI version the Python side expects (``sf_abi_version()`` in the C source).
-ABI = 10
+ABI = 11
 #: Threading runtimes of the C library (:func:`set_threading`), in the C library's numbering.
 THREADING_MODES = {"pool": 0, "openmp": 1}
 #: Environment variable that picks the runtime when the library is loaded.
@@ -147,7 +149,7 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
         b"\0".join(
             [
                 src,
-                " ".join(cmd + flags).encode(),
+                " ".join(cmd + flags + LIBS).encode(),
                 version.encode(),
                 _cpu_flags().encode(),
                 platform.machine().encode(),
@@ -166,7 +168,7 @@ def _build(compiler: list[str] | None, directory: Path | None, extra: list[str])
 
     def compile_to(tmp: str) -> None:
         res = subprocess.run(
-            [*cmd, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+            [*cmd, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
         )
         if res.returncode != 0:
             first = next(
@@ -223,6 +225,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_insparse_bitmask.restype = _I64
     lib.sf_transpose.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
     lib.sf_transpose.restype = None
+    lib.sf_pairs_spmm.argtypes = [
+        *(_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _P, _INT, _P, _INT, _INT),
+        *(_P, _I64, _I64),
+    ]
+    lib.sf_pairs_spmm.restype = _INT
+    lib.sf_nonfinite.argtypes = [_P, _I64, _I64, _I64, _INT]
+    lib.sf_nonfinite.restype = _INT
     lib.sf_set_threading.argtypes = [_INT]
     lib.sf_set_threading.restype = _INT
     lib.sf_openmp_available.restype = _INT

@@ -50,7 +50,16 @@ from ..fileio import (
     describe_os_error,
     verify_checksums,
 )
-from .formats import FORMATS, INPUT_SPARSE_FORMATS, Bitmask, CompactCSR, InputSparseBitmask, InputSparseDense
+from .epilogue import activation_name_of
+from .formats import (
+    FORMATS,
+    INPUT_SPARSE_FORMATS,
+    Bitmask,
+    CompactCSR,
+    InputSparseBitmask,
+    InputSparseDense,
+    PairedCSR,
+)
 from .kernels import set_spmv_variant
 from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
@@ -64,7 +73,7 @@ def _storage_format(module: SparseLinear):
     if module.packed is None:
         assert module.dense_weight is not None  # SparseLinear refuses neither a packed nor a dense weight
         return Bitmask.from_dense(module.dense_weight)
-    if isinstance(module.packed, CompactCSR):
+    if isinstance(module.packed, (CompactCSR, PairedCSR)):
         return Bitmask.from_dense(module.packed.to_dense())
     return module.packed
 
@@ -110,6 +119,9 @@ def save_converted(path: str | os.PathLike, model: nn.Module, *, layers_only: bo
             "plan": [list(s) for s in m.plan.steps],
             "layout": m.layout,
             "bias": m.bias is not None,
+            "activation": m.activation,
+            "fused_from": m.fused_from,
+            "transposed_output": m.transposed_output,
         }
         if isinstance(m, InputSparseLinear):
             for key in ("input_threshold", "input_sparsity"):
@@ -172,6 +184,36 @@ def _repack(stored, runs: str, params: dict | None, layer: str):
 
 #: Entries of a stored layer that are not arrays of its format.
 _NOT_ARRAYS = ("bias", "input_threshold", "input_sparsity")
+
+
+def _plain_layer(skeleton: nn.Module, name: str, spec: dict, parts: tuple) -> SparseLinear:
+    """A :class:`SparseLinear` from a file entry; with a fused activation, the skeleton must hold
+    that activation where the converted model had it (it is replaced by ``nn.Identity`` on load)."""
+    packed, dense, bias, plan, shape, extra = parts
+    activation, fused_from = spec.get("activation"), spec.get("fused_from")
+    layer = SparseLinear(
+        packed,
+        dense,
+        bias,
+        plan,
+        spec["layout"],
+        shape=shape,
+        extra=extra,
+        activation=activation,
+        transposed_output=bool(spec.get("transposed_output", False)),
+    )
+    if fused_from:
+        try:
+            found = skeleton.get_submodule(fused_from)
+        except AttributeError:
+            found = None
+        if found is None or activation_name_of(found) != activation:
+            raise SparseforgeError(
+                f"layer {name!r} applies the {activation} that was at {fused_from!r}, but the skeleton has "
+                f"{type(found).__name__ if found is not None else 'no module'} there; allowed: the model the file was converted from"
+            )
+        layer.fused_from = fused_from
+    return layer
 
 
 def _input_sparse_layer(
@@ -312,7 +354,7 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
                 path, name, spec, tensors, stored, (packed, dense, bias, plan, shape, extra)
             )
         else:
-            built[name] = SparseLinear(packed, dense, bias, plan, spec["layout"], shape=shape, extra=extra)
+            built[name] = _plain_layer(skeleton, name, spec, (packed, dense, bias, plan, shape, extra))
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     own = {k: v for k, v in skeleton.state_dict().items() if k.rpartition(".")[0] not in layers}
     if layers_only and rest:
@@ -334,6 +376,10 @@ def load_converted(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
             setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module)
         else:
             skeleton = module
+    for module in built.values():  # the activations the layers' epilogues replace
+        if module.fused_from:
+            parent_name, _, child = module.fused_from.rpartition(".")
+            setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, nn.Identity())
     if rest:
         skeleton.load_state_dict(rest, strict=False)
     return skeleton

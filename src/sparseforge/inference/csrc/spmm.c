@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SF_AVX2 1
@@ -39,7 +40,7 @@
 #define SF_AVX512 0
 #endif
 
-#define SF_ABI 10
+#define SF_ABI 11
 
 int sf_abi_version(void) { return SF_ABI; }
 int sf_has_avx2(void) { return SF_AVX2; }
@@ -1313,4 +1314,361 @@ int64_t sf_insparse_bitmask(const uint64_t *mask, const int64_t *colptr, const u
     /* work per active input: its kept weights (about nval / cols) */
     const int64_t per = cols > 0 ? nval / cols + 1 : 1;
     return ins_run(ins_bitmask_chunk, &a, x, threshold, force, max_active, nthreads, min_work, per);
+}
+
+/* ------------------------------------------------------------------ row-pair SpMM (batch > 1)
+ * The encoder-regime kernel (PairedCSR format, "pairs"): out = x @ W.T (+ bias, then an
+ * activation), register-blocked over a tile of T batch rows, with the kept weights as the stream.
+ *
+ * Activations are transposed: xt float[cols, ldx] holds input feature c of batch row b at
+ * xt[c * ldx + b] (ldx >= the padded batch; the caller pads ldx off powers of two so that the rows
+ * of a tile spread over the L1 sets), and the outputs land in out_t float[rows_pad, ldo] the same
+ * way. The padded batch bpad is cut into tiles of T lanes: full tiles of 128, then one tile of 16,
+ * 32, 64 or 128 for the rest (sf_pairs_tile). Lanes past the batch are computed and ignored; each
+ * lane is independent, so whatever they hold never reaches a real output.
+ *
+ * Weights: rows padded to an even count and taken in pairs (2p, 2p + 1); input features cut into
+ * blocks of `cb` <= 256 columns, so that a block's inputs for one tile (cb * T floats, 32 KiB for
+ * T = 64, cb = 128) stay in L1 while every row of a group of `group` rows uses them. Per (group,
+ * block, pair), three runs, each in column order: the columns both rows keep (one column byte,
+ * two values), the columns only the first keeps, the columns only the second keeps (one byte,
+ * one value). counts int32[ngroups, nblocks, group / 2, 3] holds the three lengths; starts
+ * int64[ngroups * nblocks, 2] the offset of each (group, block) in the column bytes and in the
+ * values. A shared column loads the T inputs once for both rows: at 50 % density about a
+ * quarter of the columns are shared, which removes a quarter of the input loads, and the loads,
+ * not the multiply-adds, bound this loop (measured: one 512-bit load per FMA reaches ~73 % of
+ * the FMA peak on the AVX-512 Xeon). A format packed without sharing has only single runs.
+ *
+ * A row's sum over one block runs in one or two accumulator sets (alternate weights of the single
+ * runs), summed at the end of the block, then continued from out_t in the next block: the order
+ * of additions depends only on the weight and cb, never on the thread split. The last block adds
+ * the bias and applies the activation (act: 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu)
+ * before the store. Chunks (`cuts`) are ranges of pairs (rows_pad / 2 in all), independent of the
+ * groups, so that threads get equal work on any row count; each chunk runs every batch tile for
+ * its pairs, tile by tile and group by group, and, when `out` is given, copies its finished rows
+ * of the tile into the row-major out[m, ldo] while they are still in cache. */
+#define SF_PAIRS_MAX_CB 256
+#define SF_ACT_NONE 0
+#define SF_ACT_RELU 1
+#define SF_ACT_GELU 2
+#define SF_ACT_GELU_TANH 3
+#define SF_ACT_SILU 4
+
+typedef struct { const int32_t *counts; const int64_t *starts; const uint8_t *cols; const float *val;
+                 int64_t rows, rows_pad, nb, cb, group; const float *xt; int64_t ldx, bpad; float *out_t;
+                 int64_t ldo; const float *bias; int act; const int64_t *cuts; float *out; int64_t m, ldy; } pairs_ctx;
+
+/* tile k of a padded batch: full tiles of 128, then the remainder (16, 32, 64 or 128) */
+static inline void sf_pairs_tile(int64_t bpad, int64_t k, int64_t *b0, int64_t *t) {
+    *b0 = 128 * k;
+    *t = bpad - *b0 >= 128 ? 128 : bpad - *b0;
+}
+static inline int64_t sf_pairs_ntiles(int64_t bpad) { return (bpad + 127) / 128; }
+
+/* Where pair q0 of (group g, block b) starts: its counts, column bytes and values */
+static inline void sf_pairs_seek(const pairs_ctx *a, int64_t g, int64_t b, int64_t q0, const int32_t **cnt,
+                                 const uint8_t **col, const float **val) {
+    const int64_t seg = g * a->nb + b;
+    const int32_t *c = a->counts + seg * (a->group / 2) * 3;
+    int64_t nc = a->starts[2 * seg], nv = a->starts[2 * seg + 1];
+    for (int64_t q = 0; q < q0; ++q, c += 3) {
+        nc += (int64_t)c[0] + c[1] + c[2];
+        nv += 2 * (int64_t)c[0] + c[1] + c[2];
+    }
+    *cnt = c; *col = a->cols + nc; *val = a->val + nv;
+}
+
+/* Scalar activations (portable path, and the reference the vector ones follow). No step
+ * produces a subnormal number: an exp argument is kept >= -87 (exp >= 1.6e-38 > FLT_MIN), and the
+ * erf GELU takes erfc = 0 beyond z = 9 (|x| > 12.7, where the exact result is below 1e-36;
+ * PyTorch's 1 + erf form rounds it to 0 from |x| ~ 5.5). A subnormal operand costs a microcode
+ * assist on x86: the erf GELU epilogue of a BERT-base layer at 64 rows took 1 ms instead of
+ * ~0.05 ms, and subnormal outputs slowed the next layer (dense or sparse) about 5x. */
+static inline float sf_exp1(float x) { return expf(x < -87.f ? -87.f : x); }
+
+static inline float sf_act1(float v, int act) {
+    switch (act) {
+    case SF_ACT_RELU: return v > 0.f ? v : (v != v ? v : 0.f);
+    case SF_ACT_GELU: {
+        const float z = fabsf(v) * 0.70710678118654752f;
+        const float h = z > 9.f ? 0.f : 0.5f * erfcf(z);
+        return v * (v >= 0.f ? 1.f - h : h);
+    }
+    case SF_ACT_GELU_TANH: {
+        const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+        return v / (1.f + sf_exp1(-2.f * u));
+    }
+    case SF_ACT_SILU: return v / (1.f + sf_exp1(-v));
+    default: return v;
+    }
+}
+
+#if SF_AVX512
+/* exp(x) to ~2 ulp: x = n ln2 + r (Cody-Waite), degree-7 Taylor polynomial on |r| <= ln2 / 2,
+ * scaled by 2^n with scalef (which gives inf on overflow). x is kept in [-87, 89], so the result
+ * is never subnormal (see sf_act1). NaN stays NaN. */
+static inline __m512 sf_exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.f), x);   /* NaN in x passes (second operand) */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* erfc(z) for z >= 0 with relative error ~1.2e-7 (the Chebyshev fit of Numerical Recipes' erfcc):
+ * t = 1 / (1 + z / 2), erfc = t exp(-z^2 + P(t)) */
+static inline __m512 sf_erfc512(__m512 z) {
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.f)));
+    __m512 p = _mm512_set1_ps(0.17087277f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+    p = _mm512_fnmadd_ps(z, z, p);
+    return _mm512_mul_ps(t, sf_exp512(p));
+}
+
+static inline __m512 sf_act512(__m512 v, int act) {
+    switch (act) {
+    case SF_ACT_RELU: return _mm512_max_ps(_mm512_setzero_ps(), v);  /* NaN in v passes */
+    case SF_ACT_GELU: {
+        const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
+        const __mmask16 near = _mm512_cmp_ps_mask(z, _mm512_set1_ps(9.f), _CMP_LE_OQ);
+        /* erfc at min(z, 9): past 9 it is masked to 0 anyway, and t * exp(...) there would be subnormal */
+        const __m512 e = sf_erfc512(_mm512_min_ps(_mm512_set1_ps(9.f), z));
+        const __m512 h = _mm512_maskz_mul_ps(near, _mm512_set1_ps(0.5f), e);
+        const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);
+        return _mm512_mul_ps(v, _mm512_mask_sub_ps(h, pos, _mm512_set1_ps(1.f), h));
+    }
+    case SF_ACT_GELU_TANH: {
+        const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+        const __m512 e = sf_exp512(_mm512_mul_ps(u, _mm512_set1_ps(-2.f)));
+        return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    }
+    case SF_ACT_SILU: {
+        const __m512 e = sf_exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    }
+    default: return v;
+    }
+}
+
+/* One row's T outputs: sum of the sets, bias, activation on the last block, store */
+#define SF_PAIRS_STORE(NV, NS, ACC0, ACC1, O, LAST, B, ACT)                                  \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                 \
+        __m512 s_ = NS == 2 ? _mm512_add_ps(ACC0[v], ACC1[v]) : ACC0[v];                  \
+        if (LAST) s_ = sf_act512(_mm512_add_ps(s_, _mm512_set1_ps(B)), ACT);               \
+        _mm512_storeu_ps((O) + 16 * v, s_);                                                \
+    }
+/* acc[v] += w * x[xr + 16 v] over the NV vectors of a tile row; xr is forced into a register so
+ * the loads use base + displacement addressing (an indexed memory operand is split in two
+ * micro-ops on Intel cores, which made this loop front-end bound) */
+#define SF_PAIRS_FMA(NV, ACC, W, XR)                                                         \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                   \
+        ACC[v] = _mm512_fmadd_ps(W, _mm512_loadu_ps((const float *)(XR) + 16 * v), ACC[v]);
+
+/* One row's run of single columns into its accumulator sets (alternating weights) */
+#define SF_PAIRS_SINGLE(NV, A0, A1, COUNT)                                                   \
+    {                                                                                      \
+        const uint8_t *ce_ = col + (COUNT);                                                \
+        for (; col + 2 <= ce_; col += 2, val += 2) {                                       \
+            const char *xa = xb + (int64_t)col[0] * xs;                                    \
+            const char *xc = xb + (int64_t)col[1] * xs;                                    \
+            __asm__("" : "+r"(xa), "+r"(xc));                                              \
+            const __m512 wa = _mm512_set1_ps(val[0]), wc = _mm512_set1_ps(val[1]);         \
+            SF_PAIRS_FMA(NV, A0, wa, xa)                                                   \
+            SF_PAIRS_FMA(NV, A1, wc, xc)                                                   \
+        }                                                                                  \
+        if (col < ce_) {                                                                   \
+            const char *xa = xb + (int64_t)col[0] * xs;                                    \
+            __asm__("" : "+r"(xa));                                                        \
+            const __m512 wa = _mm512_set1_ps(val[0]);                                      \
+            SF_PAIRS_FMA(NV, A1, wa, xa)                                                   \
+            ++col; ++val;                                                                  \
+        }                                                                                  \
+    }
+
+/* Block b of pairs [q0, q1) of group g, on the tile whose lane 0 is xt / ot. NS accumulator sets
+ * per row in the single runs: 2 where NV <= 4 (8 or more independent FMA chains per row), 1 for
+ * NV = 8 (its 8 vectors are enough, and 2 sets of both rows would need all 32 vector registers). */
+#define DEF_PAIRS_GROUP(NV, NS)                                                              \
+static void pairs_block_##NV(const pairs_ctx *a, int64_t g, int64_t b, int64_t q0, int64_t q1, \
+                             const float *xt, float *ot) {                                 \
+    const int64_t xs = a->ldx * (int64_t)sizeof(float), ldo = a->ldo;                     \
+    const int64_t r0 = g * a->group + 2 * q0, r1 = g * a->group + 2 * q1;                  \
+    const char *xb = (const char *)(xt + b * a->cb * a->ldx);                              \
+    const int32_t *cnt;                                                                    \
+    const uint8_t *col;                                                                    \
+    const float *val;                                                                      \
+    sf_pairs_seek(a, g, b, q0, &cnt, &col, &val);                                          \
+    const int last = b == a->nb - 1;                                                       \
+    for (int64_t r = r0; r < r1; r += 2, cnt += 3) {                                       \
+        float *o1 = ot + r * ldo, *o2 = o1 + ldo;                                          \
+        __m512 p0[NV], p1[NV], q0v[NV], q1v[NV];                                           \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                             \
+            p0[v] = b ? _mm512_loadu_ps(o1 + 16 * v) : _mm512_setzero_ps();                \
+            q0v[v] = b ? _mm512_loadu_ps(o2 + 16 * v) : _mm512_setzero_ps();               \
+            p1[v] = _mm512_setzero_ps(); q1v[v] = _mm512_setzero_ps();                     \
+        }                                                                                  \
+        const uint8_t *ce = col + cnt[0];                                                  \
+        for (; col < ce; ++col, val += 2) {          /* shared columns */                  \
+            const char *xr = xb + (int64_t)*col * xs;                                      \
+            __asm__("" : "+r"(xr));                                                        \
+            const __m512 w1 = _mm512_set1_ps(val[0]), w2 = _mm512_set1_ps(val[1]);         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                         \
+                const __m512 xv = _mm512_loadu_ps((const float *)xr + 16 * v);             \
+                p0[v] = _mm512_fmadd_ps(w1, xv, p0[v]);                                    \
+                q0v[v] = _mm512_fmadd_ps(w2, xv, q0v[v]);                                  \
+            }                                                                              \
+        }                                                                                  \
+        SF_PAIRS_SINGLE(NV, p0, (NS == 2 ? p1 : p0), cnt[1])    /* only the first row */    \
+        SF_PAIRS_SINGLE(NV, q0v, (NS == 2 ? q1v : q0v), cnt[2]) /* only the second */      \
+        const float b1 = last && a->bias && r < a->rows ? a->bias[r] : 0.f;                \
+        const float b2 = last && a->bias && r + 1 < a->rows ? a->bias[r + 1] : 0.f;        \
+        SF_PAIRS_STORE(NV, NS, p0, p1, o1, last, b1, a->act)                               \
+        SF_PAIRS_STORE(NV, NS, q0v, q1v, o2, last, b2, a->act)                             \
+    }                                                                                      \
+}
+DEF_PAIRS_GROUP(1, 2)
+DEF_PAIRS_GROUP(2, 2)
+DEF_PAIRS_GROUP(4, 2)
+DEF_PAIRS_GROUP(8, 1)
+#endif
+
+/* Portable path: the same runs and order of additions, T lanes in plain loops */
+static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t pq0, int64_t pq1, const float *xt,
+                               float *ot, int64_t T) {
+    const int64_t r0 = g * a->group + 2 * pq0, r1 = g * a->group + 2 * pq1;
+    float p0[128], p1[128], q0[128], q1[128];
+    const float *xb = xt + b * a->cb * a->ldx;
+    const int32_t *cnt;
+    const uint8_t *col;
+    const float *val;
+    sf_pairs_seek(a, g, b, pq0, &cnt, &col, &val);
+    const int last = b == a->nb - 1;
+    for (int64_t r = r0; r < r1; r += 2, cnt += 3) {
+        float *o1 = ot + r * a->ldo, *o2 = o1 + a->ldo;
+        for (int64_t l = 0; l < T; ++l) {
+            p0[l] = b ? o1[l] : 0.f; q0[l] = b ? o2[l] : 0.f; p1[l] = 0.f; q1[l] = 0.f;
+        }
+        const uint8_t *ce = col + cnt[0];
+        for (; col < ce; ++col, val += 2) {
+            const float *xr = xb + (int64_t)*col * a->ldx;
+            for (int64_t l = 0; l < T; ++l) { p0[l] += val[0] * xr[l]; q0[l] += val[1] * xr[l]; }
+        }
+        for (int s = 1; s <= 2; ++s) {
+            /* two sets below 128 lanes, one at 128: the AVX-512 path's order of additions */
+            float *A0 = s == 1 ? p0 : q0, *A1 = T == 128 ? A0 : s == 1 ? p1 : q1;
+            ce = col + cnt[s];
+            for (; col + 2 <= ce; col += 2, val += 2) {
+                const float *xa = xb + (int64_t)col[0] * a->ldx, *xc = xb + (int64_t)col[1] * a->ldx;
+                for (int64_t l = 0; l < T; ++l) { A0[l] += val[0] * xa[l]; A1[l] += val[1] * xc[l]; }
+            }
+            if (col < ce) {
+                const float *xa = xb + (int64_t)col[0] * a->ldx;
+                for (int64_t l = 0; l < T; ++l) A1[l] += val[0] * xa[l];
+                ++col; ++val;
+            }
+        }
+        const float b1 = last && a->bias && r < a->rows ? a->bias[r] : 0.f;
+        const float b2 = last && a->bias && r + 1 < a->rows ? a->bias[r + 1] : 0.f;
+        for (int64_t l = 0; l < T; ++l) {
+            float s1 = T == 128 ? p0[l] : p0[l] + p1[l], s2 = T == 128 ? q0[l] : q0[l] + q1[l];
+            if (last) { s1 = sf_act1(s1 + b1, a->act); s2 = sf_act1(s2 + b2, a->act); }
+            o1[l] = s1; o2[l] = s2;
+        }
+    }
+}
+
+/* Chunk c: pairs [cuts[c], cuts[c + 1]) of the whole matrix, group by group; in a group, block by
+ * block, every batch tile (the block's inputs, cb rows of xt, are read once per group) */
+static void pairs_chunk(const void *p, int c) {
+    const pairs_ctx *a = (const pairs_ctx *)p;
+    const int64_t nt = sf_pairs_ntiles(a->bpad), half = a->group / 2;
+    const int64_t pa = a->cuts[c], pb = a->cuts[c + 1];
+    for (int64_t g = pa / half; g * half < pb; ++g) {
+        const int64_t q0 = pa > g * half ? pa - g * half : 0;
+        const int64_t q1 = pb < (g + 1) * half ? pb - g * half : half;
+        for (int64_t b = 0; b < a->nb; ++b) {
+            for (int64_t k = 0; k < nt; ++k) {
+                int64_t b0, T;
+                sf_pairs_tile(a->bpad, k, &b0, &T);
+                const float *xt = a->xt + b0;
+                float *ot = a->out_t + b0;
+#if SF_AVX512
+                if (T == 128) { pairs_block_8(a, g, b, q0, q1, xt, ot); continue; }
+                if (T == 64) { pairs_block_4(a, g, b, q0, q1, xt, ot); continue; }
+                if (T == 32) { pairs_block_2(a, g, b, q0, q1, xt, ot); continue; }
+                if (T == 16) { pairs_block_1(a, g, b, q0, q1, xt, ot); continue; }
+#endif
+                pairs_block_scalar(a, g, b, q0, q1, xt, ot, T);
+            }
+        }
+        if (!a->out) continue;
+        /* the group's finished rows, while they are in cache: out[t, r] = out_t[r, t] */
+        const int64_t r0 = g * a->group + 2 * q0;
+        const int64_t r1 = g * a->group + 2 * q1 < a->rows ? g * a->group + 2 * q1 : a->rows;
+        if (r1 > r0) {
+            tr_ctx t = {a->out_t + r0 * a->ldo, r1 - r0, a->m, a->ldo, a->out + r0, a->ldy, r1 - r0, a->m};
+            tr_chunk(&t, 0);
+        }
+    }
+}
+
+/* y = act(x @ W.T + bias) for the pairs format. xt: float[cols, ldx] (transposed input, at least
+ * bpad lanes per row); out_t: float[rows_pad, ldo] (written); out: NULL, or float[m, ldy] that also
+ * receives the first m batch rows row-major. Returns 0, or -2 for a bad argument. */
+int sf_pairs_spmm(const int32_t *counts, const int64_t *starts, const uint8_t *cols, const float *val,
+                  int64_t rows, int64_t ncols, int64_t cb, int64_t group, const float *xt, int64_t ldx,
+                  int64_t bpad, float *out_t, int64_t ldo, const float *bias, int act, const int64_t *cuts,
+                  int nchunks, int nthreads, float *out, int64_t m, int64_t ldy) {
+    const int64_t rem = bpad % 128;
+    if (cb < 1 || cb > SF_PAIRS_MAX_CB || group < 2 || group % 2 || bpad < 16 || ldx < bpad || ldo < bpad ||
+        act < 0 || act > SF_ACT_SILU || (rem && rem != 16 && rem != 32 && rem != 64) ||
+        (out && (m < 1 || m > bpad || ldy < rows)))
+        return -2;
+    pairs_ctx a = {counts, starts, cols, val, rows, rows + (rows & 1), (ncols + cb - 1) / cb, cb, group,
+                   xt, ldx, bpad, out_t, ldo, bias, act, cuts, out, m, ldy};
+    sf_run(pairs_chunk, &a, nchunks, nthreads);
+    return 0;
+}
+
+/* 1 if any of the m x n floats (row stride lds) is a NaN or an infinity, else 0 */
+typedef struct { const float *src; int64_t m, n, lds, step; _Atomic int bad; } finite_ctx;
+
+static void finite_chunk(const void *p, int c) {
+    finite_ctx *a = (finite_ctx *)p;
+    const int64_t i0 = c * a->step, i1 = i0 + a->step < a->m ? i0 + a->step : a->m;
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t *u = (const uint32_t *)(a->src + i * a->lds);
+        for (int64_t j = 0; j < a->n; ++j) bad |= (u[j] & 0x7f800000u) == 0x7f800000u;
+    }
+    if (bad) atomic_store(&a->bad, 1);
+}
+
+int sf_nonfinite(const float *src, int64_t m, int64_t n, int64_t lds, int nthreads) {
+    if (m < 1 || n < 1) return 0;
+    int64_t nc = nthreads > 1 ? 2 * nthreads : 1;
+    const int64_t step = (m + nc - 1) / nc;
+    nc = (m + step - 1) / step;
+    finite_ctx a = {src, m, n, lds, step, 0};
+    sf_run(finite_chunk, &a, (int)nc, nthreads);
+    return atomic_load(&a.bad);
 }
