@@ -38,7 +38,7 @@ from ..activations.thresholded import ThresholdedLinear
 from ..errors import SparseforgeError
 from ..masks import check_materialized, check_module
 from .autotune import InputSparseChoice, LayerChoice, measure_input_sparse, measure_layer, rule_input_sparse, rule_layer
-from .fusion import Fusion, fuse_epilogues
+from .fusion import Fusion, fuse_epilogues, mlp_sites
 from .kernels import unavailable_reason
 from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
@@ -563,8 +563,9 @@ def convert(
             f"nothing to convert: {type(model).__name__} has no nn.Linear, transformers Conv1D or 1x1 nn.Conv1d/Conv2d layer"
         )
     out = model if inplace else copy.deepcopy(model)
+    sites = mlp_sites(out) if fuse else []
     out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
-    fusions = fuse_epilogues(out) if fuse else []
+    fusions = fuse_epilogues(out, sites) if fuse else []
     fused = {f.layer: f.activation for f in fusions}
     decisions = [
         dataclasses.replace(d, format=f"{d.format}+{fused[d.name]}") if d.name in fused and d.format else d

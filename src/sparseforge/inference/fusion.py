@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..activations.sites import find_mlps
+from ..activations.sites import MLPSite, find_mlps
 from ..errors import SparseforgeError
 from ..masks import unwrap
 from .epilogue import activation_name_of
 from .modules import InputSparseLinear, SparseLinear
 
-__all__ = ["Fusion", "fuse_epilogues"]
+__all__ = ["Fusion", "fuse_epilogues", "mlp_sites"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,17 @@ def _in_sequentials(model: nn.Module) -> list[Fusion]:
     return done
 
 
-def _in_mlps(model: nn.Module) -> list[Fusion]:
-    bare = unwrap(model)
+def mlp_sites(model: nn.Module) -> list[MLPSite]:
+    """The transformer MLPs of ``model`` (before conversion: they are found among ``nn.Linear``
+    layers), or ``[]`` for a model without transformer blocks."""
     try:
-        sites = find_mlps(bare)
-    except SparseforgeError:  # not a transformer with blocks: nothing to do here
+        return find_mlps(unwrap(model))
+    except SparseforgeError:
         return []
+
+
+def _in_mlps(model: nn.Module, sites: list[MLPSite]) -> list[Fusion]:
+    bare = unwrap(model)
     done: list[Fusion] = []
     for site in sites:
         if site.activation is None:
@@ -124,9 +129,11 @@ def _in_mlps(model: nn.Module) -> list[Fusion]:
     return done
 
 
-def fuse_epilogues(model: nn.Module) -> list[Fusion]:
+def fuse_epilogues(model: nn.Module, sites: list[MLPSite] | None = None) -> list[Fusion]:
     """Fuse activations into the converted layers of ``model`` (in place); returns what was fused.
 
-    Names are relative to ``model`` (inside a DDP / ``torch.compile`` wrapper: to the bare model).
+    ``sites``: the MLPs found by :func:`mlp_sites` on the model *before* conversion (default: none,
+    only ``nn.Sequential`` patterns). Names are relative to ``model`` (inside a DDP /
+    ``torch.compile`` wrapper: to the bare model).
     """
-    return _in_sequentials(model) + _in_mlps(model)
+    return _in_sequentials(model) + _in_mlps(model, sites or [])
