@@ -459,3 +459,34 @@ def test_portable_build_computes_the_same(tmp_path, monkeypatch):
         got = sparse_matmul_tensor(PairedCSR.from_dense(w), xs[b], bias=bias, activation=a)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
         _close(got, apply_activation(F.linear(xs[b], w, bias), a), 90)
+
+
+@needs_native
+def test_convert_times_each_layer_as_it_will_run(monkeypatch):
+    """The widening layer is timed with its activation (dense: layer then GELU; pairs: the fused
+    kernel handing its output on transposed); the next layer with its input transposed at the
+    batch sizes where the first runs pairs, as a plain row-major tensor elsewhere."""
+    from sparseforge.inference import autotune
+
+    seen: list[tuple[int, dict]] = []
+
+    def timing(fns, reps):
+        out = fns["dense"]()
+        seen.append((out.shape[-1], dict(fns)))
+        return autotune.TimingRound(
+            {k: [10.0 if k == "dense" else 1.0 if k.startswith("pairs") else 20.0] * 3 for k in fns}, wait=0.0
+        )
+
+    monkeypatch.setattr(autotune, "_timing_round", timing)
+    convert(_ffn(), batch_sizes=(1, 64))
+    up = [fns for width, fns in seen if width == 512]
+    down = [fns for width, fns in seen if width == 128]
+    assert up and down
+    for fns in up:
+        assert fns["dense"].args[3] == "gelu"
+        pairs = [f for k, f in fns.items() if k.startswith("pairs")]
+        assert pairs and all(f.args[4] == "gelu" and f.args[5] is True for f in pairs)
+    inputs = {fns["dense"].args[0].shape[0]: fns["dense"].args[0] for fns in down}
+    assert inputs[64].stride(0) == 1 and transposed_view_ok(inputs[64])  # from the pairs layer before it
+    assert inputs[1].is_contiguous()  # one row runs another format: a plain row
+    assert all(fns["dense"].args[3] is None for fns in down)

@@ -42,6 +42,7 @@ import torch
 
 from ..activations.thresholded import drop_small
 from ..errors import SparseforgeError
+from .epilogue import apply_activation
 from .formats import (
     Bitmask,
     BlockSparse,
@@ -58,6 +59,7 @@ from .kernels import (
     has_native_kernel,
     input_sparse_matmul,
     kernel_available_for,
+    pairs_leading_dim,
     pairs_padded_batch,
     set_spmv_variant,
     sparse_matmul_tensor,
@@ -525,8 +527,17 @@ def measure_layer(
     seed: int = 0,
     margin: float = SPARSE_MARGIN,
     max_formats: int = 2,
+    activation: str | None = None,
+    transposed_in: frozenset[int] = frozenset(),
+    transposed_output: bool = False,
 ) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
+
+    The calls are timed as they will run in the model: ``activation`` (the activation module
+    ``convert`` will fuse into this layer) runs after dense and inside or after each candidate;
+    at the batch sizes in ``transposed_in`` the input comes as the previous pairs layer hands it
+    over (a transposed view); ``transposed_output``: the pairs candidate returns its output that
+    way (its consumer reads it in place).
 
     The cost model (:func:`predict_ms`) first orders the candidates and drops those it predicts
     :data:`PRUNE_BELOW` x slower than dense at every batch size. Dense and the others are timed
@@ -585,12 +596,13 @@ def measure_layer(
     timings: dict[str, dict[int, float]] = {"dense": {}, **{n: {} for n in names}}
     notes: dict[int, str] = {}
     for b in batch_sizes:
-        x = torch.randn(b, w.shape[1], generator=gen)
-        fns: dict[str, Callable[[], object]] = {"dense": partial(torch.nn.functional.linear, x, w, bias)}
+        x = _layer_input(b, w.shape[1], b in transposed_in and b > 1, gen)
+        fns: dict[str, Callable[[], object]] = {"dense": partial(_dense_call, x, w, bias, activation)}
         for name, fmt, var in zip(names, cands, variants, strict=True):
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
-            fns[name] = partial(_sparse_call, fmt, x, bias, var)
+            chained = transposed_output and isinstance(fmt, PairedCSR)
+            fns[name] = partial(_sparse_call, fmt, x, bias, var, activation, chained)
         ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
         if note:
             notes[b] = note
@@ -676,10 +688,31 @@ def measure_layer(
     )
 
 
-def _sparse_call(fmt: PackedFormat, x: torch.Tensor, bias: torch.Tensor | None, variant: int | None = None) -> None:
-    """One call as :class:`~.modules.SparseLinear` makes it (bias included)."""
+def _sparse_call(
+    fmt: PackedFormat,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    variant: int | None = None,
+    activation: str | None = None,
+    transposed_output: bool = False,
+) -> None:
+    """One call as :class:`~.modules.SparseLinear` makes it (bias and a fused activation included)."""
     set_spmv_variant(fmt, variant)
-    sparse_matmul_tensor(fmt, x, bias=bias)
+    sparse_matmul_tensor(fmt, x, bias=bias, activation=activation, transposed_output=transposed_output)
+
+
+def _dense_call(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """The dense layer (and the activation module after it, when one is to be fused)."""
+    return apply_activation(torch.nn.functional.linear(x, w, bias), activation)
+
+
+def _layer_input(rows: int, cols: int, transposed: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random ``(rows, cols)`` input; ``transposed``: laid out as a pairs layer's transposed output."""
+    if not transposed:
+        return torch.randn(rows, cols, generator=gen)
+    ld = pairs_leading_dim(rows)
+    store = torch.randn(cols, ld, generator=gen)
+    return store[:, :rows].T
 
 
 def rule_layer(weight: torch.Tensor, batch_sizes: tuple[int, ...]) -> LayerChoice:

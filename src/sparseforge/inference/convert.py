@@ -38,7 +38,8 @@ from ..activations.thresholded import ThresholdedLinear
 from ..errors import SparseforgeError
 from ..masks import check_materialized, check_module
 from .autotune import InputSparseChoice, LayerChoice, measure_input_sparse, measure_layer, rule_input_sparse, rule_layer
-from .fusion import Fusion, fuse_epilogues, mlp_sites
+from .formats import PairedCSR
+from .fusion import Fusion, PlannedFusion, apply_fusions, plan_fusions
 from .kernels import unavailable_reason
 from .modules import BatchPlan, InputSparseLinear, SparseLinear
 
@@ -307,6 +308,17 @@ def _dense_module(m: SparseLinear) -> nn.Module:
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)
 
 
+@dataclass(frozen=True)
+class _Context:
+    """How a layer runs in the model, for its measurement: the activation that will be fused into
+    it, the batch sizes at which its input arrives transposed, and whether its output is handed on
+    transposed (see :mod:`.fusion`)."""
+
+    activation: str | None = None
+    transposed_in: frozenset[int] = frozenset()
+    transposed_output: bool = False
+
+
 def _choose(
     name: str,
     w: torch.Tensor,
@@ -315,10 +327,23 @@ def _choose(
     autotune: bool,
     reps: int,
     max_formats: int,
+    context: _Context | None = None,
 ) -> LayerChoice:
     """The plain layer's choice (measured or by rule); dense everywhere, with a warning, when a kernel fails."""
+    ctx = context or _Context()
     try:
-        return measure_layer(w, bias, sizes, reps=reps, max_formats=max_formats) if autotune else rule_layer(w, sizes)
+        if not autotune:
+            return rule_layer(w, sizes)
+        return measure_layer(
+            w,
+            bias,
+            sizes,
+            reps=reps,
+            max_formats=max_formats,
+            activation=ctx.activation,
+            transposed_in=ctx.transposed_in,
+            transposed_output=ctx.transposed_output,
+        )
     except Exception as exc:  # a kernel that fails to compile must never crash convert
         warnings.warn(
             f"sparseforge.convert: kernel failed for {name!r}, left dense: {type(exc).__name__}: {exc}", stacklevel=4
@@ -402,11 +427,41 @@ def _convert_thresholded(
     return new, decision("sparse", new.format_names, new.describe_plan(), reason, plain, ins)
 
 
+def _context(
+    name: str, m: _Layer, planned: list[PlannedFusion], pairs_at: dict[str, set[int]], sizes: tuple[int, ...]
+) -> _Context:
+    """The measurement context of layer ``name`` (``pairs_at``: the batch sizes at which each layer
+    converted so far runs the pairs kernel)."""
+    activation = m.activation if isinstance(m, SparseLinear) else None
+    out_t = isinstance(m, SparseLinear) and m.transposed_output
+    for p in planned:
+        if p.layer == name:
+            activation = p.activation
+        if name in p.feeds and p.consumer is not None:
+            out_t = True
+    transposed_in: set[int] = set()
+    for p in planned:
+        if p.consumer == name and all(f in pairs_at for f in p.feeds):
+            transposed_in |= set.intersection(*(pairs_at[f] for f in p.feeds))
+    return _Context(activation, frozenset(transposed_in & set(sizes)), out_t)
+
+
 def _convert_layers(
-    out: nn.Module, sizes: tuple[int, ...], autotune: bool, reps: int, min_sparsity: float, max_formats: int
+    out: nn.Module,
+    sizes: tuple[int, ...],
+    autotune: bool,
+    reps: int,
+    min_sparsity: float,
+    max_formats: int,
+    planned: list[PlannedFusion] | None = None,
 ) -> tuple[nn.Module, list[LayerDecision]]:
-    """Decide and rebuild every Linear / conv / SparseLinear layer of ``out`` in place (the root too: returned)."""
+    """Decide and rebuild every Linear / conv / SparseLinear layer of ``out`` in place (the root too: returned).
+
+    ``planned``: the fusions :func:`.fusion.plan_fusions` found; each layer is measured in its
+    context (:class:`_Context`)."""
     layers = [n for n, m in out.named_modules() if _is_layer(m)]
+    planned = planned or []
+    pairs_at: dict[str, set[int]] = {}
     decisions: list[LayerDecision] = []
     kernel_problem = unavailable_reason()
     if kernel_problem:
@@ -445,7 +500,8 @@ def _convert_layers(
                     f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)",
                 )
             else:
-                choice = _choose(name, w, m.bias, sizes, autotune, reps, max_formats)
+                ctx = _context(name, m, planned, pairs_at, sizes)
+                choice = _choose(name, w, m.bias, sizes, autotune, reps, max_formats, ctx)
                 if choice.packed is None:
                     decision = LayerDecision(
                         name,
@@ -462,6 +518,7 @@ def _convert_layers(
                     )
                 else:
                     new = build_module(m, choice, sizes)
+                    pairs_at[name] = {b for b in sizes if isinstance(new.format_for(b), PairedCSR)}
                     decision = LayerDecision(
                         name,
                         kind,
@@ -563,9 +620,9 @@ def convert(
             f"nothing to convert: {type(model).__name__} has no nn.Linear, transformers Conv1D or 1x1 nn.Conv1d/Conv2d layer"
         )
     out = model if inplace else copy.deepcopy(model)
-    sites = mlp_sites(out) if fuse else []
-    out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats))
-    fusions = fuse_epilogues(out, sites) if fuse else []
+    planned = plan_fusions(out) if fuse else []
+    out, decisions = _convert_layers(out, sizes, autotune, int(reps), float(min_sparsity), int(max_formats), planned)
+    fusions = apply_fusions(out, planned) if fuse else []
     fused = {f.layer: f.activation for f in fusions}
     decisions = [
         dataclasses.replace(d, format=f"{d.format}+{fused[d.name]}") if d.name in fused and d.format else d

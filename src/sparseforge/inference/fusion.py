@@ -1,16 +1,19 @@
 """Fusing an activation into the sparse layer before it, and chaining layers in the transposed layout.
 
-After :func:`~.convert.convert` has rebuilt the layers, :func:`fuse_epilogues` looks for an
-activation module that consumes a :class:`~.modules.SparseLinear`'s output and nothing else, in
-two places where the model's structure says so:
+Before :func:`~.convert.convert` rebuilds the layers, :func:`plan_fusions` looks for an
+activation module that consumes a linear layer's output and nothing else, in two places where the
+model's structure says so:
 
 * an ``nn.Sequential`` with children ``..., SparseLinear, activation, ...``;
 * the MLP of every transformer block (:func:`~sparseforge.activations.find_mlps`): the one layer
   widening the hidden state and its activation (BERT, GPT-2, OPT), or, in a gated MLP, the layer
   named ``*gate*`` and the activation (Llama: ``down(act(gate(x)) * up(x))``).
 
-The activation becomes the layer's epilogue (``SparseLinear.activation``) and the activation
-module is replaced by ``nn.Identity``, so the model computes the same function. When the layer
+``convert`` times each such layer with its activation (dense: the layer, then the activation;
+sparse: the fused kernel), and the layer after it with its input as it will arrive. After the
+conversion, :func:`apply_fusions` makes the activation the converted layer's epilogue
+(``SparseLinear.activation``) and replaces the activation module by ``nn.Identity``, so the model
+computes the same function. When the layer
 after the activation is a :class:`~.modules.SparseLinear` too, the widening layer(s) return the
 pairs kernel's transposed output (``transposed_output``), which that layer reads in place: the
 transpose out of one layer and into the next disappear. Only exact activation types are fused
@@ -29,7 +32,7 @@ from ..masks import unwrap
 from .epilogue import activation_name_of
 from .modules import InputSparseLinear, SparseLinear
 
-__all__ = ["Fusion", "fuse_epilogues", "mlp_sites"]
+__all__ = ["Fusion", "PlannedFusion", "apply_fusions", "mlp_sites", "plan_fusions"]
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,14 @@ class Fusion:
 
 
 def _fusable_layer(m: nn.Module | None) -> bool:
-    return type(m) is SparseLinear and m.layout == "linear" and m.activation is None
+    """A plain linear layer (not a thresholded or input-sparse one) whose output may carry an epilogue."""
+    if type(m) is SparseLinear:
+        return m.layout == "linear" and m.activation is None
+    return type(m) is nn.Linear
 
 
 def _reads_transposed(m: nn.Module | None) -> bool:
     return isinstance(m, SparseLinear) and not isinstance(m, InputSparseLinear) and m.layout == "linear"
-
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def _get(root: nn.Module, name: str) -> nn.Module | None:
@@ -63,43 +64,39 @@ def _get(root: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _in_sequentials(model: nn.Module) -> list[Fusion]:
-    done: list[Fusion] = []
-    for seq_name, seq in list(model.named_modules()):
+@dataclass(frozen=True)
+class PlannedFusion:
+    """A fusion found on the model before conversion: ``layer``'s output goes through the
+    activation module ``module`` (kind ``activation``) and then, possibly multiplied with the
+    outputs of the other layers in ``feeds``, into ``consumer`` (``None``: not a linear layer)."""
+
+    layer: str
+    activation: str
+    module: str
+    consumer: str | None
+    feeds: tuple[str, ...]
+
+
+def _in_sequentials(model: nn.Module) -> list[PlannedFusion]:
+    found: list[PlannedFusion] = []
+    for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         keys = list(seq._modules)  # noqa: SLF001 - the children in forward order, with their names
+        prefix = f"{seq_name}." if seq_name else ""
         for i in range(len(keys) - 1):
             layer, act = seq._modules[keys[i]], seq._modules[keys[i + 1]]  # noqa: SLF001
             kind = activation_name_of(act) if act is not None else None
             if not _fusable_layer(layer) or kind is None:
                 continue
-            assert isinstance(layer, SparseLinear)  # _fusable_layer
-            prefix = f"{seq_name}." if seq_name else ""
             nxt = seq._modules[keys[i + 2]] if i + 2 < len(keys) else None  # noqa: SLF001
-            layer.activation = kind
-            layer.fused_from = prefix + keys[i + 1]
-            seq._modules[keys[i + 1]] = nn.Identity()  # noqa: SLF001
-            chained: tuple[str, ...] = ()
-            if _reads_transposed(nxt):
-                layer.transposed_output = True
-                chained = (prefix + keys[i + 2],)
-            done.append(Fusion(prefix + keys[i], kind, prefix + keys[i + 1], chained))
-    return done
+            consumer = prefix + keys[i + 2] if _fusable_layer(nxt) or _reads_transposed(nxt) else None
+            found.append(PlannedFusion(prefix + keys[i], kind, prefix + keys[i + 1], consumer, (prefix + keys[i],)))
+    return found
 
 
-def mlp_sites(model: nn.Module) -> list[MLPSite]:
-    """The transformer MLPs of ``model`` (before conversion: they are found among ``nn.Linear``
-    layers), or ``[]`` for a model without transformer blocks."""
-    try:
-        return find_mlps(unwrap(model))
-    except SparseforgeError:
-        return []
-
-
-def _in_mlps(model: nn.Module, sites: list[MLPSite]) -> list[Fusion]:
-    bare = unwrap(model)
-    done: list[Fusion] = []
+def _in_mlps(model: nn.Module, sites: list[MLPSite]) -> list[PlannedFusion]:
+    found: list[PlannedFusion] = []
     for site in sites:
         if site.activation is None:
             continue
@@ -110,30 +107,56 @@ def _in_mlps(model: nn.Module, sites: list[MLPSite]) -> list[Fusion]:
             if len(gates) != 1 or len(site.up) != 2:
                 continue  # which input layer the activation follows is not known
             target = gates[0]
-        layer, act = _get(bare, target), _get(bare, site.activation)
+        layer, act = _get(model, target), _get(model, site.activation)
         kind = activation_name_of(act) if act is not None else None
-        if not _fusable_layer(layer) or kind is None:
-            continue
-        assert isinstance(layer, SparseLinear)  # _fusable_layer
-        layer.activation = kind
-        layer.fused_from = site.activation
-        _set(bare, site.activation, nn.Identity())
-        chained: tuple[str, ...] = ()
-        ups = [_get(bare, u) for u in site.up]
-        if _reads_transposed(_get(bare, site.down)) and all(isinstance(u, SparseLinear) for u in ups):
-            for u in ups:
-                assert isinstance(u, SparseLinear)
-                u.transposed_output = True
-            chained = (site.down,)
-        done.append(Fusion(target, kind, site.activation, chained))
-    return done
+        if _fusable_layer(layer) and kind is not None:
+            found.append(PlannedFusion(target, kind, site.activation, site.down, tuple(site.up)))
+    return found
 
 
-def fuse_epilogues(model: nn.Module, sites: list[MLPSite] | None = None) -> list[Fusion]:
-    """Fuse activations into the converted layers of ``model`` (in place); returns what was fused.
+def mlp_sites(model: nn.Module) -> list[MLPSite]:
+    """The transformer MLPs of ``model`` (found among its ``nn.Linear`` layers, so before
+    conversion), or ``[]`` for a model without transformer blocks."""
+    try:
+        return find_mlps(unwrap(model))
+    except SparseforgeError:
+        return []
 
-    ``sites``: the MLPs found by :func:`mlp_sites` on the model *before* conversion (default: none,
-    only ``nn.Sequential`` patterns). Names are relative to ``model`` (inside a DDP /
-    ``torch.compile`` wrapper: to the bare model).
+
+def plan_fusions(model: nn.Module) -> list[PlannedFusion]:
+    """The activations :func:`apply_fusions` can fuse in ``model`` (call it before conversion)."""
+    bare = unwrap(model)
+    return _in_sequentials(bare) + _in_mlps(bare, mlp_sites(bare))
+
+
+def apply_fusions(model: nn.Module, planned: list[PlannedFusion]) -> list[Fusion]:
+    """Fuse the planned activations whose layer was converted (in place); returns what was fused.
+
+    Names are relative to ``model`` (inside a DDP / ``torch.compile`` wrapper: to the bare model).
     """
-    return _in_sequentials(model) + _in_mlps(model, sites or [])
+    bare = unwrap(model)
+    done: list[Fusion] = []
+    for p in planned:
+        layer, act = _get(bare, p.layer), _get(bare, p.module)
+        if type(layer) is not SparseLinear or layer.activation is not None or act is None:
+            continue
+        if activation_name_of(act) != p.activation:
+            continue
+        assert isinstance(layer, SparseLinear)
+        layer.activation = p.activation
+        layer.fused_from = p.module
+        parent, _, child = p.module.rpartition(".")
+        setattr(bare.get_submodule(parent) if parent else bare, child, nn.Identity())
+        chained: tuple[str, ...] = ()
+        feeds = [_get(bare, f) for f in p.feeds]
+        if (
+            p.consumer is not None
+            and _reads_transposed(_get(bare, p.consumer))
+            and all(_reads_transposed(f) for f in feeds)
+        ):
+            for f in feeds:
+                assert isinstance(f, SparseLinear)
+                f.transposed_output = True
+            chained = (p.consumer,)
+        done.append(Fusion(p.layer, p.activation, p.module, chained))
+    return done

@@ -1596,36 +1596,47 @@ static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t
     }
 }
 
-/* Chunk c: pairs [cuts[c], cuts[c + 1]) of the whole matrix, group by group; in a group, block by
- * block, every batch tile (the block's inputs, cb rows of xt, are read once per group) */
+/* Lanes per sweep over the weights: a block's inputs for one sweep (cb * 512 floats, 256 KiB at
+ * cb = 128) stay in L2 while every group of the chunk runs every tile of the sweep on it. */
+#define SF_PAIRS_SWEEP 512
+
+/* Chunk c: pairs [cuts[c], cuts[c + 1]) of the whole matrix; sweep by sweep (SF_PAIRS_SWEEP lanes),
+ * block by block, group by group, every tile of the sweep. Blocks outside groups: each input is
+ * read from memory once per sweep. (Groups outside blocks re-read all of x per group: at 512 rows
+ * of a 768 x 3072 layer, 6 MB of inputs per group from L3, 160 vs 190 GFLOP/s.) The chunk's
+ * outputs for the sweep (rows x 512 lanes, 768 KiB for 384 rows) stay in L2 between blocks. */
 static void pairs_chunk(const void *p, int c) {
     const pairs_ctx *a = (const pairs_ctx *)p;
-    const int64_t nt = sf_pairs_ntiles(a->bpad), half = a->group / 2;
+    const int64_t nt = sf_pairs_ntiles(a->bpad), half = a->group / 2, per = SF_PAIRS_SWEEP / 128;
     const int64_t pa = a->cuts[c], pb = a->cuts[c + 1];
-    for (int64_t g = pa / half; g * half < pb; ++g) {
-        const int64_t q0 = pa > g * half ? pa - g * half : 0;
-        const int64_t q1 = pb < (g + 1) * half ? pb - g * half : half;
+    for (int64_t k0 = 0; k0 < nt; k0 += per) {
+        const int64_t k1 = k0 + per < nt ? k0 + per : nt;
         for (int64_t b = 0; b < a->nb; ++b) {
-            for (int64_t k = 0; k < nt; ++k) {
-                int64_t b0, T;
-                sf_pairs_tile(a->bpad, k, &b0, &T);
-                const float *xt = a->xt + b0;
-                float *ot = a->out_t + b0;
+            for (int64_t g = pa / half; g * half < pb; ++g) {
+                const int64_t q0 = pa > g * half ? pa - g * half : 0;
+                const int64_t q1 = pb < (g + 1) * half ? pb - g * half : half;
+                for (int64_t k = k0; k < k1; ++k) {
+                    int64_t b0, T;
+                    sf_pairs_tile(a->bpad, k, &b0, &T);
+                    const float *xt = a->xt + b0;
+                    float *ot = a->out_t + b0;
 #if SF_AVX512
-                if (T == 128) { pairs_block_8(a, g, b, q0, q1, xt, ot); continue; }
-                if (T == 64) { pairs_block_4(a, g, b, q0, q1, xt, ot); continue; }
-                if (T == 32) { pairs_block_2(a, g, b, q0, q1, xt, ot); continue; }
-                if (T == 16) { pairs_block_1(a, g, b, q0, q1, xt, ot); continue; }
+                    if (T == 128) { pairs_block_8(a, g, b, q0, q1, xt, ot); continue; }
+                    if (T == 64) { pairs_block_4(a, g, b, q0, q1, xt, ot); continue; }
+                    if (T == 32) { pairs_block_2(a, g, b, q0, q1, xt, ot); continue; }
+                    if (T == 16) { pairs_block_1(a, g, b, q0, q1, xt, ot); continue; }
 #endif
-                pairs_block_scalar(a, g, b, q0, q1, xt, ot, T);
+                    pairs_block_scalar(a, g, b, q0, q1, xt, ot, T);
+                }
             }
         }
         if (!a->out) continue;
-        /* the group's finished rows, while they are in cache: out[t, r] = out_t[r, t] */
-        const int64_t r0 = g * a->group + 2 * q0;
-        const int64_t r1 = g * a->group + 2 * q1 < a->rows ? g * a->group + 2 * q1 : a->rows;
-        if (r1 > r0) {
-            tr_ctx t = {a->out_t + r0 * a->ldo, r1 - r0, a->m, a->ldo, a->out + r0, a->ldy, r1 - r0, a->m};
+        /* the chunk's finished rows for this sweep, while they are in cache: out[t, r] = out_t[r, t] */
+        const int64_t r0 = 2 * pa, r1 = 2 * pb < a->rows ? 2 * pb : a->rows;
+        const int64_t l0 = 128 * k0, l1 = 128 * k1 < a->m ? 128 * k1 : a->m;
+        if (r1 > r0 && l1 > l0) {
+            tr_ctx t = {a->out_t + r0 * a->ldo + l0, r1 - r0, l1 - l0, a->ldo, a->out + l0 * a->ldy + r0,
+                        a->ldy, r1 - r0, l1 - l0};
             tr_chunk(&t, 0);
         }
     }
