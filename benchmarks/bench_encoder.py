@@ -117,6 +117,16 @@ def stable_runs(signatures: list[list[tuple[str, str, str]]]) -> int:
     return max(keys.count(k) for k in set(keys)) if keys else 0
 
 
+def differences(signatures: list[list[tuple[str, str, str]]]) -> list[str]:
+    """The layers whose choice differs between runs: ``"name: choice (runs) | other choice (runs)"``."""
+    out = []
+    for i, first in enumerate(signatures[0] if signatures else []):
+        seen = [json.dumps(list(s[i][1:])) for s in signatures]
+        if len(set(seen)) > 1:
+            out.append(f"{first[0]}: " + " | ".join(f"{k} ({seen.count(k)})" for k in sorted(set(seen))))
+    return out
+
+
 def _convert_runs(model: nn.Module, rows: tuple[int, ...], runs: int, reps: int) -> tuple[nn.Module, list, list[str]]:
     first = None
     signatures = []
@@ -170,7 +180,12 @@ def run_linear_part(
         kept, total = kept_weights(pruned)
         _log(f"  {part} {pattern}: density {kept / total:.3f}, converting for {list(rows_list)}")
         fast, signatures, reports = _convert_runs(pruned, rows_list, runs, 3 if quick else 5)
-        out["stability"][pattern] = {"runs": runs, "same": stable_runs(signatures), "report": reports[0]}
+        out["stability"][pattern] = {
+            "runs": runs,
+            "same": stable_runs(signatures),
+            "report": reports[0],
+            "differences": differences(signatures),
+        }
         for rows in rows_list:
             x = torch.randn(rows, base[0].in_features)
             ms = _time_pair(pruned, fast, x, 5 if quick else 20, 0.5 if quick else 3.0)
@@ -327,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repetitions, 2 convert runs, 2 FFN blocks")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--runs", type=int, default=5, help="convert runs per pattern for the stability check")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help=f"FFN patterns, a subset of {','.join(PATTERNS)}")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the saved JSON")
     a = p.parse_args(argv)
@@ -336,13 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--parts {','.join(bad)} is not allowed; allowed: {','.join(PARTS)}")
     if not 1 <= a.runs <= 20:
         p.error(f"--runs {a.runs} is not allowed; allowed: 1..20")
+    patterns = tuple(s.strip() for s in a.patterns.split(",") if s.strip())
+    if not patterns or any(s not in PATTERNS for s in patterns):
+        p.error(f"--patterns {a.patterns} is not allowed; allowed: a subset of {','.join(PATTERNS)}")
     result: dict[str, Any] = json.loads(a.json.read_text()) if a.json.is_file() else {}
     if not a.report_only:
         torch.set_num_threads(os.cpu_count() or 1)
         result["machine"] = bench_oneshot.machine_info()
         runs = 2 if a.quick else a.runs
         run: dict[str, Callable[[], dict[str, Any]]] = {
-            "ffn": lambda: run_linear_part("ffn", bert_ffn(2 if a.quick else 4), PATTERNS, FFN_ROWS, runs, a.quick),
+            "ffn": lambda: run_linear_part("ffn", bert_ffn(2 if a.quick else 4), patterns, FFN_ROWS, runs, a.quick),
             "square": lambda: run_linear_part(
                 "square", square_mlp(2 if a.quick else 4), ("0.5", "2:4"), (SQUARE_ROWS,), runs, a.quick
             ),

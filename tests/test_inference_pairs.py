@@ -490,3 +490,25 @@ def test_convert_times_each_layer_as_it_will_run(monkeypatch):
     assert inputs[64].stride(0) == 1 and transposed_view_ok(inputs[64])  # from the pairs layer before it
     assert inputs[1].is_contiguous()  # one row runs another format: a plain row
     assert all(fns["dense"].args[3] is None for fns in down)
+
+
+@needs_native
+def test_chained_layers_keep_dense_nan_pattern_when_the_first_overflows():
+    """Finite inputs whose first-layer sums overflow to inf: the first layer's output is not marked
+    finite, so the second checks it and computes those rows with its dense weight (NaN where dense
+    has 0 * inf)."""
+    w1 = _weight(40, 30, 0.5, seed=11)
+    w1[5] = 0.0
+    w1[5, :3] = 3e38  # row 5 overflows to +inf for positive inputs
+    w2 = _weight(10, 40, 0.5, seed=12)
+    w2[:, 5] = 0.0
+    w2[0, 5] = 1.0  # only output 0 reads feature 5
+    f1, f2 = PairedCSR.from_dense(w1), PairedCSR.from_dense(w2)
+    x = torch.rand(32, 30) + 0.5
+    h = sparse_matmul_tensor(f1, x, transposed_output=True)
+    assert torch.isinf(h[:, 5]).all() and not getattr(h, "_sf_finite", False)
+    got = sparse_matmul_tensor(f2, h)
+    ref = F.linear(x @ w1.T, w2)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[:, 1]).all()
+    fine = sparse_matmul_tensor(f1, x.clamp(max=0.6) * 0, transposed_output=True)
+    assert getattr(fine, "_sf_finite", False)  # an all-finite output is marked for the next layer

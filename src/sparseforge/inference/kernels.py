@@ -535,14 +535,14 @@ def _pairs_matmul(
     cp, nchunks = plan.cuts_for(threads)
     if transposed_view_ok(x):
         xt_ptr, ldx = x.data_ptr(), x.stride(1)
-        bad = lib.sf_nonfinite(xt_ptr, cols, batch, ldx, threads)
+        # a pairs layer's output says whether it is all finite; anything else is checked
+        bad = 0 if getattr(x, "_sf_finite", False) else lib.sf_nonfinite(xt_ptr, cols, batch, ldx, threads)
     else:
         x = x.contiguous()
         ldx = pairs_leading_dim(batch)
         xt = _scratch(0, cols * ldx)
         xt_ptr = xt.data_ptr()
-        lib.sf_transpose(x.data_ptr(), batch, cols, cols, xt_ptr, ldx, bpad, threads)
-        bad = lib.sf_nonfinite(x.data_ptr(), batch, cols, cols, threads)
+        bad = lib.sf_transpose_check(x.data_ptr(), batch, cols, cols, xt_ptr, ldx, bpad, threads)
     ldo = pairs_leading_dim(batch)
     if transposed_output:
         store = torch.empty(rows_pad * ldo, dtype=torch.float32)
@@ -576,11 +576,13 @@ def _pairs_matmul(
         batch,
         ldy,
     )
-    if rc != 0:  # the format's invariants are checked on construction and load
+    if rc < 0:  # the format's invariants are checked on construction and load
         raise SparseforgeError(f"pairs kernel refused its arguments (cb={fmt.cb}, group={fmt.group}, batch={batch})")
     if bad:
         hit = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()
         out[hit] = apply_activation(torch.nn.functional.linear(x[hit], fmt.to_dense(), bias), act)
+    elif rc == 0 and transposed_output:
+        out._sf_finite = True  # type: ignore[attr-defined]  # read by the next pairs layer
     return out
 
 

@@ -232,6 +232,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sf_pairs_spmm.restype = _INT
     lib.sf_nonfinite.argtypes = [_P, _I64, _I64, _I64, _INT]
     lib.sf_nonfinite.restype = _INT
+    lib.sf_transpose_check.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _INT]
+    lib.sf_transpose_check.restype = _INT
     lib.sf_set_threading.argtypes = [_INT]
     lib.sf_set_threading.restype = _INT
     lib.sf_openmp_available.restype = _INT
