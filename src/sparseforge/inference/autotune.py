@@ -165,7 +165,7 @@ _NS_BLOCK_SPMV = 0.080
 _NS_BLOCK_SPMM = ((16, 0.020), (128, 0.033))
 #: Numba kernels (N:M, or any format without the C library): per kept weight at batch 1, per kept weight x column above.
 _NS_NUMBA = (2.35, 0.222)
-#: Pairs kernel, ns per kept weight and batch lane (padded to its tiles) on one thread: ~98 GFLOP/s
+#: Pairs kernel, ns per kept weight and batch lane (padded to its tiles) on one thread: ~100 GFLOP/s
 #: per core on the 2-vCPU AVX-512 Xeon (BERT-base shapes, 50 % density, 64-512 rows).
 _NS_PAIRS = 0.020
 #: Calls below this many multiply-adds run on one thread (kernels.MIN_PARALLEL_WORK).

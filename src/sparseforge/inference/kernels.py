@@ -465,13 +465,13 @@ def spmm_block_cols(cols: int, ldx: int) -> int:
 
 
 def pairs_padded_batch(batch: int) -> int:
-    """Lanes the pairs kernel computes for ``batch`` input rows: full tiles of 128, then the smallest
-    tile of 16, 32, 64 or 128 that holds the rest (``csrc/spmm.c``, ``sf_pairs_tile``)."""
-    full = batch // 128 * 128
+    """Lanes the pairs kernel computes for ``batch`` input rows: full tiles of 64, then the smallest
+    tile of 16, 32 or 64 that holds the rest (``csrc/spmm.c``, ``sf_pairs_tile``)."""
+    full = batch // 64 * 64
     rest = batch - full
     if rest == 0:
         return full
-    return full + next(t for t in (16, 32, 64, 128) if t >= rest)
+    return full + next(t for t in (16, 32, 64) if t >= rest)
 
 
 def pairs_leading_dim(batch: int) -> int:

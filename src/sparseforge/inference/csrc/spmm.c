@@ -1323,8 +1323,8 @@ int64_t sf_insparse_bitmask(const uint64_t *mask, const int64_t *colptr, const u
  * Activations are transposed: xt float[cols, ldx] holds input feature c of batch row b at
  * xt[c * ldx + b] (ldx >= the padded batch; the caller pads ldx off powers of two so that the rows
  * of a tile spread over the L1 sets), and the outputs land in out_t float[rows_pad, ldo] the same
- * way. The padded batch bpad is cut into tiles of T lanes: full tiles of 128, then one tile of 16,
- * 32, 64 or 128 for the rest (sf_pairs_tile). Lanes past the batch are computed and ignored; each
+ * way. The padded batch bpad is cut into tiles of T lanes: full tiles of 64, then one tile of 16,
+ * 32 or 64 for the rest (sf_pairs_tile). Lanes past the batch are computed and ignored; each
  * lane is independent, so whatever they hold never reaches a real output.
  *
  * Weights: rows padded to an even count and taken in pairs (2p, 2p + 1); input features cut into
@@ -1359,12 +1359,15 @@ typedef struct { const int32_t *counts; const int64_t *starts; const uint8_t *co
                  int64_t ldo; const float *bias; int act; const int64_t *cuts; float *out; int64_t m, ldy;
                  _Atomic int nonfinite; } pairs_ctx;
 
-/* tile k of a padded batch: full tiles of 128, then the remainder (16, 32, 64 or 128) */
+/* tile k of a padded batch: full tiles of 64, then the remainder (16, 32 or 64). Tiles of 128
+ * (8 vectors per row, one set of accumulators) were measured too: with cb = 128 their block of
+ * inputs (64 KiB) leaves L1, and at 512 rows of BERT-base layers they ran 8-13 % slower than
+ * tiles of 64 (with cb = 64 they were level, but cb = 64 costs 6 % at 64 rows). */
 static inline void sf_pairs_tile(int64_t bpad, int64_t k, int64_t *b0, int64_t *t) {
-    *b0 = 128 * k;
-    *t = bpad - *b0 >= 128 ? 128 : bpad - *b0;
+    *b0 = 64 * k;
+    *t = bpad - *b0 >= 64 ? 64 : bpad - *b0;
 }
-static inline int64_t sf_pairs_ntiles(int64_t bpad) { return (bpad + 127) / 128; }
+static inline int64_t sf_pairs_ntiles(int64_t bpad) { return (bpad + 63) / 64; }
 
 /* Where pair q0 of (group g, block b) starts: its counts, column bytes and values */
 static inline void sf_pairs_seek(const pairs_ctx *a, int64_t g, int64_t b, int64_t q0, const int32_t **cnt,
@@ -1521,8 +1524,7 @@ static inline __m512 sf_act512(__m512 v, int act) {
     }
 
 /* Block b of pairs [q0, q1) of group g, on the tile whose lane 0 is xt / ot. NS accumulator sets
- * per row in the single runs: 2 where NV <= 4 (8 or more independent FMA chains per row), 1 for
- * NV = 8 (its 8 vectors are enough, and 2 sets of both rows would need all 32 vector registers). */
+ * per row in the single runs (2: 8 or more independent FMA chains per row at NV = 4). */
 #define DEF_PAIRS_GROUP(NV, NS)                                                              \
 static void pairs_block_##NV(const pairs_ctx *a, int64_t g, int64_t b, int64_t q0, int64_t q1, \
                              const float *xt, float *ot) {                                 \
@@ -1567,14 +1569,13 @@ static void pairs_block_##NV(const pairs_ctx *a, int64_t g, int64_t b, int64_t q
 DEF_PAIRS_GROUP(1, 2)
 DEF_PAIRS_GROUP(2, 2)
 DEF_PAIRS_GROUP(4, 2)
-DEF_PAIRS_GROUP(8, 1)
 #endif
 
 /* Portable path: the same runs and order of additions, T lanes in plain loops */
 static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t pq0, int64_t pq1, const float *xt,
                                float *ot, int64_t T) {
     const int64_t r0 = g * a->group + 2 * pq0, r1 = g * a->group + 2 * pq1;
-    float p0[128], p1[128], q0[128], q1[128];
+    float p0[64], p1[64], q0[64], q1[64];
     const float *xb = xt + b * a->cb * a->ldx;
     const int32_t *cnt;
     const uint8_t *col;
@@ -1592,8 +1593,7 @@ static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t
             for (int64_t l = 0; l < T; ++l) { p0[l] += val[0] * xr[l]; q0[l] += val[1] * xr[l]; }
         }
         for (int s = 1; s <= 2; ++s) {
-            /* two sets below 128 lanes, one at 128: the AVX-512 path's order of additions */
-            float *A0 = s == 1 ? p0 : q0, *A1 = T == 128 ? A0 : s == 1 ? p1 : q1;
+            float *A0 = s == 1 ? p0 : q0, *A1 = s == 1 ? p1 : q1;
             ce = col + cnt[s];
             for (; col + 2 <= ce; col += 2, val += 2) {
                 const float *xa = xb + (int64_t)col[0] * a->ldx, *xc = xb + (int64_t)col[1] * a->ldx;
@@ -1609,7 +1609,7 @@ static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t
         const float b2 = last && a->bias && r + 1 < a->rows ? a->bias[r + 1] : 0.f;
         int nonfinite = 0;
         for (int64_t l = 0; l < T; ++l) {
-            float s1 = T == 128 ? p0[l] : p0[l] + p1[l], s2 = T == 128 ? q0[l] : q0[l] + q1[l];
+            float s1 = p0[l] + p1[l], s2 = q0[l] + q1[l];
             if (last) {
                 s1 = sf_act1(s1 + b1, a->act); s2 = sf_act1(s2 + b2, a->act);
                 nonfinite |= !isfinite(s1) || !isfinite(s2);
@@ -1631,7 +1631,7 @@ static void pairs_block_scalar(const pairs_ctx *a, int64_t g, int64_t b, int64_t
  * outputs for the sweep (rows x 512 lanes, 768 KiB for 384 rows) stay in L2 between blocks. */
 static void pairs_chunk(const void *p, int c) {
     const pairs_ctx *a = (const pairs_ctx *)p;
-    const int64_t nt = sf_pairs_ntiles(a->bpad), half = a->group / 2, per = SF_PAIRS_SWEEP / 128;
+    const int64_t nt = sf_pairs_ntiles(a->bpad), half = a->group / 2, per = SF_PAIRS_SWEEP / 64;
     const int64_t pa = a->cuts[c], pb = a->cuts[c + 1];
     for (int64_t k0 = 0; k0 < nt; k0 += per) {
         const int64_t k1 = k0 + per < nt ? k0 + per : nt;
@@ -1645,7 +1645,6 @@ static void pairs_chunk(const void *p, int c) {
                     const float *xt = a->xt + b0;
                     float *ot = a->out_t + b0;
 #if SF_AVX512
-                    if (T == 128) { pairs_block_8(a, g, b, q0, q1, xt, ot); continue; }
                     if (T == 64) { pairs_block_4(a, g, b, q0, q1, xt, ot); continue; }
                     if (T == 32) { pairs_block_2(a, g, b, q0, q1, xt, ot); continue; }
                     if (T == 16) { pairs_block_1(a, g, b, q0, q1, xt, ot); continue; }
@@ -1657,7 +1656,7 @@ static void pairs_chunk(const void *p, int c) {
         if (!a->out) continue;
         /* the chunk's finished rows for this sweep, while they are in cache: out[t, r] = out_t[r, t] */
         const int64_t r0 = 2 * pa, r1 = 2 * pb < a->rows ? 2 * pb : a->rows;
-        const int64_t l0 = 128 * k0, l1 = 128 * k1 < a->m ? 128 * k1 : a->m;
+        const int64_t l0 = 64 * k0, l1 = 64 * k1 < a->m ? 64 * k1 : a->m;
         if (r1 > r0 && l1 > l0) {
             tr_ctx t = {a->out_t + r0 * a->ldo + l0, r1 - r0, l1 - l0, a->ldo, a->out + l0 * a->ldy + r0,
                         a->ldy, r1 - r0, l1 - l0};
@@ -1674,9 +1673,9 @@ int sf_pairs_spmm(const int32_t *counts, const int64_t *starts, const uint8_t *c
                   int64_t rows, int64_t ncols, int64_t cb, int64_t group, const float *xt, int64_t ldx,
                   int64_t bpad, float *out_t, int64_t ldo, const float *bias, int act, const int64_t *cuts,
                   int nchunks, int nthreads, float *out, int64_t m, int64_t ldy) {
-    const int64_t rem = bpad % 128;
+    const int64_t rem = bpad % 64;
     if (cb < 1 || cb > SF_PAIRS_MAX_CB || group < 2 || group % 2 || bpad < 16 || ldx < bpad || ldo < bpad ||
-        act < 0 || act > SF_ACT_SILU || (rem && rem != 16 && rem != 32 && rem != 64) ||
+        act < 0 || act > SF_ACT_SILU || (rem && rem != 16 && rem != 32) ||
         (out && (m < 1 || m > bpad || ldy < rows)))
         return -2;
     pairs_ctx a = {counts, starts, cols, val, rows, rows + (rows & 1), (ncols + cb - 1) / cb, cb, group,
