@@ -107,8 +107,10 @@ def kept_weights(model: nn.Module) -> tuple[int, int]:
 
 
 def choices_signature(report: Any) -> list[tuple[str, str, str]]:
-    """What a conversion chose, per layer: ``(name, format, plan)``; equal lists = the same kernels."""
-    return [(d.name, d.format or d.action, d.plan) for d in report.layers]
+    """What a conversion chose, per layer: ``(name, action, plan)``, the plan naming the format that
+    runs at each row count (whichever of a layer's two formats is stored first); equal lists = the
+    same kernels everywhere."""
+    return [(d.name, d.action, d.plan) for d in report.layers]
 
 
 def stable_runs(signatures: list[list[tuple[str, str, str]]]) -> int:

@@ -336,7 +336,7 @@ def test_autotune_times_both_csr_spmv_variants_and_pins_the_winner():
     choice = measure_layer(w, None, (1, 8), reps=2, margin=-1.0)  # margin -1: sparse always "wins"
     assert {"dense", "csr", "csr[gather]", "bitmask"} <= set(choice.timings_ms)
     assert choice.timings_ms["csr[gather]"][8] == choice.timings_ms["csr"][8]  # same kernel above batch 1
-    assert choice.packed is not None and set(choice.choices.values()) == {"sparse"}
+    assert choice.packed is not None and "dense" not in set(choice.choices.values())  # some packed format everywhere
     x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
     _check(choice.packed, x, w.numpy())
 

@@ -514,3 +514,28 @@ def test_chained_layers_keep_dense_nan_pattern_when_the_first_overflows():
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[:, 1]).all()
     fine = sparse_matmul_tensor(f1, x.clamp(max=0.6) * 0, transposed_output=True)
     assert getattr(fine, "_sf_finite", False)  # an all-finite output is marked for the next layer
+
+
+@needs_native
+@pytest.mark.parametrize("csr_ms, expect", [(0.95, "bitmask"), (0.75, "csr")])
+def test_close_formats_resolve_to_the_smaller_one(monkeypatch, csr_ms, expect):
+    """Two sparse formats within 15 % of each other at a batch size count as tied: the smaller
+    one runs there (bitmask at 50 % density: 2.1 vs CSR's 3 bytes per weight), so noise cannot swap
+    them between runs; clearly faster (25 %) wins. The pairs format takes the large batch."""
+    from sparseforge.inference import autotune
+
+    fake = {
+        1: {"dense": 2.0, "bitmask": 1.0, "csr": csr_ms, "csr[gather]": csr_ms, "pairs": 3.0},
+        64: {"dense": 10.0, "bitmask": 9.0, "csr": 9.0, "pairs": 5.0},
+    }
+
+    def timing(fns, reps):
+        b = 1 if "csr[gather]" in fns else 64
+        times = {k: fake[b][k.split("(")[0]] for k in fns}
+        return autotune.TimingRound({k: [v] * 3 for k, v in times.items()}, wait=0.0)
+
+    monkeypatch.setattr(autotune, "_timing_round", timing)
+    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None))
+    choice = autotune.measure_layer(_weight(128, 256, 0.5), None, (1, 64))
+    runs = {b: (choice.packed if c == "sparse" else choice.extra).name for b, c in choice.choices.items()}
+    assert runs == {1: expect, 64: "pairs"}

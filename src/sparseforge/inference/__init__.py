@@ -10,12 +10,16 @@ Typical use::
     save_converted("model.sf.safetensors", fast)
     again = load_converted("model.sf.safetensors", make_dense_model())
 
+From 16 rows per call on, the ``pairs`` format (:class:`PairedCSR`) runs the batched kernel, and
+``convert`` fuses an activation module into the layer before it (:mod:`.fusion`, :mod:`.epilogue`).
+
 A :class:`~sparseforge.activations.ThresholdedLinear` (sparse activations) becomes an
 :class:`InputSparseLinear`: one input row runs the sparse-input kernel, which reads only the
 weights of the active inputs (:func:`~.kernels.input_sparse_matmul`).
 """
 
 from .convert import ConversionReport, LayerDecision, convert, retune
+from .epilogue import ACTIVATIONS
 from .formats import (
     FORMATS,
     Bitmask,
@@ -26,7 +30,9 @@ from .formats import (
     InputSparseDense,
     PackedFormat,
     PackedNM,
+    PairedCSR,
 )
+from .fusion import Fusion
 from .kernels import input_sparse_matmul, kernels_available, sparse_matmul, unavailable_reason
 from .modules import BatchPlan, InputSparseLinear, SparseLinear
 from .serialization import load_converted, save_converted
@@ -42,6 +48,9 @@ __all__ = [
     "PackedNM",
     "BlockSparse",
     "CompactDense",
+    "PairedCSR",
+    "ACTIVATIONS",
+    "Fusion",
     "InputSparseDense",
     "InputSparseBitmask",
     "FORMATS",

@@ -84,6 +84,9 @@ __all__ = [
     "INPUT_DENSITY_LADDER",
 ]
 
+#: Two sparse formats whose times (or gains) are within this fraction of each other count as tied:
+#: the smaller one is kept, so that timing noise does not swap them between runs of ``convert``.
+STABLE_TIE = 0.15
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
 SPARSE_MARGIN = 0.10
 
@@ -655,21 +658,38 @@ def measure_layer(
     extra = None
     if max_formats == 2:
         # second format: the one saving the most (relative) time where it beats the first's path
-        # by the margin; never a second packing of the same object (csr vs csr[gather])
-        gain_best = 0.0
+        # by the margin; never a second packing of the same object (csr vs csr[gather]). Gains
+        # within STABLE_TIE of the best one (two close formats, say CSR and bitmask at one row):
+        # the smaller format, so that timing noise does not swap them from one run to the next.
+        pool: list[tuple[float, int, str, PackedFormat, int | None]] = []
         for n2, f2, v2 in zip(names, cands, variants, strict=True):
             if f2.name == fmt.name:
                 continue
             better = [b for b in batch_sizes if path_ms[b] >= (1.0 + margin) * timings[n2][b]]
-            gain = sum(1.0 - timings[n2][b] / path_ms[b] for b in better)
-            if better and gain > gain_best:
-                gain_best, extra = gain, (n2, f2, v2, better)
+            if better:
+                pool.append((sum(1.0 - timings[n2][b] / path_ms[b] for b in better), f2.nbytes, n2, f2, v2))
+        if pool:
+            top = max(p[0] for p in pool)
+            near = [p for p in pool if p[0] >= top - STABLE_TIE * abs(top)]
+            _, _, n2, f2, v2 = min(near, key=lambda p: (p[1], -p[0]))
+            extra = (n2, f2, v2)
     chosen = {b: name for b in batch_sizes}
     if extra is not None:
-        n2, f2, v2, better = extra
+        n2, f2, v2 = extra
         set_spmv_variant(f2, v2)
-        for b in better:
-            choices[b], chosen[b] = f2.name, n2
+        used = False
+        for b in batch_sizes:
+            # both kept formats beat dense: the faster one, the smaller one within STABLE_TIE
+            # (symmetric, so which of the two is the first does not change what runs)
+            if not wins(n2, b):
+                continue
+            t1, t2 = timings[name][b], timings[n2][b]
+            close = max(t1, t2) <= (1.0 + STABLE_TIE) * min(t1, t2)
+            second = choices[b] == "dense" or (f2.nbytes < fmt.nbytes if close else t2 < t1)
+            if second:
+                choices[b], chosen[b], used = f2.name, n2, True
+        if not used:
+            extra = None
     why = ", ".join(
         f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
         f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)"
