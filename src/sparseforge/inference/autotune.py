@@ -604,6 +604,8 @@ def measure_layer(
         for name, fmt, var in zip(names, cands, variants, strict=True):
             if var is not None and b != 1:
                 continue  # identical to the default kernel above batch 1
+            if isinstance(fmt, PairedCSR) and b < PAIRS_MIN_BATCH:
+                continue  # a tile of at least 16 lanes for a few rows: not a candidate there
             chained = transposed_output and isinstance(fmt, PairedCSR)
             fns[name] = partial(_sparse_call, fmt, x, bias, var, activation, chained)
         ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
@@ -613,7 +615,8 @@ def measure_layer(
             timings[k][b] = v
         for name, fmt in zip(names, cands, strict=True):
             if b not in timings[name]:
-                timings[name][b] = timings[_describe(fmt)][b] if _describe(fmt) in timings else float("inf")
+                same = timings.get(_describe(fmt), {})  # csr[gather] above batch 1: csr's time
+                timings[name][b] = same.get(b, float("inf"))
     load_note = "; ".join(f"batch {b}: {n}" for b, n in notes.items())
     suffix = pruned_note + (f"; UNDER LOAD, re-tune on a quiet machine: {load_note}" if notes else "")
 
