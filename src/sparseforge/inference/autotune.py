@@ -30,6 +30,7 @@ no-measurement fallback.
 from __future__ import annotations
 
 import glob
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -84,9 +85,10 @@ __all__ = [
     "INPUT_DENSITY_LADDER",
 ]
 
-#: Two sparse formats whose times (or gains) are within this fraction of each other count as tied:
-#: the smaller one is kept, so that timing noise does not swap them between runs of ``convert``.
-STABLE_TIE = 0.15
+#: Two sparse formats whose times are within this fraction of each other count as tied: the
+#: smaller one runs, so that timing noise does not swap them between runs of ``convert`` (at 15 %,
+#: CSR and bitmask at one row of a 90 % layer still swapped in 1 of 5 runs).
+STABLE_TIE = 0.2
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
 SPARSE_MARGIN = 0.10
 
@@ -552,11 +554,12 @@ def measure_layer(
     (other processes competing for the cores) are repeated and, if they stay noisy, replaced by
     fastest-call estimates and confident cost-model predictions (:func:`_measure_batch`); the
     choice is then flagged ``under_load``.
-    Keeps the sparse format with the lowest mean time relative to dense over the batch sizes
-    (dense where it does not win); within :data:`TIE_FRACTION`, the one with fewer bytes. With
-    ``max_formats=2`` (default) a second format is kept as well when it beats the first one's
-    path by the margin at some batch sizes (those then run it): the format that saves the most
-    time relative to the first's path. The other batch sizes run dense.
+    At each batch size the format that runs is, among those beating dense by the margin, the
+    smallest one within :data:`STABLE_TIE` of the fastest (dense where none wins), so that timing
+    noise cannot swap two close formats between runs. If that asks for more than ``max_formats``
+    formats (default 2), the set of ``max_formats`` formats with the lowest mean time relative to
+    dense over the batch sizes is kept (within :data:`STABLE_TIE`, the fewest bytes). The first
+    format is the one running at the most batch sizes.
     """
     if max_formats not in (1, 2) or isinstance(max_formats, bool):
         raise SparseforgeError(f"max_formats={max_formats!r} is not allowed; allowed: 1 or 2")
@@ -623,24 +626,40 @@ def measure_layer(
     def wins(name: str, b: int) -> bool:
         return timings["dense"][b] >= (1.0 + margin) * timings[name][b]
 
-    # Score = mean over batch sizes of (time of the path taken / dense time), so every batch size
-    # counts equally (a raw sum would let batch 128 drown batch 1). Lowest score wins; within
-    # TIE_FRACTION of it, the smaller format (fewer bytes streamed per call: in a model, layers
-    # run back to back and compete for memory bandwidth).
-    scored: list[tuple[float, int, str, PackedFormat, int | None]] = []
-    for name, fmt, var in zip(names, cands, variants, strict=True):
-        if any(wins(name, b) for b in batch_sizes):
-            total = sum(
-                (timings[name][b] if wins(name, b) else timings["dense"][b]) / timings["dense"][b] for b in batch_sizes
-            ) / len(batch_sizes)
-            scored.append((total, fmt.nbytes, name, fmt, var))
-    best: tuple[str, PackedFormat, int | None] | None = None
-    if scored:
-        fastest = min(t for t, *_ in scored)
-        near = [c for c in scored if c[0] <= fastest * (1.0 + TIE_FRACTION)]
-        _, _, best_name, best_fmt, best_var = min(near, key=lambda c: (c[1], c[0]))
-        best = (best_name, best_fmt, best_var)
-    if best is None:
+    # Per batch size, the format that runs: among those beating dense by the margin, the smallest
+    # within STABLE_TIE of the fastest (fewer bytes streamed per call: in a model, layers run back
+    # to back and compete for memory bandwidth; and noise cannot swap two close formats between
+    # runs). When that asks for more formats than max_formats, the set of max_formats formats with
+    # the lowest mean (time of the path taken / dense time) over the batch sizes is kept (each batch
+    # size counts equally; within STABLE_TIE of the lowest, the fewest bytes).
+    obj = {n: id(f) for n, f in zip(names, cands, strict=True)}
+    size = {n: f.nbytes for n, f in zip(names, cands, strict=True)}
+    order = {n: i for i, n in enumerate(names)}
+
+    def runs_at(b: int, allowed: set[str]) -> str:
+        ok = [n for n in allowed if wins(n, b)]
+        if not ok:
+            return "dense"
+        fastest = min(timings[n][b] for n in ok)
+        near = [n for n in ok if timings[n][b] <= (1.0 + STABLE_TIE) * fastest]
+        return min(near, key=lambda n: (size[n], timings[n][b], order[n]))
+
+    def path_ms(assign: dict[int, str], b: int) -> float:
+        return timings["dense"][b] if assign[b] == "dense" else timings[assign[b]][b]
+
+    assign = {b: runs_at(b, set(names)) for b in batch_sizes}
+    used = {obj[n] for n in assign.values() if n != "dense"}
+    if len(used) > max_formats:
+        winners = sorted({obj[n] for n in names if any(wins(n, b) for b in batch_sizes)})
+        options = []
+        for combo in itertools.combinations(winners, max_formats):
+            trial = {b: runs_at(b, {n for n in names if obj[n] in combo}) for b in batch_sizes}
+            score = sum(path_ms(trial, b) / timings["dense"][b] for b in batch_sizes) / len(batch_sizes)
+            options.append((score, sum(size[n] for n in {v for v in trial.values() if v != "dense"}), trial))
+        lowest = min(o[0] for o in options)
+        assign = min((o for o in options if o[0] <= lowest * (1.0 + STABLE_TIE)), key=lambda o: (o[1], o[0]))[2]
+    kept_names = [n for n in dict.fromkeys(assign[b] for b in batch_sizes) if n != "dense"]
+    if not kept_names:
         speeds = ", ".join(
             f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
             for b in batch_sizes
@@ -654,55 +673,37 @@ def measure_layer(
             under_load=bool(notes),
             load_note=load_note,
         )
-    name, fmt, var = best
-    set_spmv_variant(fmt, var)
-    choices = {b: ("sparse" if wins(name, b) else "dense") for b in batch_sizes}
-    path_ms = {b: timings[name][b] if choices[b] == "sparse" else timings["dense"][b] for b in batch_sizes}
-    extra = None
-    if max_formats == 2:
-        # second format: the one saving the most (relative) time where it beats the first's path
-        # by the margin; never a second packing of the same object (csr vs csr[gather]). Gains
-        # within STABLE_TIE of the best one (two close formats, say CSR and bitmask at one row):
-        # the smaller format, so that timing noise does not swap them from one run to the next.
-        pool: list[tuple[float, int, str, PackedFormat, int | None]] = []
-        for n2, f2, v2 in zip(names, cands, variants, strict=True):
-            if f2.name == fmt.name:
-                continue
-            better = [b for b in batch_sizes if path_ms[b] >= (1.0 + margin) * timings[n2][b]]
-            if better:
-                pool.append((sum(1.0 - timings[n2][b] / path_ms[b] for b in better), f2.nbytes, n2, f2, v2))
-        if pool:
-            top = max(p[0] for p in pool)
-            near = [p for p in pool if p[0] >= top - STABLE_TIE * abs(top)]
-            _, _, n2, f2, v2 = min(near, key=lambda p: (p[1], -p[0]))
-            extra = (n2, f2, v2)
-    chosen = {b: name for b in batch_sizes}
-    if extra is not None:
-        n2, f2, v2 = extra
-        set_spmv_variant(f2, v2)
-        used = False
-        for b in batch_sizes:
-            # both kept formats beat dense: the faster one, the smaller one within STABLE_TIE
-            # (symmetric, so which of the two is the first does not change what runs)
-            if not wins(n2, b):
-                continue
-            t1, t2 = timings[name][b], timings[n2][b]
-            close = max(t1, t2) <= (1.0 + STABLE_TIE) * min(t1, t2)
-            second = choices[b] == "dense" or (f2.nbytes < fmt.nbytes if close else t2 < t1)
-            if second:
-                choices[b], chosen[b], used = f2.name, n2, True
-        if not used:
-            extra = None
+    # the main format: the one running at the most batch sizes (ties: the smaller)
+    by_obj: dict[int, list[str]] = {}
+    for b in batch_sizes:
+        if assign[b] != "dense":
+            by_obj.setdefault(obj[assign[b]], []).append(assign[b])
+    ranked = sorted(by_obj.values(), key=lambda ns: (-len(ns), size[ns[0]], order[ns[0]]))
+    fmt_of = {n: f for n, f in zip(names, cands, strict=True)}
+    var_of = {n: v for n, v in zip(names, variants, strict=True)}
+    kept: list[tuple[str, PackedFormat]] = []
+    for ns in ranked:
+        at_one = [n for b, n in assign.items() if b == 1 and n in ns]  # the batch-1 variant, if it runs there
+        name = at_one[0] if at_one else ns[0]
+        set_spmv_variant(fmt_of[name], var_of[name])
+        kept.append((name, fmt_of[name]))
+    name, fmt = kept[0]
+    extra = kept[1] if len(kept) > 1 else None
+    choices = {
+        b: "dense" if assign[b] == "dense" else "sparse" if obj[assign[b]] == id(fmt) else fmt_of[assign[b]].name
+        for b in batch_sizes
+    }
+    chosen = {b: assign[b] if assign[b] != "dense" else name for b in batch_sizes}
     why = ", ".join(
         f"batch {b}: {choices[b] if choices[b] != 'sparse' else fmt.name} ({timings[chosen[b]][b]:.3g} ms {chosen[b]} vs "
         f"{timings['dense'][b]:.3g} ms dense, {timings['dense'][b] / timings[chosen[b]][b]:.2f}x)"
         for b in batch_sizes
     )
-    kept = name + (f" + {extra[0]}" if extra is not None else "")
+    kept_text = name + (f" + {extra[0]}" if extra is not None else "")
     return LayerChoice(
         fmt,
         choices,
-        f"{kept} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}",
+        f"{kept_text} measured (sparse needs >= {margin:.0%} over dense): {why}{suffix}",
         timings,
         extra=extra[1] if extra is not None else None,
         predicted=predicted,
