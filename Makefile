@@ -49,6 +49,7 @@ $(DECODER)/config.json: | $(STAMP)
 
 bench: $(STAMP) decoder
 	$(PY) benchmarks/bench_inference.py --json benchmarks/results/inference.json
+	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_activation_kernel.py
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_oneshot.py
