@@ -260,6 +260,8 @@ def test_epilogue_names_and_modules():
     assert activation_name_of(hooked) is None
     with pytest.raises(SparseforgeError, match="activation 'tanh' is not allowed"):
         apply_activation(torch.zeros(1), "tanh")
+    with pytest.raises(SparseforgeError, match=r"input shape \(3, 9\) does not fit: expected \(rows, 8\)"):
+        sparse_matmul_tensor(PairedCSR.from_dense(torch.randn(4, 8)), torch.randn(3, 9))
     w = _weight(4, 4, 0.5)
     with pytest.raises(SparseforgeError, match="activation 'swish' is not allowed"):
         SparseLinear(None, w, None, BatchPlan(((1, "dense"),)), activation="swish")

@@ -726,6 +726,10 @@ def sparse_matmul_tensor(
     other consumer sees an ordinary, non-contiguous tensor).
     """
     code = activation_code(activation)  # refuses an unknown name before any work
+    if x.dim() != 2 or x.shape[1] != fmt.shape[1]:
+        raise SparseforgeError(
+            f"input shape {tuple(x.shape)} does not fit: expected (rows, {fmt.shape[1]}) for a {fmt.shape[0]}x{fmt.shape[1]} weight"
+        )
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
     if isinstance(fmt, CompactDense):
