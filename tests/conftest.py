@@ -76,3 +76,22 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     marker = item.get_closest_marker(MISSING_IN_CI)
     if marker is not None:
         pytest.fail(f"CI=true and a required capability is missing: {marker.args[0]}", pytrace=False)
+
+
+def older_cpu_library(tmp_path: Any, march: str) -> Any:
+    """The C kernels built for ``march`` (say ``x86-64-v3``: no AVX-512) instead of this CPU: a
+    compiler wrapper swaps ``-march=native`` for it. Skips off x86-64."""
+    import platform
+    import shutil
+
+    from sparseforge.inference import native
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 target")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    fake = tmp_path / f"cc-{march}"
+    fake.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do shift; [ "$a" = "-march=native" ] && a="-march={march}"; set -- "$@" "$a"; done\nexec {cc} "$@"\n'
+    )
+    fake.chmod(0o755)
+    return native.load_library(native.build_library(compiler=[str(fake)], directory=tmp_path / "cache"))

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import requires
+from conftest import older_cpu_library, requires
 from sparseforge.activations import ThresholdedLinear, drop_small
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import (
@@ -324,17 +324,7 @@ def test_fallback_without_the_c_library_gives_the_same_results(monkeypatch):
 @needs_cc
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_builds_without_avx512_or_avx2_compute_the_same(tmp_path, march):
-    import platform
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 target")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    fake = tmp_path / "cc-old-cpu"
-    fake.write_text(
-        f'#!/bin/sh\nfor a in "$@"; do shift; [ "$a" = "-march=native" ] && a="-march={march}"; set -- "$@" "$a"; done\nexec {cc} "$@"\n'
-    )
-    fake.chmod(0o755)
-    lib = native.load_library(native.build_library(compiler=[str(fake)], directory=tmp_path / "cache"))
+    lib = older_cpu_library(tmp_path, march)
     assert lib.sf_has_avx512() == 0 and lib.sf_has_avx2() == (1 if march == "x86-64-v3" else 0)
     w = _weight(130, 77, 0.5, seed=6)
     bias = torch.randn(130)

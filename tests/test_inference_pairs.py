@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import requires
+from conftest import older_cpu_library, requires
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import SparseLinear, convert, load_converted, native, retune, save_converted
 from sparseforge.inference.autotune import predict_ms
@@ -435,20 +435,9 @@ def test_portable_build_computes_the_same(tmp_path, monkeypatch):
     """The pairs kernel without AVX-512 (plain loops over the lanes) against dense and the
     AVX-512 build: the same runs and order of additions, so the two agree to rounding of the
     activation functions."""
-    import platform
-    import shutil
-
     from sparseforge.inference import kernels
 
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 target")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    fake = tmp_path / "cc-avx2"
-    fake.write_text(
-        f'#!/bin/sh\nfor a in "$@"; do shift; [ "$a" = "-march=native" ] && a="-march=x86-64-v3"; set -- "$@" "$a"; done\nexec {cc} "$@"\n'
-    )
-    fake.chmod(0o755)
-    portable = native.load_library(native.build_library(compiler=[str(fake)], directory=tmp_path / "cache"))
+    portable = older_cpu_library(tmp_path, "x86-64-v3")
     assert portable.sf_has_avx512() == 0
     w = _weight(45, 90, 0.5, seed=9)
     bias = torch.randn(45)

@@ -540,16 +540,22 @@ static void tr_chunk(const void *p, int c) {
     }
 }
 
+/* The transpose's chunks: ranges of `*jstep` (a multiple of 8) of the n source columns,
+ * 4 per thread; returns their number */
+static int tr_chunks(int64_t n, int nthreads, int64_t *jstep) {
+    const int nchunks = nthreads > 1 ? 4 * nthreads : 1;
+    int64_t step = ((n + nchunks - 1) / nchunks + 7) / 8 * 8;
+    if (step < 8) step = 8;
+    *jstep = step;
+    return (int)((n + step - 1) / step);
+}
+
 void sf_transpose(const float *src, int64_t m, int64_t n, int64_t lds, float *dst, int64_t ldd,
                   int64_t mpad, int nthreads) {
-    if (mpad < m) mpad = m;
-    int nchunks = nthreads > 1 ? 4 * nthreads : 1;
-    int64_t jstep = (n + nchunks - 1) / nchunks;
-    jstep = (jstep + 7) / 8 * 8;
-    if (jstep < 8) jstep = 8;
-    nchunks = (int)((n + jstep - 1) / jstep);
+    int64_t jstep;
+    const int nchunks = tr_chunks(n, nthreads, &jstep);
     if (nchunks < 1) return;
-    tr_ctx a = {src, m, n, lds, dst, ldd, mpad, jstep};
+    tr_ctx a = {src, m, n, lds, dst, ldd, mpad < m ? m : mpad, jstep};
     sf_run(tr_chunk, &a, nchunks, nthreads);
 }
 
@@ -1702,14 +1708,10 @@ static void trc_chunk(const void *p, int c) {
 
 int sf_transpose_check(const float *src, int64_t m, int64_t n, int64_t lds, float *dst, int64_t ldd, int64_t mpad,
                        int nthreads) {
-    if (mpad < m) mpad = m;
-    int nchunks = nthreads > 1 ? 4 * nthreads : 1;
-    int64_t jstep = (n + nchunks - 1) / nchunks;
-    jstep = (jstep + 7) / 8 * 8;
-    if (jstep < 8) jstep = 8;
-    nchunks = (int)((n + jstep - 1) / jstep);
+    int64_t jstep;
+    const int nchunks = tr_chunks(n, nthreads, &jstep);
     if (nchunks < 1) return 0;
-    trc_ctx a = {{src, m, n, lds, dst, ldd, mpad, jstep}, 0};
+    trc_ctx a = {{src, m, n, lds, dst, ldd, mpad < m ? m : mpad, jstep}, 0};
     sf_run(trc_chunk, &a, nchunks, nthreads);
     return atomic_load(&a.bad);
 }
