@@ -92,7 +92,8 @@ STABLE_TIE = 0.2
 #: A sparse kernel must beat dense by this fraction (in interleaved medians) to be chosen.
 SPARSE_MARGIN = 0.10
 
-#: Candidates within this fraction of the fastest total count as tied; the smaller format wins.
+#: Sparse-input packings within this fraction of the fastest count as tied; the smaller one wins
+#: (weight formats use :data:`STABLE_TIE`).
 TIE_FRACTION = 0.05
 
 #: A candidate whose speedup over dense is within this factor of ``1 + margin`` is a close call:
@@ -696,8 +697,7 @@ def measure_layer(
             options.append((score, sum(size[n] for n in {v for v in trial.values() if v != "dense"}), trial))
         lowest = min(o[0] for o in options)
         assign = min((o for o in options if o[0] <= lowest * (1.0 + STABLE_TIE)), key=lambda o: (o[1], o[0]))[2]
-    kept_names = [n for n in dict.fromkeys(assign[b] for b in batch_sizes) if n != "dense"]
-    if not kept_names:
+    if all(n == "dense" for n in assign.values()):
         speeds = ", ".join(
             f"batch {b}: best sparse {min((timings[n][b] for n in names), default=float('nan')):.3g} ms vs dense {timings['dense'][b]:.3g} ms"
             for b in batch_sizes
