@@ -267,7 +267,9 @@ def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "held": not slow,
             }
         )
-        for pattern, st in res["stability"].items():
+        # in the benchmark's order of patterns (the saved JSON has its keys sorted)
+        order = {pat: i for i, pat in enumerate(PATTERNS)}
+        for pattern, st in sorted(res["stability"].items(), key=lambda kv: order.get(kv[0], len(order))):
             lines.append(
                 {
                     "claim": f"{part} {pattern}: the same choices in every convert run",
@@ -357,7 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     patterns = tuple(s.strip() for s in a.patterns.split(",") if s.strip())
     if not patterns or any(s not in PATTERNS for s in patterns):
         p.error(f"--patterns {a.patterns} is not allowed; allowed: a subset of {','.join(PATTERNS)}")
-    result: dict[str, Any] = json.loads(a.json.read_text()) if a.json.is_file() else {}
+    if a.json.is_dir() or a.json.suffix != ".json":
+        p.error(f"--json {a.json} is not allowed; allowed: a .json file path (the Markdown goes beside it)")
+    if not a.json.parent.is_dir():
+        p.error(f"--json {a.json}: no such directory {a.json.parent}")
+    result: dict[str, Any] = {}
+    if a.json.is_file():
+        try:
+            result = json.loads(a.json.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            p.error(
+                f"--json {a.json} is not a results file of this benchmark ({exc}); move it away or pass another path"
+            )
+        if not isinstance(result, dict):
+            p.error(f"--json {a.json} is not a results file of this benchmark (not a JSON object)")
+    elif a.report_only:
+        p.error(f"--report-only: {a.json} does not exist; run the benchmark first")
     if not a.report_only:
         torch.set_num_threads(os.cpu_count() or 1)
         result["machine"] = bench_oneshot.machine_info()
@@ -374,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             result[part] = run[part]()
             _log(f"{part}: {time.perf_counter() - t:.0f} s")
-            a.json.parent.mkdir(parents=True, exist_ok=True)
             write_text(a.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
     md = format_markdown(result)
     write_text(a.json.with_suffix(".md"), md)

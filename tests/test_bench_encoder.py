@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_encoder as be  # noqa: E402
@@ -83,3 +85,39 @@ def test_choices_signature_uses_the_per_row_plan():
     other = type("R2", (), {"layers": [D("0", "pairs+csr+gelu", "rows 1-1: csr; rows 2+: pairs")]})
     # which of the two formats is stored first does not change what runs
     assert be.choices_signature(R) == be.choices_signature(other)
+
+
+def test_stability_lines_follow_the_benchmark_order_of_patterns():
+    # the saved JSON sorts its keys ("0.5", "0.9", "2:4"); the report keeps 0.5, 2:4, 0.9
+    stab = {p: {"runs": 5, "same": 5} for p in sorted(be.PATTERNS)}
+    result = {"ffn": {"rows": [_row("ffn", "0.5", 64, 1.75)], "stability": stab, "busy": []}}
+    claims = [v["claim"] for v in be.verdicts(result) if "same choices" in v["claim"]]
+    assert claims == [f"ffn {p}: the same choices in every convert run" for p in be.PATTERNS]
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda d: d, ["--report-only"], "is not allowed; allowed: a .json file path"),
+        (lambda d: d / "r.txt", ["--report-only"], "is not allowed; allowed: a .json file path"),
+        (lambda d: d / "missing" / "r.json", ["--report-only"], "no such directory"),
+        (lambda d: d / "r.json", ["--report-only"], "does not exist; run the benchmark first"),
+        (lambda d: _write(d / "r.json", "{not json"), ["--report-only"], "is not a results file"),
+        (lambda d: _write(d / "r.json", "[1, 2]"), ["--report-only"], "not a JSON object"),
+        (lambda d: d / "r.json", ["--runs", "0"], "--runs 0 is not allowed; allowed: 1..20"),
+        (lambda d: d / "r.json", ["--patterns", "0.7"], "--patterns 0.7 is not allowed"),
+    ],
+)
+def test_bad_arguments_stop_before_any_work_with_one_line(tmp_path, capsys, make, args, message):
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        be.main(["--json", str(path), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not any(p.suffix == ".md" for p in tmp_path.rglob("*"))  # nothing written
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
