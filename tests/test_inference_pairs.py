@@ -17,7 +17,7 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.inference import SparseLinear, convert, load_converted, native, retune, save_converted
 from sparseforge.inference.autotune import predict_ms
 from sparseforge.inference.epilogue import ACTIVATIONS, activation_name_of, apply_activation
-from sparseforge.inference.formats import PairedCSR
+from sparseforge.inference.formats import Bitmask, CompactCSR, PairedCSR
 from sparseforge.inference.kernels import (
     KernelRunner,
     pairs_padded_batch,
@@ -531,3 +531,33 @@ def test_close_formats_resolve_to_the_smaller_one(monkeypatch, csr_ms, expect):
     choice = autotune.measure_layer(_weight(128, 256, 0.5), None, (1, 64))
     runs = {b: (choice.packed if c == "sparse" else choice.extra).name for b, c in choice.choices.items()}
     assert runs == {1: expect, 64: "pairs"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"x": torch.randn(16, 8, dtype=torch.float64)}, "input torch.float64 on cpu is not supported"),
+        ({"x": torch.randn(16, 8).half()}, "input torch.float16 on cpu is not supported"),
+        ({"bias": torch.randn(8, dtype=torch.float64)}, "bias torch.float64 on cpu is not supported"),
+        ({"bias": torch.randn(5)}, r"bias shape \(5,\) does not fit: expected \(8,\)"),
+        ({"bias": torch.randn(1, 8)}, r"bias shape \(1, 8\) does not fit"),
+        ({"transposed_output": "yes"}, "transposed_output='yes' is not allowed"),
+    ],
+)
+def test_sparse_matmul_tensor_refuses_what_the_kernels_would_misread(kwargs, message):
+    # the C kernels read raw float32 memory: a float64 input or bias, or a short bias, would be
+    # read as garbage (or past its end) without these checks
+    w = _weight(8, 8, 0.5, seed=3)
+    args = {"x": torch.randn(16, 8), "bias": None, "transposed_output": False, **kwargs}
+    for fmt in (PairedCSR.from_dense(w), Bitmask.from_dense(w), CompactCSR.from_dense(w)):
+        for rows in (1, 16):
+            with pytest.raises(SparseforgeError, match=message):
+                sparse_matmul_tensor(
+                    fmt, args["x"][:rows], bias=args["bias"], transposed_output=args["transposed_output"]
+                )
+
+
+def test_pairs_share_must_be_a_flag():
+    with pytest.raises(SparseforgeError, match="share='no' is not allowed; allowed: True or False"):
+        PairedCSR.from_dense(_weight(8, 8, 0.5), share="no")
+    assert PairedCSR.from_dense(_weight(8, 8, 0.5), share=0).share == 0  # as a saved file stores it

@@ -765,6 +765,8 @@ class PairedCSR(PackedFormat):
         columns): at high sparsity two rows rarely share a column, and the empty shared runs
         only cost loop overhead."""
         cls._check_params(cb, group)
+        if not isinstance(share, (bool, np.bool_, int, np.integer)) or share not in (0, 1):
+            raise SparseforgeError(f"pairs share={share!r} is not allowed; allowed: True or False")
         cb, group = int(cb), int(group)
         w = as_weight_array(weight)
         rows, cols = w.shape

@@ -708,6 +708,11 @@ def _compact_matmul(fmt: CompactDense, x: torch.Tensor, bias: torch.Tensor | Non
     return out.index_copy_(1, rows, ys)
 
 
+def _check_kernel_tensor(what: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or not t.is_cpu:
+        raise SparseforgeError(f"{what} {t.dtype} on {t.device} is not supported; allowed: torch.float32 on cpu")
+
+
 def sparse_matmul_tensor(
     fmt: PackedFormat,
     x: torch.Tensor,
@@ -730,6 +735,14 @@ def sparse_matmul_tensor(
         raise SparseforgeError(
             f"input shape {tuple(x.shape)} does not fit: expected (rows, {fmt.shape[1]}) for a {fmt.shape[0]}x{fmt.shape[1]} weight"
         )
+    # the C kernels read raw float32 memory: anything else would be read as garbage
+    _check_kernel_tensor("input", x)
+    if bias is not None:
+        _check_kernel_tensor("bias", bias)
+        if bias.shape != (fmt.shape[0],):
+            raise SparseforgeError(f"bias shape {tuple(bias.shape)} does not fit: expected ({fmt.shape[0]},)")
+    if not isinstance(transposed_output, bool):
+        raise SparseforgeError(f"transposed_output={transposed_output!r} is not allowed; allowed: True or False")
     if x.shape[0] == 0:
         return torch.zeros(0, fmt.shape[0], dtype=torch.float32)
     if isinstance(fmt, CompactDense):
