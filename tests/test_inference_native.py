@@ -367,7 +367,11 @@ def test_deepcopy_of_a_used_layer_does_not_share_array_addresses():
 
 
 @needs_native
-@pytest.mark.parametrize("m,n,mpad", [(1, 1, 8), (9, 17, 16), (128, 4096, 128), (300, 70, 304), (8, 8, 8), (37, 3, 40)])
+@pytest.mark.parametrize(
+    "m,n,mpad",
+    # the kernel moves 32 x 32 tiles of 8 x 8 blocks: row and column counts on and off those edges
+    [(1, 1, 8), (9, 17, 16), (128, 4096, 128), (300, 70, 304), (8, 8, 8), (37, 3, 40), (72, 40, 72), (101, 77, 112)],
+)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_native_transpose_is_exact_and_zero_pads(m, n, mpad, threads):
     lib = native.get_library()
@@ -376,6 +380,21 @@ def test_native_transpose_is_exact_and_zero_pads(m, n, mpad, threads):
     lib.sf_transpose(src.data_ptr(), m, n, n, dst.data_ptr(), mpad, mpad, threads)
     assert torch.equal(dst[:, :m], src.t())
     assert torch.equal(dst[:, m:], torch.zeros(n, mpad - m))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_transpose_of_strided_rows_into_wider_rows(threads):
+    # source rows longer than n (a column slice) and destination rows longer than mpad: nothing
+    # outside the m x n source and the n x mpad destination is read or written
+    lib = native.get_library()
+    wide = torch.randn(67, 90)
+    src = wide[:, 5:75]  # 67 x 70, row stride 90
+    dst = torch.full((70, 100), float("nan"))
+    lib.sf_transpose(src.data_ptr(), 67, 70, 90, dst.data_ptr(), 100, 72, threads)
+    assert torch.equal(dst[:, :67], src.t())
+    assert torch.equal(dst[:, 67:72], torch.zeros(70, 5))
+    assert torch.isnan(dst[:, 72:]).all()
 
 
 @needs_native

@@ -518,24 +518,33 @@ static inline void tr8x8(const float *s, int64_t lds, float *d, int64_t ldd) {
 }
 #endif
 
+/* Source tiles of SF_TR_ROWS x SF_TR_COLS: a tile's rows are read whole (two cache lines each)
+ * and its page translations stay in the TLB. Walking all m rows per strip of 8 columns instead,
+ * as this did before, touched one page per row: a (1024, 1536) matrix transposed at 15 GB/s, a
+ * third of a plain copy's speed. */
+#define SF_TR_ROWS 32
+#define SF_TR_COLS 32
+
 static void tr_chunk(const void *p, int c) {
     const tr_ctx *a = (const tr_ctx *)p;
     const int64_t j0 = (int64_t)c * a->jstep, j1 = j0 + a->jstep < a->n ? j0 + a->jstep : a->n;
-    int64_t j = j0;
+    int64_t jv = j0, m8 = 0; /* columns [j0, jv) and rows [0, m8) done by 8 x 8 blocks */
 #if SF_AVX2
-    for (; j + 8 <= j1; j += 8) {
-        int64_t i = 0;
-        for (; i + 8 <= a->m; i += 8) tr8x8(a->src + i * a->lds + j, a->lds, a->dst + j * a->ldd + i, a->ldd);
-        for (int64_t jj = j; jj < j + 8; ++jj) {
-            float *d = a->dst + jj * a->ldd;
-            for (int64_t ii = i; ii < a->m; ++ii) d[ii] = a->src[ii * a->lds + jj];
-            for (int64_t ii = a->m; ii < a->mpad; ++ii) d[ii] = 0.f;
+    jv = j0 + (j1 - j0) / 8 * 8;
+    m8 = a->m / 8 * 8;
+    for (int64_t jb = j0; jb < jv; jb += SF_TR_COLS) {
+        const int64_t je = jb + SF_TR_COLS < jv ? jb + SF_TR_COLS : jv;
+        for (int64_t ib = 0; ib < m8; ib += SF_TR_ROWS) {
+            const int64_t ie = ib + SF_TR_ROWS < m8 ? ib + SF_TR_ROWS : m8;
+            for (int64_t i = ib; i < ie; i += 8)
+                for (int64_t j = jb; j < je; j += 8)
+                    tr8x8(a->src + i * a->lds + j, a->lds, a->dst + j * a->ldd + i, a->ldd);
         }
     }
 #endif
-    for (; j < j1; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
         float *d = a->dst + j * a->ldd;
-        for (int64_t i = 0; i < a->m; ++i) d[i] = a->src[i * a->lds + j];
+        for (int64_t i = j < jv ? m8 : 0; i < a->m; ++i) d[i] = a->src[i * a->lds + j];
         for (int64_t i = a->m; i < a->mpad; ++i) d[i] = 0.f;
     }
 }
