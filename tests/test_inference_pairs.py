@@ -561,3 +561,21 @@ def test_pairs_share_must_be_a_flag():
     with pytest.raises(SparseforgeError, match="share='no' is not allowed; allowed: True or False"):
         PairedCSR.from_dense(_weight(8, 8, 0.5), share="no")
     assert PairedCSR.from_dense(_weight(8, 8, 0.5), share=0).share == 0  # as a saved file stores it
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [2, 30, 200, 777, 3072])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_pairs_chunks_start_on_whole_output_lines(rows, threads):
+    # chunk boundaries on multiples of 8 pairs: the 16 outputs one 64-byte line of a row-major
+    # output row holds are written by one thread
+    from sparseforge.inference.kernels import _native_plan
+
+    plan = _native_plan(PairedCSR.from_dense(_weight(rows, 64, 0.5, seed=rows)))
+    ptr, n = plan.cuts_for(threads)
+    cuts = plan.cuts[threads]
+    npairs = (rows + 1) // 2
+    assert cuts.ctypes.data == ptr and len(cuts) == n + 1 >= 2
+    assert cuts[0] == 0 and cuts[-1] == npairs and bool(np.all(np.diff(cuts) > 0))
+    assert all(c % 8 == 0 for c in cuts[1:-1])
+    assert n <= max(1, threads * 4 if threads > 1 else 1)

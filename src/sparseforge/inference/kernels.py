@@ -329,6 +329,7 @@ class _NativePlan:
         "ptrs",
         "work",
         "cuts",
+        "cut_align",
         "cuts_ptr",
         "words",
         "nnz",
@@ -343,6 +344,7 @@ class _NativePlan:
     def __init__(self, fmt: PackedFormat) -> None:
         rows, cols = fmt.shape
         self.cuts: dict[int, np.ndarray] = {}
+        self.cut_align = 1  # chunk boundaries fall on multiples of this many rows (pairs, for pairs)
         if isinstance(fmt, CompactCSR):
             self.kind = "csr"
             indptr = np.ascontiguousarray(fmt.indptr, dtype=np.int64)
@@ -380,6 +382,9 @@ class _NativePlan:
             per_pair = counts.transpose(0, 2, 1, 3).reshape(-1, counts.shape[1] * 3).astype(np.int64).sum(axis=1)
             per_pair = per_pair[:npairs] + 16 * counts.shape[1]
             self.work = np.concatenate([[0], np.cumsum(per_pair)]).astype(np.int64)
+            # chunks start on a multiple of 8 pairs: the 16 outputs of a row-major output row
+            # that one 64-byte line holds come from one chunk (one thread), never two
+            self.cut_align = 8
         elif isinstance(fmt, Bitmask):
             self.kind = "bitmask"
             mask = np.ascontiguousarray(fmt.mask, dtype=np.uint64)
@@ -410,7 +415,13 @@ class _NativePlan:
             rows = self.work.shape[0] - 1
             n = max(1, min(threads * CHUNKS_PER_THREAD if threads > 1 else 1, rows))
             targets = np.linspace(0, float(self.work[-1]), n + 1)[1:-1]
-            cuts = np.array([0, *np.searchsorted(self.work, targets).tolist(), rows], dtype=np.int64)
+            inner = np.searchsorted(self.work, targets)
+            if self.cut_align > 1:
+                inner = np.rint(inner / self.cut_align).astype(np.int64) * self.cut_align
+            cuts = np.unique(np.clip(np.array([0, *inner.tolist(), rows], dtype=np.int64), 0, rows))
+            if cuts.size < 2:  # no rows at all: one empty chunk
+                cuts = np.array([0, rows], dtype=np.int64)
+            n = len(cuts) - 1
             self.cuts[threads] = cuts  # keeps the array (and so the address) alive
             got = (cuts.ctypes.data, n)
             self.cuts_ptr[threads] = got
