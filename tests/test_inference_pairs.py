@@ -245,6 +245,49 @@ def test_epilogue_over_the_whole_float_range(act):
     assert not tiny.any(), v[tiny]
 
 
+def _gelu_truth(v: torch.Tensor) -> torch.Tensor:
+    import math
+
+    return torch.tensor([0.5 * x * math.erfc(-x / math.sqrt(2.0)) for x in v.double().tolist()], dtype=torch.float64)
+
+
+def _gelu_through_kernel(v: torch.Tensor) -> torch.Tensor:
+    # one weight 1.0 and no bias: the output is the GELU of the input
+    return sparse_matmul_tensor(PairedCSR.from_dense(torch.ones(1, 1)), v.reshape(-1, 1), activation="gelu").flatten()
+
+
+def _check_gelu_accuracy(got: torch.Tensor, v: torch.Tensor) -> None:
+    truth = _gelu_truth(v)
+    err = (got.double() - truth).abs()
+    assert float(err.max()) < 6e-7  # PyTorch's own erf GELU is 1.1e-6 from the truth on this grid
+    big = truth.abs() > 1e-3
+    assert float((err[big] / truth[big].abs()).max()) < 2e-6
+    assert bool((got[v < -6] == 0).all()) and bool(torch.signbit(got[v < -6]).all())  # -0.0, as PyTorch
+    assert bool((got[v >= 0] >= 0).all()) and bool((got[v < 0] <= 0).all())  # the sign never flips
+
+
+@needs_native
+def test_fused_gelu_against_the_exact_function():
+    # x * Phi(x) with Phi from a piecewise polynomial: checked against erfc in double precision,
+    # across every interval of the table, its edges at -6 and 6, and beyond
+    v = torch.cat([torch.linspace(-8, 8, 64001), torch.tensor([-6.0, 6.0, -5.9999995, 5.9999995])])
+    _check_gelu_accuracy(_gelu_through_kernel(v), v)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e38, -1e38])
+    got = _gelu_through_kernel(special)
+    torch.testing.assert_close(got, F.gelu(special), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(got[3:]), torch.signbit(F.gelu(special)[3:]))
+
+
+@needs_native
+def test_portable_gelu_against_the_exact_function(tmp_path, monkeypatch):
+    from sparseforge.inference import kernels
+
+    portable = older_cpu_library(tmp_path, "x86-64-v3")
+    monkeypatch.setattr(kernels, "get_library", lambda: portable)
+    v = torch.linspace(-8, 8, 16001)
+    _check_gelu_accuracy(_gelu_through_kernel(v), v)
+
+
 def test_epilogue_names_and_modules():
     assert activation_name_of(nn.GELU()) == "gelu" and activation_name_of(nn.GELU(approximate="tanh")) == "gelu_tanh"
     assert activation_name_of(nn.ReLU()) == "relu" and activation_name_of(nn.SiLU()) == "silu"

@@ -67,7 +67,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 #: Compiler flags (a list, appended after the compiler command).
 CFLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-fno-strict-aliasing"]
-#: Libraries linked after the source (the portable activation epilogues use erfcf / expf).
+#: Libraries linked after the source (the portable activation epilogues use expf and nearbyintf).
 LIBS = ["-lm"]
 #: Added to :data:`CFLAGS` when the compiler supports OpenMP (else the build is retried without).
 OPENMP_FLAGS = ["-fopenmp"]
