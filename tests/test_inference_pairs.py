@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import older_cpu_library, requires, stub_timing_rounds
+from conftest import older_cpu_library, requires
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import SparseLinear, convert, load_converted, native, retune, save_converted
 from sparseforge.inference.autotune import predict_ms
@@ -354,7 +354,7 @@ def _force_pairs(monkeypatch):
             {k: [10.0 if k == "dense" else 1.0 if k.startswith("pairs") else 20.0] * 3 for k in fns}, wait=0.0
         )
 
-    stub_timing_rounds(monkeypatch, timing)
+    monkeypatch.setattr(autotune, "_timing_round", timing)
 
 
 @needs_native
@@ -444,8 +444,9 @@ def test_retune_keeps_a_fused_activation_when_the_layer_goes_dense(monkeypatch):
     fast, _ = convert(model, batch_sizes=(64,))
     from sparseforge.inference import autotune
 
-    stub_timing_rounds(
-        monkeypatch,
+    monkeypatch.setattr(
+        autotune,
+        "_timing_round",
         lambda fns, reps: autotune.TimingRound({k: [1.0 if k == "dense" else 50.0] * 3 for k in fns}, wait=0.0),
     )
     with warnings.catch_warnings():
@@ -512,7 +513,7 @@ def test_convert_times_each_layer_as_it_will_run(monkeypatch):
             {k: [10.0 if k == "dense" else 1.0 if k.startswith("pairs") else 20.0] * 3 for k in fns}, wait=0.0
         )
 
-    stub_timing_rounds(monkeypatch, timing)
+    monkeypatch.setattr(autotune, "_timing_round", timing)
     convert(_ffn(), batch_sizes=(1, 64))
     up = [fns for width, fns in seen if width == 512]
     down = [fns for width, fns in seen if width == 128]
@@ -568,7 +569,7 @@ def test_close_formats_resolve_to_the_smaller_one(monkeypatch, csr_ms, expect):
         times = {k: fake[b][k.split("(")[0]] for k in fns}
         return autotune.TimingRound({k: [v] * 3 for k, v in times.items()}, wait=0.0)
 
-    stub_timing_rounds(monkeypatch, timing)
+    monkeypatch.setattr(autotune, "_timing_round", timing)
     monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None))
     choice = autotune.measure_layer(_weight(128, 256, 0.5), None, (1, 64))
     runs = {b: (choice.packed if c == "sparse" else choice.extra).name for b, c in choice.choices.items()}

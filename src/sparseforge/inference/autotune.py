@@ -100,12 +100,6 @@ TIE_FRACTION = 0.05
 #: dense and it are timed again over CLOSE_CALL_REPS x reps rounds before deciding.
 CLOSE_CALL = 1.5
 CLOSE_CALL_REPS = 3
-#: ... and also each right after an untimed dense call of the same layer, as a layer runs in a
-#: model after other PyTorch operations. The C kernels ran 4-8 % slower right after a PyTorch GEMM
-#: than back to back (BERT-base FFN layers at 64 rows, 4096^2 at 128; reading 8 MiB of another
-#: buffer before each call instead changed nothing, so it is not the caches), and more on small
-#: layers: MiniLM's 384 x 1536 output layer at 19 rows (50 %, `pairs`) measured 1.15x over dense
-#: back to back but 0.96x after a dense call, and the converted model ran 5 % slower than dense.
 
 #: Calls shorter than this (seconds) are timed over at least SHORT_CALL_REPS rounds.
 SHORT_CALL_S = 0.005
@@ -385,22 +379,6 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[
     return times
 
 
-def _times_after(
-    fns: dict[str, Callable[[], object]], reps: int, before: Callable[[], object]
-) -> dict[str, list[float]]:
-    """Like :func:`_interleaved_times`, but every call follows an untimed call of ``before``:
-    ms of every call as it runs after another operation."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    for i in range(reps):
-        for k, fn in items[i % len(items) :] + items[: i % len(items)]:
-            before()
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median ms per call of each function, from :func:`_interleaved_times`."""
     return {k: float(np.median(v)) for k, v in _interleaved_times(fns, reps).items()}
@@ -493,9 +471,8 @@ def _confirm_close_calls(
     fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int, margin: float
 ) -> tuple[dict[str, float], str | None]:
     """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
-    times longer, back to back and each right after a dense call (:func:`_times_after`), and keep
-    for each the *least favourable* of three estimates of its speedup over dense: the ratio of
-    medians, the ratio of fastest calls and the ratio of medians after a dense call. A kernel that won by noise must
+    times longer, and keep for each the *less favourable* of two estimates of its speedup over
+    dense: the ratio of medians and the ratio of fastest calls. A kernel that won by noise must
     not replace dense; in particular a busy machine (another process taking one core now and then)
     slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
     alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
@@ -506,17 +483,11 @@ def _confirm_close_calls(
     close = [k for k, v in medians.items() if k != "dense" and v > 0 and _is_close(medians["dense"] / v, threshold)]
     if not close:
         return medians, None
-    chosen = {k: fns[k] for k in ("dense", *close)}
-    rounds, quiet = _rounds_until_quiet(chosen, reps * CLOSE_CALL_REPS)
+    rounds, quiet = _rounds_until_quiet({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
     fastest, median = _pooled(rounds[-1:] if quiet else rounds)
-    # each after a dense call, as many rounds as the first timing had (short calls get more)
-    after = _times_after(chosen, len(rounds[-1].times["dense"]), fns["dense"])
-    after_median = {k: float(np.median(v)) for k, v in after.items()}
     out = dict(medians)
     for k in close:
         speedup = min(median["dense"] / median[k], fastest["dense"] / fastest[k])
-        if after_median[k] > 0 and after_median["dense"] > 0:
-            speedup = min(speedup, after_median["dense"] / after_median[k])
         out[k] = medians["dense"] / speedup
     note = (
         None
