@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import stub_timing_rounds
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import (
     Bitmask,
@@ -72,7 +73,7 @@ def stub(monkeypatch):
 
     def install(*rounds, predicted: float | None = None, default: float = 10.0) -> Rounds:
         r = Rounds(*rounds, default=default)
-        monkeypatch.setattr(autotune, "_timing_round", r)
+        stub_timing_rounds(monkeypatch, r)
         if predicted is not None:
             monkeypatch.setattr(
                 autotune,
@@ -258,7 +259,7 @@ def test_retune_rebuilds_sparse_and_dense_kept_layers(monkeypatch):
         sparse_ms = 2.0 if y.shape[-1] == 24 else 30.0  # the second layer now wins, the first loses
         return autotune.TimingRound({k: [10.0 if k == "dense" else sparse_ms] * 3 for k in fns}, wait=0.0)
 
-    monkeypatch.setattr(autotune, "_timing_round", timing)
+    stub_timing_rounds(monkeypatch, timing)
     with pytest.warns(UserWarning, match="1 of 2 layers run dense: 0"):
         again, report = retune(fast)
     assert again is fast and seen_rows == {1, 8}  # in place by default

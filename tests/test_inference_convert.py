@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import stub_timing_rounds
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import (
     BatchPlan,
@@ -290,9 +291,9 @@ def test_autotune_keeps_a_second_format_only_where_it_wins_by_the_margin(monkeyp
         assert set(fns) == set(fake[b])  # dense + csr + bitmask (+ the gather SpMV at batch 1, + pairs from 8)
         return autotune.TimingRound({k: [v] for k, v in fake[b].items()}, wait=0.0)  # a quiet round
 
-    monkeypatch.setattr(autotune, "_timing_round", stub)
+    stub_timing_rounds(monkeypatch, stub)
     monkeypatch.setattr(
-        autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None)
+        autotune, "_confirm_close_calls", lambda fns, medians, reps, margin, after_dense=False: (medians, None)
     )  # tested below
     w = pruned(nn.Linear(64, 32), 0.7).weight.detach()
     choice = autotune.measure_layer(w, None, (1, 8, 64))
@@ -358,7 +359,7 @@ def test_close_calls_are_timed_again_and_the_second_timing_decides(monkeypatch):
         calls.append((sorted(fns), reps))
         return autotune.TimingRound({"dense": [10.0, 9.0, 11.0], "csr": [10.5, 10.5, 10.0]}, wait=0.0)  # quiet
 
-    monkeypatch.setattr(autotune, "_timing_round", second)
+    stub_timing_rounds(monkeypatch, second)
     fns = {k: (lambda: None) for k in ("dense", "csr", "bitmask")}
     got, note = autotune._confirm_close_calls(
         fns, {"dense": 11.5, "csr": 10.0, "bitmask": 11.5 / 3}, reps=5, margin=0.1
@@ -378,9 +379,8 @@ def test_close_call_that_wins_on_medians_but_loses_on_fastest_calls_stays_dense(
     calls (the quiet-machine estimate) say 1.05x; the layer must stay dense."""
     from sparseforge.inference import autotune
 
-    monkeypatch.setattr(
-        autotune,
-        "_timing_round",
+    stub_timing_rounds(
+        monkeypatch,
         lambda fns, reps: autotune.TimingRound(
             {k: [10.5, 12.0, 12.0] if k == "dense" else [10.0, 10.0, 10.0] for k in fns}, wait=0.0
         ),
@@ -409,7 +409,7 @@ def test_channel_pruned_layer_can_run_as_a_compact_dense_matmul(monkeypatch, tmp
     def stub(fns, reps):
         return autotune.TimingRound({k: [1.0 if k == "compact" else 10.0] for k in fns}, wait=0.0)
 
-    monkeypatch.setattr(autotune, "_timing_round", stub)
+    stub_timing_rounds(monkeypatch, stub)
     model = nn.Sequential(lin, nn.ReLU())
     fast, report = convert(model, batch_sizes=(1, 16), max_formats=1)
     layer = fast[0]
@@ -572,3 +572,74 @@ def test_load_converted_file_system_errors_are_one_line(tmp_path, monkeypatch):
         with pytest.raises(SparseforgeError) as e:
             load_converted(path, _skeleton())
     assert str(e.value) == f"converted model file {str(path)!r}: permission denied"
+
+
+def test_close_call_that_wins_back_to_back_but_loses_after_a_dense_call_stays_dense(monkeypatch):
+    """The C kernels run slower right after a PyTorch GEMM. Where the layer before runs dense,
+    csr at 1.2x back to back but 0.95x after a dense call: the least favourable estimate decides,
+    and the layer stays dense. Where the layer before runs sparse, no such timing is taken."""
+    from sparseforge.inference import autotune
+
+    stub_timing_rounds(
+        monkeypatch,
+        lambda fns, reps: autotune.TimingRound({k: [12.0] * 4 if k == "dense" else [10.0] * 4 for k in fns}, wait=0.0),
+    )
+    seen = []
+
+    def after(fns, reps, before):
+        seen.append((sorted(fns), reps, before))
+        return {k: [9.5] * reps if k == "dense" else [10.0] * reps for k in fns}
+
+    monkeypatch.setattr(autotune, "_times_after", after)
+    dense = lambda: None  # noqa: E731
+    fns = {"dense": dense, "csr": lambda: None}
+    got, note = autotune._confirm_close_calls(fns, {"dense": 12.0, "csr": 10.0}, reps=5, margin=0.1, after_dense=True)
+    # as many rounds as the first timing had, each call after the layer's own dense call
+    assert seen == [(["csr", "dense"], 4, dense)] and note is None
+    assert got["csr"] == pytest.approx(12.0 / 0.95)  # 0.95x: slower than dense
+    seen.clear()
+    got, _ = autotune._confirm_close_calls(fns, {"dense": 12.0, "csr": 10.0}, reps=5, margin=0.1, after_dense=False)
+    assert seen == [] and got["csr"] == pytest.approx(10.0)  # 1.2x back to back stands
+
+
+def test_convert_times_close_calls_after_a_dense_call_only_behind_a_dense_layer(monkeypatch):
+    """convert tells each layer where the layer before it runs dense: the first layer has no
+    layer before it; a layer behind a dense layer gets every batch size; behind a layer that runs
+    sparse at 1 row and dense above, only the larger batch sizes."""
+    import importlib
+
+    from sparseforge.inference import autotune
+
+    convert_mod = importlib.import_module("sparseforge.inference.convert")
+    seen = {}
+
+    def stub(weight, bias, batch_sizes, **kw):
+        shape = tuple(weight.shape)
+        seen[shape] = kw["after_dense"]
+        if shape == (48, 32):  # the first layer stays dense
+            return autotune.LayerChoice(None, dict.fromkeys(batch_sizes, "dense"), "stub")
+        # the others: sparse at 1 row, dense above
+        plan = {b: ("sparse" if b == 1 else "dense") for b in batch_sizes}
+        return autotune.LayerChoice(CompactCSR.from_dense(weight), plan, "stub")
+
+    monkeypatch.setattr(convert_mod, "measure_layer", stub)
+    model = nn.Sequential(
+        pruned(nn.Linear(32, 48), 0.7), pruned(nn.Linear(48, 40), 0.7), pruned(nn.Linear(40, 24), 0.7)
+    )
+    convert(model, batch_sizes=(1, 16))
+    assert seen[(48, 32)] == frozenset()  # the first layer: nothing before it
+    assert seen[(40, 48)] == frozenset({1, 16})  # behind a layer that runs dense everywhere
+    assert seen[(24, 40)] == frozenset({16})  # behind a layer that runs sparse at 1 row only
+
+
+def test_times_after_runs_the_other_call_first_and_times_only_the_call():
+    from sparseforge.inference import autotune
+
+    events = []
+    fns = {k: (lambda k=k: events.append(k)) for k in ("dense", "csr", "pairs")}
+    times = autotune._times_after(fns, 4, lambda: events.append("before"))
+    assert {k: len(v) for k, v in times.items()} == {"dense": 4, "csr": 4, "pairs": 4}
+    assert events[0::2] == ["before"] * 12  # before every timed call
+    calls = events[1::2]
+    assert calls[:3] == ["dense", "csr", "pairs"] and calls[3:6] == ["csr", "pairs", "dense"]  # rotated
+    assert all(t >= 0 for v in times.values() for t in v)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import older_cpu_library, requires
+from conftest import older_cpu_library, requires, stub_timing_rounds
 from sparseforge.errors import SparseforgeError
 from sparseforge.inference import SparseLinear, convert, load_converted, native, retune, save_converted
 from sparseforge.inference.autotune import predict_ms
@@ -354,7 +354,7 @@ def _force_pairs(monkeypatch):
             {k: [10.0 if k == "dense" else 1.0 if k.startswith("pairs") else 20.0] * 3 for k in fns}, wait=0.0
         )
 
-    monkeypatch.setattr(autotune, "_timing_round", timing)
+    stub_timing_rounds(monkeypatch, timing)
 
 
 @needs_native
@@ -444,9 +444,8 @@ def test_retune_keeps_a_fused_activation_when_the_layer_goes_dense(monkeypatch):
     fast, _ = convert(model, batch_sizes=(64,))
     from sparseforge.inference import autotune
 
-    monkeypatch.setattr(
-        autotune,
-        "_timing_round",
+    stub_timing_rounds(
+        monkeypatch,
         lambda fns, reps: autotune.TimingRound({k: [1.0 if k == "dense" else 50.0] * 3 for k in fns}, wait=0.0),
     )
     with warnings.catch_warnings():
@@ -513,7 +512,7 @@ def test_convert_times_each_layer_as_it_will_run(monkeypatch):
             {k: [10.0 if k == "dense" else 1.0 if k.startswith("pairs") else 20.0] * 3 for k in fns}, wait=0.0
         )
 
-    monkeypatch.setattr(autotune, "_timing_round", timing)
+    stub_timing_rounds(monkeypatch, timing)
     convert(_ffn(), batch_sizes=(1, 64))
     up = [fns for width, fns in seen if width == 512]
     down = [fns for width, fns in seen if width == 128]
@@ -569,8 +568,10 @@ def test_close_formats_resolve_to_the_smaller_one(monkeypatch, csr_ms, expect):
         times = {k: fake[b][k.split("(")[0]] for k in fns}
         return autotune.TimingRound({k: [v] * 3 for k, v in times.items()}, wait=0.0)
 
-    monkeypatch.setattr(autotune, "_timing_round", timing)
-    monkeypatch.setattr(autotune, "_confirm_close_calls", lambda fns, medians, reps, margin: (medians, None))
+    stub_timing_rounds(monkeypatch, timing)
+    monkeypatch.setattr(
+        autotune, "_confirm_close_calls", lambda fns, medians, reps, margin, after_dense=False: (medians, None)
+    )
     choice = autotune.measure_layer(_weight(128, 256, 0.5), None, (1, 64))
     runs = {b: (choice.packed if c == "sparse" else choice.extra).name for b, c in choice.choices.items()}
     assert runs == {1: expect, 64: "pairs"}

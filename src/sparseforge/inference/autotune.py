@@ -100,6 +100,14 @@ TIE_FRACTION = 0.05
 #: dense and it are timed again over CLOSE_CALL_REPS x reps rounds before deciding.
 CLOSE_CALL = 1.5
 CLOSE_CALL_REPS = 3
+#: ... and, where the layer before it in the model runs dense (``after_dense``), also each right
+#: after an untimed dense call of the same layer: the C kernels ran 4-8 % slower right after a
+#: PyTorch GEMM than back to back (BERT-base FFN layers at 64 rows, 4096^2 at 128; reading 8 MiB of
+#: another buffer before each call instead changed nothing, so it is not the caches), and more on
+#: small layers: MiniLM's 384 x 1536 output layer at 19 rows (50 %, `pairs`) measured 1.15x over
+#: dense back to back but 0.96x after a dense call, and the converted model ran 5 % slower than
+#: dense. Applied to every layer it kept the 4096^2 model at 50 % dense at 1 and 16 rows (0.98x /
+#: 1.04x instead of 1.45x / 1.62x), whose layers follow sparse layers, not GEMMs.
 
 #: Calls shorter than this (seconds) are timed over at least SHORT_CALL_REPS rounds.
 SHORT_CALL_S = 0.005
@@ -379,6 +387,22 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[
     return times
 
 
+def _times_after(
+    fns: dict[str, Callable[[], object]], reps: int, before: Callable[[], object]
+) -> dict[str, list[float]]:
+    """Like :func:`_interleaved_times`, but every call follows an untimed call of ``before``:
+    ms of every call as it runs after another operation."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    for i in range(reps):
+        for k, fn in items[i % len(items) :] + items[: i % len(items)]:
+            before()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median ms per call of each function, from :func:`_interleaved_times`."""
     return {k: float(np.median(v)) for k, v in _interleaved_times(fns, reps).items()}
@@ -468,11 +492,17 @@ def _is_close(speedup: float, threshold: float) -> bool:
 
 
 def _confirm_close_calls(
-    fns: dict[str, Callable[[], object]], medians: dict[str, float], reps: int, margin: float
+    fns: dict[str, Callable[[], object]],
+    medians: dict[str, float],
+    reps: int,
+    margin: float,
+    after_dense: bool = False,
 ) -> tuple[dict[str, float], str | None]:
     """Time dense and every candidate near the decision threshold again, :data:`CLOSE_CALL_REPS`
     times longer, and keep for each the *less favourable* of two estimates of its speedup over
-    dense: the ratio of medians and the ratio of fastest calls. A kernel that won by noise must
+    dense: the ratio of medians and the ratio of fastest calls; with ``after_dense`` (the layer
+    before this one runs dense at this batch size) also timed with every call right after a dense
+    call (:func:`_times_after`), and the least favourable of the three estimates is kept. A kernel that won by noise must
     not replace dense; in particular a busy machine (another process taking one core now and then)
     slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
     alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
@@ -483,11 +513,18 @@ def _confirm_close_calls(
     close = [k for k, v in medians.items() if k != "dense" and v > 0 and _is_close(medians["dense"] / v, threshold)]
     if not close:
         return medians, None
-    rounds, quiet = _rounds_until_quiet({k: fns[k] for k in ("dense", *close)}, reps * CLOSE_CALL_REPS)
+    chosen = {k: fns[k] for k in ("dense", *close)}
+    rounds, quiet = _rounds_until_quiet(chosen, reps * CLOSE_CALL_REPS)
     fastest, median = _pooled(rounds[-1:] if quiet else rounds)
+    after_median: dict[str, float] = {}
+    if after_dense:  # each after a dense call, as many rounds as the first timing had (short calls get more)
+        after = _times_after(chosen, len(rounds[-1].times["dense"]), fns["dense"])
+        after_median = {k: float(np.median(v)) for k, v in after.items()}
     out = dict(medians)
     for k in close:
         speedup = min(median["dense"] / median[k], fastest["dense"] / fastest[k])
+        if after_median.get(k, 0.0) > 0 and after_median.get("dense", 0.0) > 0:
+            speedup = min(speedup, after_median["dense"] / after_median[k])
         out[k] = medians["dense"] / speedup
     note = (
         None
@@ -498,7 +535,11 @@ def _confirm_close_calls(
 
 
 def _measure_batch(
-    fns: dict[str, Callable[[], object]], reps: int, margin: float, predicted: dict[str, float]
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    margin: float,
+    predicted: dict[str, float],
+    after_dense: bool = False,
 ) -> tuple[dict[str, float], str | None]:
     """ms per call of every variant at one batch size (dense under ``"dense"``), and a note when
     the timings were taken under load.
@@ -513,7 +554,7 @@ def _measure_batch(
     """
     rounds, quiet = _rounds_until_quiet(fns, reps)
     if quiet:
-        return _confirm_close_calls(fns, rounds[-1].medians(), reps, margin)
+        return _confirm_close_calls(fns, rounds[-1].medians(), reps, margin, after_dense)
     threshold = 1.0 + margin
     fastest, median = _pooled(rounds)
     out = {"dense": fastest["dense"]}
@@ -556,6 +597,7 @@ def measure_layer(
     activation: str | None = None,
     transposed_in: frozenset[int] = frozenset(),
     transposed_output: bool = False,
+    after_dense: frozenset[int] = frozenset(),
 ) -> LayerChoice:
     """Time dense ``F.linear`` against every candidate format at each batch size (rows).
 
@@ -563,7 +605,8 @@ def measure_layer(
     ``convert`` will fuse into this layer) runs after dense and inside or after each candidate;
     at the batch sizes in ``transposed_in`` the input comes as the previous pairs layer hands it
     over (a transposed view); ``transposed_output``: the pairs candidate returns its output that
-    way (its consumer reads it in place).
+    way (its consumer reads it in place); at the batch sizes in ``after_dense`` the layer before
+    this one runs dense, so close calls are also timed right after a dense call.
 
     The cost model (:func:`predict_ms`) first orders the candidates and drops those it predicts
     :data:`PRUNE_BELOW` x slower than dense at every batch size. Dense and the others are timed
@@ -641,7 +684,9 @@ def measure_layer(
                 continue  # a tile of at least 16 lanes for a few rows: not a candidate there
             chained = transposed_output and isinstance(fmt, PairedCSR)
             fns[name] = partial(_sparse_call, fmt, x, bias, var, activation, chained)
-        ms, note = _measure_batch(fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"})
+        ms, note = _measure_batch(
+            fns, reps, margin, {k: predicted[k][b] for k in fns if k != "dense"}, b in after_dense
+        )
         if note:
             notes[b] = note
         for k, v in ms.items():

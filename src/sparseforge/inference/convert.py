@@ -311,12 +311,14 @@ _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, SparseLinear)
 @dataclass(frozen=True)
 class _Context:
     """How a layer runs in the model, for its measurement: the activation that will be fused into
-    it, the batch sizes at which its input arrives transposed, and whether its output is handed on
-    transposed (see :mod:`.fusion`)."""
+    it, the batch sizes at which its input arrives transposed, whether its output is handed on
+    transposed (see :mod:`.fusion`), and the batch sizes at which the layer before it (in module
+    order) runs dense."""
 
     activation: str | None = None
     transposed_in: frozenset[int] = frozenset()
     transposed_output: bool = False
+    after_dense: frozenset[int] = frozenset()
 
 
 def _choose(
@@ -343,6 +345,7 @@ def _choose(
             activation=ctx.activation,
             transposed_in=ctx.transposed_in,
             transposed_output=ctx.transposed_output,
+            after_dense=ctx.after_dense,
         )
     except Exception as exc:  # a kernel that fails to compile must never crash convert
         warnings.warn(
@@ -462,6 +465,7 @@ def _convert_layers(
     layers = [n for n, m in out.named_modules() if _is_layer(m)]
     planned = planned or []
     pairs_at: dict[str, set[int]] = {}
+    dense_before: frozenset[int] = frozenset()  # where the previous layer runs dense (none before the first)
     decisions: list[LayerDecision] = []
     kernel_problem = unavailable_reason()
     if kernel_problem:
@@ -480,6 +484,7 @@ def _convert_layers(
             new: nn.Module | None = None
             if skip is not None:
                 decisions.append(LayerDecision(name, kind, shape, sparsity, "skipped", None, "-", skip))
+                dense_before = frozenset(sizes)  # left as it is: a PyTorch layer
                 continue
             if isinstance(m, (ThresholdedLinear, InputSparseLinear)):
                 # the thresholding must survive: InputSparseLinear, or the layer kept as it is
@@ -500,7 +505,7 @@ def _convert_layers(
                     f"sparsity {sparsity:.3f} <= min_sparsity {min_sparsity} (no zeros to exploit)",
                 )
             else:
-                ctx = _context(name, m, planned, pairs_at, sizes)
+                ctx = dataclasses.replace(_context(name, m, planned, pairs_at, sizes), after_dense=dense_before)
                 choice = _choose(name, w, m.bias, sizes, autotune, reps, max_formats, ctx)
                 if choice.packed is None:
                     decision = LayerDecision(
@@ -552,6 +557,10 @@ def _convert_layers(
                 else:
                     out = new
             decisions.append(decision)
+            final = new if new is not None else m
+            dense_before = frozenset(
+                b for b in sizes if not isinstance(final, SparseLinear) or final.format_for(b) is None
+            )
     return out, decisions
 
 
