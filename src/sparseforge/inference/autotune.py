@@ -377,26 +377,27 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[
         reps = max(reps, SHORT_CALL_REPS)  # short calls: more rounds cost little and cut noise
     if max(warm) < TINY_CALL_S:
         reps = max(reps, TINY_CALL_REPS)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    for i in range(reps):  # rotate the starting variant: no variant always follows the slowest one
-        for k, fn in items[i % len(items) :] + items[: i % len(items)]:
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
+    return _round_robin(fns, reps)
 
 
 def _times_after(
     fns: dict[str, Callable[[], object]], reps: int, before: Callable[[], object]
 ) -> dict[str, list[float]]:
-    """Like :func:`_interleaved_times`, but every call follows an untimed call of ``before``:
-    ms of every call as it runs after another operation."""
+    """Like :func:`_interleaved_times` (no warm-up), but every call follows an untimed call of
+    ``before``: ms of every call as it runs after another operation."""
+    return _round_robin(fns, reps, before)
+
+
+def _round_robin(
+    fns: dict[str, Callable[[], object]], reps: int, before: Callable[[], object] | None = None
+) -> dict[str, list[float]]:
+    """``reps`` rounds of one timed call of each function (ms), each after ``before`` (untimed) if given."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     items = list(fns.items())
-    for i in range(reps):
+    for i in range(reps):  # rotate the starting variant: no variant always follows the slowest one
         for k, fn in items[i % len(items) :] + items[: i % len(items)]:
-            before()
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -502,11 +503,11 @@ def _confirm_close_calls(
     times longer, and keep for each the *less favourable* of two estimates of its speedup over
     dense: the ratio of medians and the ratio of fastest calls; with ``after_dense`` (the layer
     before this one runs dense at this batch size) also timed with every call right after a dense
-    call (:func:`_times_after`), and the least favourable of the three estimates is kept. A kernel that won by noise must
-    not replace dense; in particular a busy machine (another process taking one core now and then)
-    slows a multi-threaded dense GEMM more than our dynamically scheduled kernels, so the medians
-    alone can favour sparse at a batch size where it loses on a quiet machine; the fastest calls
-    are the quiet-machine estimate. Returned as ms relative to the first pass's dense median
+    call (:func:`_times_after`), and the least favourable of the three estimates is kept. A kernel
+    that won by noise must not replace dense; in particular a busy machine (another process taking
+    one core now and then) slows a multi-threaded dense GEMM more than our dynamically scheduled
+    kernels, so the medians alone can favour sparse at a batch size where it loses on a quiet
+    machine; the fastest calls are the quiet-machine estimate. Returned as ms relative to the first pass's dense median
     (``dense / speedup``), so every candidate is compared with the same dense number, with a note
     when the second timing stayed noisy (its rounds are then pooled)."""
     threshold = 1.0 + margin
